@@ -1,0 +1,457 @@
+"""One typed, validated configuration object, loaded from one TOML file.
+
+Every option has an embedded default, so ``mxguard serve`` starts without a
+file. Each section is a frozen dataclass; each field carries its bounds and a
+one-line doc in ``metadata`` (like Postfix's ``{name, default, min, max}``
+tables). Loading rejects unknown keys, wrong types and out-of-range values
+with one message naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mxguard.transaction import Mode
+
+DAY = 86400
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the admin (file, key, allowed values)."""
+
+
+def opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+        choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: default, one-line doc, optional bounds or allowed values."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_state_dir() -> str:
+    """``/var/lib/mxguard`` for root, else ``$XDG_STATE_HOME/mxguard`` (~/.local/state)."""
+    if os.geteuid() == 0:
+        return "/var/lib/mxguard"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "mxguard")
+
+
+MODE_DOC = "enforce | score | observe | off"
+
+# Default score of every symbol a check can emit; [scores] in the file overrides.
+SYMBOL_SCORES: dict[str, float] = {
+    "HELO_INVALID": 3.0,
+    "HELO_NOT_FQDN": 2.0,
+    "HELO_BARE_IP": 2.0,
+    "HELO_UNKNOWN": 1.5,
+    "HELO_DNS_TEMPFAIL": 0.0,
+    "HELO_EXEMPT": 0.0,
+    "GREYLIST_DEFERRED": 0.0,
+    "GREYLIST_PASSED": 0.0,
+    "GREYLIST_WHITELISTED": 0.0,
+    "GREYLIST_AUTO_WHITELISTED": 0.0,
+    "GREYLIST_STORE_ERROR": 0.0,
+    "SPF_PASS": -0.5,
+    "SPF_FAIL": 5.0,
+    "SPF_SOFTFAIL": 2.0,
+    "SPF_NEUTRAL": 0.5,
+    "SPF_NONE": 0.5,
+    "SPF_PERMERROR": 1.0,
+    "SPF_TEMPERROR": 0.0,
+    "SPF_HELO_PASS": 0.0,
+    "SPF_HELO_FAIL": 3.0,
+    "SPF_HELO_SOFTFAIL": 1.0,
+    "SPF_SKIPPED": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    state_dir: str = opt("", "directory for state (SQLite, keys); empty: /var/lib/mxguard "
+                         "as root, else ~/.local/state/mxguard")
+    shutdown_grace: float = opt(10.0, "seconds SIGTERM waits for in-flight requests", lo=0, hi=600)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    listen: str = opt("127.0.0.1:10023", 'policy delegation socket: "host:port" or "unix:/path"')
+    fail_action: str = opt("DUNNO", "answer when a check fails internally (storage, bug)",
+                           choices=("DUNNO", "DEFER_IF_PERMIT", "DEFER"))
+    max_request_bytes: int = opt(65536, "longest request (and line) accepted before the "
+                                 "connection is closed", lo=1024, hi=16 * 1024 * 1024)
+    max_attributes: int = opt(256, "most attributes in one request", lo=16, hi=100000)
+    idle_timeout: float = opt(600.0, "seconds an idle connection is kept (Postfix's own "
+                              "smtpd_policy_service_max_idle is 300)", lo=1, hi=86400)
+    max_connections: int = opt(20000, "concurrent connections served; more are closed",
+                               lo=1, hi=1000000)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: list[str] = opt([], 'resolvers as "host" or "host:port"; empty: '
+                                 "/etc/resolv.conf")
+    timeout: float = opt(5.0, "seconds per query (all retries)", lo=0.05, hi=120)
+    cache_size: int = opt(20000, "answers kept in the TTL cache (0 disables)", lo=0, hi=10**7)
+    negative_ttl_max: int = opt(3600, "longest time a negative answer is cached", lo=0, hi=DAY)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str = opt("", 'state store: "sqlite:///path/mxguard.db"; empty: '
+                   "sqlite under server.state_dir")
+    busy_timeout: float = opt(2.0, "seconds a SQLite write waits for a lock", lo=0, hi=60)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    target: str = opt("stderr", "where decision lines go", choices=("stderr", "syslog"))
+    level: str = opt("info", "least severity logged",
+                     choices=("debug", "info", "warning", "error"))
+    syslog_address: str = opt("/dev/log", 'syslog socket path or "host:port"')
+    syslog_facility: str = opt("mail", "syslog facility",
+                               choices=("mail", "daemon", "user", "local0", "local1", "local2",
+                                        "local3", "local4", "local5", "local6", "local7"))
+
+
+@dataclass(frozen=True)
+class HeloConfig:
+    mode: Mode = opt(Mode.ENFORCE, MODE_DOC)
+    reject_invalid: bool = opt(True, "501 for a HELO that is not a valid hostname or "
+                               "[address] (Postfix reject_invalid_helo_hostname)")
+    reject_non_fqdn: bool = opt(True, "504 for a HELO that is not fully qualified, incl. a "
+                                "bare IP (reject_non_fqdn_helo_hostname)")
+    reject_unknown: bool = opt(True, "450 for a HELO with no A, AAAA or MX record "
+                               "(reject_unknown_helo_hostname)")
+    unknown_code: int = opt(450, "SMTP code for an unknown HELO name (Postfix "
+                            "unknown_hostname_reject_code)", lo=400, hi=599)
+    exempt_networks: list[str] = opt(["127.0.0.0/8", "::1/128"], "client CIDRs never checked")
+    exempt_helo: list[str] = opt([], 'HELO patterns never checked: "*.local" (any client) or '
+                                 '"*.local@192.0.2.0/24" / "*.corp@mail.example.com" (only '
+                                 "from that client network or verified client name)")
+
+
+@dataclass(frozen=True)
+class GreylistConfig:
+    mode: Mode = opt(Mode.ENFORCE, MODE_DOC)
+    delay: int = opt(300, "seconds a new triplet is deferred", lo=0, hi=DAY)
+    max_age: int = opt(35 * DAY, "seconds a passed triplet is remembered after last use",
+                       lo=60, hi=365 * DAY)
+    retry_window: int = opt(2 * DAY, "seconds after first sight a retry still counts",
+                            lo=60, hi=30 * DAY)
+    ipv4_prefix: int = opt(24, "client IPv4 network size of the triplet", lo=0, hi=32)
+    ipv6_prefix: int = opt(64, "client IPv6 network size of the triplet", lo=0, hi=128)
+    lookup_by_host: bool = opt(False, "use the exact client address, not its network")
+    auto_whitelist_clients: int = opt(5, "successful deliveries after which a client is no "
+                                      "longer greylisted (0 disables)", lo=0, hi=10000)
+    auto_whitelist_interval: int = opt(3600, "a client's deliveries count at most once per "
+                                       "this many seconds", lo=0, hi=DAY)
+    default_whitelist: bool = opt(True, "use the shipped list of large senders that retry "
+                                  "from address pools")
+    client_whitelist_files: list[str] = opt([], "files of client IPs, CIDRs, domains, "
+                                            "/regexes/ (reloaded on SIGHUP)")
+    recipient_whitelist_files: list[str] = opt([], "files of recipients, domains, "
+                                               "/regexes/ never greylisted")
+    action: str = opt("DEFER_IF_PERMIT", "Postfix action for a greylisted request",
+                      choices=("DEFER_IF_PERMIT", "DEFER"))
+    text: str = opt("Greylisted, see {url}", "reply text; {url}, {seconds}, {recipient}, "
+                    "{sender}, {client} are filled in")
+    url: str = opt("https://en.wikipedia.org/wiki/Greylisting", "the {url} in text")
+    header: bool = opt(True, "prepend X-Greylist on the first accepted retry")
+    privacy: bool = opt(False, "store a keyed hash of each triplet instead of the addresses")
+    expiry_batch: int = opt(500, "rows removed per expiry step (never one long sweep)",
+                            lo=1, hi=100000)
+    expiry_interval: float = opt(60.0, "seconds between expiry steps", lo=1, hi=DAY)
+    skip_spf_pass_domains: list[str] = opt([], "sender domains (or *.parent) not greylisted "
+                                           "when SPF passes")
+
+
+@dataclass(frozen=True)
+class SpfConfig:
+    mode: Mode = opt(Mode.ENFORCE, MODE_DOC)
+    helo_check: bool = opt(True, "check the HELO identity first (RFC 7208 §2.3)")
+    fail_action: str = opt("reject", "what an SPF fail of MAIL FROM does",
+                           choices=("reject", "defer", "score"))
+    helo_fail_action: str = opt("reject", "what an SPF fail of the HELO identity does",
+                                choices=("reject", "defer", "score"))
+    softfail_action: str = opt("score", "what a softfail does", choices=("score", "defer", "reject"))
+    neutral_action: str = opt("score", "what a neutral / none result does",
+                              choices=("score", "defer", "reject"))
+    permerror_action: str = opt("score", "what a permerror does",
+                                choices=("score", "defer", "reject"))
+    temperror_action: str = opt("score", "what a temperror does (defer answers 451 4.4.3)",
+                                choices=("score", "defer"))
+    fail_text: str = opt("SPF fail - not authorized: {explanation}", "reply text for a fail; "
+                         "{explanation}, {sender}, {client}, {domain} are filled in")
+    header: bool = opt(True, "prepend a Received-SPF header (RFC 7208 §9.1)")
+    timeout: float = opt(20.0, "seconds one SPF evaluation may take in all", lo=0.1, hi=120)
+    skip_networks: list[str] = opt([], "client CIDRs never SPF-checked (e.g. secondary MX)")
+    skip_sender_domains: list[str] = opt([], "sender domains never SPF-checked")
+    skip_helo_covers_client: bool = opt(False, "skip when the HELO name's A/AAAA covers the "
+                                        "client address")
+    skip_authenticated: bool = opt(True, "skip SASL-authenticated clients")
+    result_cache_ttl: int = opt(600, "seconds a result is remembered for the same client, "
+                                "HELO and sender (one evaluation per message)", lo=0, hi=DAY)
+
+
+@dataclass(frozen=True)
+class Config:
+    observe: bool = opt(False, "turn every enforce into observe: log what would be done, "
+                        "change nothing")
+    server: ServerConfig = field(default_factory=ServerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    helo: HeloConfig = field(default_factory=HeloConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    spf: SpfConfig = field(default_factory=SpfConfig)
+    scores: dict[str, float] = opt({}, "symbol = score overrides of the built-in scores")
+    source: str = field(default="(defaults)", compare=False, metadata={"internal": True})
+
+    def mode(self, section: str) -> Mode:
+        """The effective mode of a check section (global ``observe`` applied)."""
+        mode: Mode = getattr(self, section).mode
+        if self.observe and mode is Mode.ENFORCE:
+            return Mode.OBSERVE
+        return mode
+
+    def score(self, symbol: str) -> float:
+        return self.scores.get(symbol, SYMBOL_SCORES.get(symbol, 0.0))
+
+    @property
+    def state_dir(self) -> str:
+        return self.server.state_dir or default_state_dir()
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage.url or f"sqlite:///{self.state_dir}/mxguard.db"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _describe(tp: Any, meta: dict[str, Any]) -> str:
+    if meta.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    desc = names.get(tp, "a list of strings" if typing.get_origin(tp) is list else str(tp))
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None:
+        desc += f" from {lo:g} to {hi:g}"
+    return desc
+
+
+def _convert(value: Any, tp: Any, meta: dict[str, Any]) -> Any:
+    """Return the typed value or raise ValueError (message filled in by the caller)."""
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ValueError
+    elif typing.get_origin(tp) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError
+        return list(value)
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ValueError
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], where: str, src: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"{src}: unknown key '{name}' (known keys here: {allowed})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{src}: '{key}' must be a table [{key}]")
+            kwargs[key] = _build(tp, value, name, src)
+        elif key == "scores":
+            kwargs[key] = _scores(value, src)
+        else:
+            meta = dict(known[key].metadata)
+            try:
+                kwargs[key] = _convert(value, tp, meta)
+            except (ValueError, TypeError):
+                raise ConfigError(f"{src}: key '{name}' = {value!r} is not allowed; "
+                                  f"expected {_describe(tp, meta)}") from None
+    obj = cls(**kwargs)
+    _check_semantics(obj, where, src)
+    return obj
+
+
+def _scores(value: Any, src: str) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{src}: [scores] must be a table of SYMBOL = number")
+    out: dict[str, float] = {}
+    for sym, score in value.items():
+        if sym not in SYMBOL_SCORES:
+            raise ConfigError(f"{src}: unknown symbol 'scores.{sym}' (known symbols: "
+                              f"{', '.join(sorted(SYMBOL_SCORES))})")
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise ConfigError(f"{src}: key 'scores.{sym}' = {score!r} is not allowed; "
+                              "expected a number")
+        out[sym] = float(score)
+    return out
+
+
+def _check_listen(value: str) -> bool:
+    if value.startswith("unix:"):
+        return len(value) > 5
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _check_semantics(obj: Any, where: str, src: str) -> None:
+    """Checks that need more than a type: addresses, CIDRs, URLs."""
+    def bad(key: str, value: Any, allowed: str) -> ConfigError:
+        return ConfigError(f"{src}: key '{where}.{key}' = {value!r} is not allowed; "
+                           f"expected {allowed}")
+
+    if isinstance(obj, PolicyConfig) and not _check_listen(obj.listen):
+        raise bad("listen", obj.listen, '"host:port" or "unix:/path"')
+    if isinstance(obj, DnsConfig):
+        for ns in obj.nameservers:
+            host, port = split_hostport(ns, 53)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise bad("nameservers", ns, 'IP addresses as "ip" or "ip:port"') from None
+            if not 0 < port < 65536:
+                raise bad("nameservers", ns, "a port from 1 to 65535")
+    if isinstance(obj, StorageConfig) and obj.url and not obj.url.startswith("sqlite:///"):
+        raise bad("url", obj.url, '"sqlite:///path/to/mxguard.db"')
+    if isinstance(obj, HeloConfig):
+        for net in obj.exempt_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise bad("exempt_networks", net, "CIDRs like 192.0.2.0/24") from None
+    if isinstance(obj, GreylistConfig):
+        try:
+            obj.text.format(url="", seconds=0, recipient="", sender="", client="")
+        except (KeyError, IndexError, ValueError):
+            raise bad("text", obj.text, "text with only {url} {seconds} {recipient} "
+                      "{sender} {client} placeholders") from None
+
+
+def split_hostport(value: str, default_port: int) -> tuple[str, int]:
+    """``"127.0.0.1:5353"`` / ``"[::1]:53"`` / ``"::1"`` -> (host, port)."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else default_port
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        return host, int(port) if port.isdigit() else -1
+    return value, default_port
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate; ``None`` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    src = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{src}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{src}: not valid TOML: {exc}") from None
+    cfg: Config = _build(Config, data, "", src)
+    return dataclasses.replace(cfg, source=src)
+
+
+# ---------------------------------------------------------------- showing
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dump(cfg: Config, *, docs: bool = True) -> str:
+    """The effective configuration as TOML, with each key's doc as a comment."""
+    lines = [f"# effective configuration from {cfg.source}"]
+    sections: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            sections.append((f.name, value))
+        elif f.name == "scores":
+            continue
+        else:
+            if docs:
+                lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    resolved = {("server", "state_dir"): cfg.state_dir, ("storage", "url"): cfg.storage_url}
+    for name, section in sections:
+        lines.append("")
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            value = resolved.get((name, f.name), getattr(section, f.name))
+            if docs:
+                lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    lines.append("")
+    lines.append("[scores]")
+    for sym in sorted(SYMBOL_SCORES):
+        lines.append(f"{sym} = {cfg.score(sym)!r}")
+    return "\n".join(lines) + "\n"
+
+
+def iter_keys(cls: Any = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every key -- used to document them all."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, f"{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            yield prefix + f.name, default, f.metadata.get("doc", "")
+
+
+__all__ = ["Config", "ConfigError", "dump", "iter_keys", "load", "split_hostport"]

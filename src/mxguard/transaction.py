@@ -1,0 +1,174 @@
+"""The core model: what we know about one SMTP transaction, what checks say
+about it, and the one verdict that comes out.
+
+* :class:`Transaction` -- everything known about a session/message at a stage.
+* :class:`Symbol` -- a named finding with a score (``HELO_NOT_FQDN``, 1.5).
+* :class:`Decision` -- a hard decision (reject / defer ...) with SMTP code,
+  RFC 3463 enhanced status code and a text a remote admin can act on.
+* :class:`CheckResult` -- what one check returns: symbols, an optional
+  decision, header edits.
+* :class:`Verdict` -- the merge of all results for one request.
+
+Nothing here does I/O and nothing here knows a wire protocol.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+
+class Stage(enum.IntEnum):
+    """SMTP stages in protocol order; checks are registered for one stage."""
+
+    CONNECT = 1
+    HELO = 2
+    MAIL = 3
+    RCPT = 4
+    DATA = 5
+    EOM = 6
+
+
+class Mode(str, enum.Enum):
+    """How a check's findings are used (the ``mode`` key of every check section)."""
+
+    ENFORCE = "enforce"  # the hard decision is sent
+    SCORE = "score"  # only adds its symbols to the score
+    OBSERVE = "observe"  # logs what it would have done, changes nothing
+    OFF = "off"  # not run
+
+
+class Action(str, enum.Enum):
+    """Outcomes, ordered by :data:`ACTION_RANK` (the strongest wins)."""
+
+    ACCEPT = "accept"  # no objection (policy DUNNO)
+    DEFER_IF_PERMIT = "defer_if_permit"  # temporary failure unless later restrictions reject
+    DEFER = "defer"  # temporary failure (4xx)
+    REJECT = "reject"  # permanent failure (5xx)
+
+
+ACTION_RANK = {Action.ACCEPT: 0, Action.DEFER_IF_PERMIT: 1, Action.DEFER: 2, Action.REJECT: 3}
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    name: str
+    score: float = 0.0
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    code: int
+    enhanced: str
+    text: str
+
+    def reply(self) -> str:
+        """``"450 4.2.0 Greylisted ..."`` -- the full SMTP reply line."""
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdit:
+    """A header a check wants on the message; ``op`` is ``prepend`` or ``append``."""
+
+    name: str
+    value: str
+    op: str = "prepend"
+
+
+@dataclass(slots=True)
+class CheckResult:
+    check: str
+    symbols: list[Symbol] = field(default_factory=list)
+    decision: Decision | None = None
+    headers: list[HeaderEdit] = field(default_factory=list)
+    reason: str = ""  # short key=value friendly reason for logs
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. {"delay": "287"}
+
+
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One SMTP transaction as seen at some stage.
+
+    Attribute names follow Postfix's policy attributes where one exists.
+    ``client_name`` is the verified (forward-confirmed) name or ``unknown``.
+    """
+
+    stage: Stage = Stage.RCPT
+    client_address: str = ""
+    client_name: str = "unknown"
+    reverse_client_name: str = "unknown"
+    client_port: str = ""
+    helo: str = ""
+    sender: str = ""
+    recipients: list[str] = field(default_factory=list)
+    queue_id: str = ""
+    instance: str = ""
+    sasl_username: str = ""
+    sasl_method: str = ""
+    protocol_name: str = ""
+    server_address: str = ""
+    server_port: str = ""
+    size: int = 0
+    attrs: dict[str, str] = field(default_factory=dict)  # every raw attribute received
+    results: dict[str, CheckResult] = field(default_factory=dict)
+
+    @property
+    def recipient(self) -> str:
+        return self.recipients[-1] if self.recipients else ""
+
+    @property
+    def client_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        return _ip(self.client_address)
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.sasl_username)
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What we answer for one request: the merged result of every check run."""
+
+    action: Action = Action.ACCEPT
+    decision: Decision | None = None
+    decided_by: str = ""
+    score: float = 0.0
+    symbols: list[Symbol] = field(default_factory=list)
+    headers: list[HeaderEdit] = field(default_factory=list)
+    observed: list[str] = field(default_factory=list)  # "check:reply" that observe mode held back
+    reasons: list[str] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def add(self, result: CheckResult, mode: Mode) -> None:
+        """Merge one check's result under its effective mode."""
+        if result.reason:
+            self.reasons.append(f"{result.check}:{result.reason}")
+        self.extra.update(result.extra)
+        if mode is Mode.OBSERVE:
+            self.symbols.extend(Symbol(s.name, 0.0, s.detail) for s in result.symbols)
+            if result.decision is not None:
+                self.observed.append(f"{result.check}:{result.decision.reply()}")
+            return
+        self.symbols.extend(result.symbols)
+        self.score += sum(s.score for s in result.symbols)
+        self.headers.extend(result.headers)
+        if mode is Mode.ENFORCE and result.decision is not None:
+            d = result.decision
+            if self.decision is None or ACTION_RANK[d.action] > ACTION_RANK[self.action]:
+                self.decision = d
+                self.action = d.action
+                self.decided_by = result.check
