@@ -1,0 +1,80 @@
+"""The ``mxguard`` command.
+
+Errors a user can act on (bad config, address in use, unreadable file) are
+printed as one line and exit 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mxguard import __version__, config
+
+CONFIG_OPTION = click.option("--config", "-c", "config_path", metavar="FILE",
+                             type=click.Path(dir_okay=False),
+                             help="TOML config file (default: embedded defaults)")
+
+
+def load_or_exit(path: str | None) -> config.Config:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        click.echo(f"mxguard: config error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="mxguard")
+def main() -> None:
+    """mxguard: one daemon that makes a Postfix mail server spam-resistant."""
+
+
+@main.command()
+@CONFIG_OPTION
+def serve(config_path: str | None) -> None:
+    """Run the daemon (policy door on [policy] listen) until SIGTERM."""
+    from mxguard.daemon import serve as run
+
+    cfg = load_or_exit(config_path)
+    try:
+        sys.exit(run(cfg, config_path))
+    except OSError as exc:
+        click.echo(f"mxguard: cannot start: {exc.strerror or exc} "
+                   f"({getattr(exc, 'filename', None) or cfg.policy.listen})", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check or show the configuration."""
+
+
+@config_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def config_check(file: str) -> None:
+    """Validate FILE; exit 0 when it would load, 2 with the problem otherwise."""
+    load_or_exit(file)
+    click.echo(f"{file}: OK")
+
+
+@config_group.command("show")
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--no-docs", is_flag=True, help="omit the comment above each key")
+def config_show(file: str | None, no_docs: bool) -> None:
+    """Print the effective configuration (defaults filled in) as TOML."""
+    click.echo(config.dump(load_or_exit(file), docs=not no_docs), nl=False)
+
+
+def _register_optional() -> None:
+    try:
+        from mxguard.greylist_cli import greylist
+    except ImportError:  # pragma: no cover
+        return
+    main.add_command(greylist)
+
+
+_register_optional()

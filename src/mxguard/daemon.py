@@ -1,0 +1,151 @@
+"""``mxguard serve``: start the doors, handle signals, reload.
+
+* SIGTERM / SIGINT: stop accepting, finish in-flight requests, exit 0.
+* SIGHUP: reload the config file and the whitelist files; the new config is
+  swapped in as one object only when all of it loads. A bad file is refused
+  with a log line and the old config stays. Connections are not dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from mxguard import __version__, config, logs
+from mxguard.dns import Resolver
+from mxguard.pipeline import Runtime, evaluate
+from mxguard.protocols.policy import PolicyRequest, encode_action, encode_reply
+from mxguard.protocols.policy_server import PolicyServer
+from mxguard.transaction import Stage
+
+log = logging.getLogger("mxguard")
+
+# Stages at which the policy door runs checks; other states answer DUNNO.
+CHECKED_STAGES = (Stage.HELO, Stage.MAIL, Stage.RCPT)
+
+
+async def open_services(cfg: config.Config) -> dict[str, Any]:
+    """Shared services for checks that keep state (the greylist store)."""
+    from mxguard.checks.greylist import open_greylister
+
+    services: dict[str, Any] = {}
+    services["greylist"] = await _maybe_await(open_greylister(cfg))
+    return services
+
+
+async def _maybe_await(value: Any) -> Any:
+    if asyncio.iscoroutine(value):
+        return await value
+    return value
+
+
+async def close_services(services: dict[str, Any]) -> None:
+    for svc in services.values():
+        close = getattr(svc, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await _maybe_await(close())
+
+
+class PolicyHandler:
+    """Turns one policy request into one reply through the pipeline."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def __call__(self, req: PolicyRequest) -> bytes:
+        rt = self.daemon.runtime
+        tx = req.transaction()
+        if tx.stage not in CHECKED_STAGES:
+            return b"action=DUNNO\n\n"
+        verdict = await evaluate(tx, rt, tx.stage)
+        action = encode_action(verdict)
+        log.info("%s", logs.decision_line(tx, verdict, action))
+        return encode_reply(action)
+
+
+class Daemon:
+    def __init__(self, cfg: config.Config, config_path: str | None = None) -> None:
+        self.config_path = config_path
+        self.runtime = Runtime(config=cfg, resolver=Resolver(cfg.dns))
+        self.stopping = asyncio.Event()
+        self.policy: PolicyServer | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        cfg = self.runtime.config
+        self.runtime.services = await open_services(cfg)
+        self.policy = PolicyServer(cfg.policy, PolicyHandler(self))
+        await self.policy.start()
+        greylister = self.runtime.services.get("greylist")
+        run_expiry = getattr(greylister, "run_expiry", None)
+        if run_expiry is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(run_expiry()))
+        log.info("mxguard %s started (config %s, storage %s, pid %d)", __version__,
+                 cfg.source, cfg.storage_url, os.getpid())
+
+    async def reload(self) -> None:
+        """Load config and lists anew; keep the old ones if anything is wrong."""
+        old = self.runtime
+        try:
+            cfg = config.load(self.config_path) if self.config_path else config.Config()
+            greylister = old.services.get("greylist")
+            if greylister is not None:
+                greylister.reload(cfg)
+        except Exception as exc:  # ConfigError or a whitelist file error
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        resolver = old.resolver if cfg.dns == old.config.dns else Resolver(cfg.dns)
+        for key in ("listen",):
+            if getattr(cfg.policy, key) != getattr(old.config.policy, key):
+                log.warning("reload: policy.%s changed; restart mxguard to apply it", key)
+        if cfg.storage_url != old.config.storage_url:
+            log.warning("reload: storage.url changed; restart mxguard to apply it")
+        if self.policy is not None:
+            self.policy.cfg = cfg.policy
+        logs.setup(cfg.log)
+        self.runtime = Runtime(config=cfg, resolver=resolver, services=old.services,
+                               clock=old.clock)
+        log.info("reloaded configuration from %s", cfg.source)
+
+    async def stop(self) -> None:
+        grace = self.runtime.config.server.shutdown_grace
+        if self.policy is not None:
+            await self.policy.close(grace)
+        for task in self._tasks:
+            task.cancel()
+        await close_services(self.runtime.services)
+        log.info("mxguard stopped")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        await self.stopping.wait()
+        log.info("shutting down: finishing in-flight requests")
+        await self.stop()
+
+
+def serve(cfg: config.Config, config_path: str | None) -> int:
+    logs.setup(cfg.log)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        uvloop = None
+    daemon_coro = _run(cfg, config_path)
+    if uvloop is not None:
+        uvloop.run(daemon_coro)
+    else:
+        asyncio.run(daemon_coro)
+    return 0
+
+
+async def _run(cfg: config.Config, config_path: str | None) -> None:
+    daemon = Daemon(cfg, config_path)
+    await daemon.run()

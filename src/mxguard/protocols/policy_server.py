@@ -1,0 +1,170 @@
+"""The asyncio server for the policy door.
+
+One :class:`asyncio.Protocol` per Postfix connection, many requests per
+connection answered in order. Bad input (see :mod:`mxguard.protocols.policy`)
+is logged and closes only that connection. Idle connections are closed by a
+sweeper after ``[policy] idle_timeout``; connections past ``max_connections``
+are refused at once. :meth:`PolicyServer.close` stops accepting, lets in-flight
+requests finish, then closes what remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from mxguard.config import PolicyConfig
+from mxguard.protocols.policy import PolicyDecoder, PolicyProtocolError, PolicyRequest
+
+log = logging.getLogger("mxguard")
+
+Handler = Callable[[PolicyRequest], Awaitable[bytes]]
+MAX_QUEUED = 64  # requests buffered per connection before we stop reading
+
+
+async def listen(spec: str, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+    """Listen on ``"host:port"`` or ``"unix:/path"`` (a stale socket file is replaced)."""
+    loop = asyncio.get_running_loop()
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server = await loop.create_unix_server(factory, path, backlog=1024)
+        os.chmod(path, 0o666)  # Postfix's smtpd (user postfix) must connect
+        return server
+    host, _, port = spec.rpartition(":")
+    return await loop.create_server(factory, host.strip("[]"), int(port), backlog=1024,
+                                    reuse_address=True)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: PolicyServer) -> None:
+        self.server = server
+        cfg = server.cfg
+        self.decoder = PolicyDecoder(cfg.max_request_bytes, cfg.max_attributes)
+        self.queue: deque[PolicyRequest] = deque()
+        self.busy = False
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.last = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.last = self.server.loop.time()
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if len(self.server.connections) >= self.server.cfg.max_connections:
+            log.warning("policy: refusing connection from %s: %d connections open "
+                        "(policy.max_connections)", self.peer, len(self.server.connections))
+            transport.abort()
+            return
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.server.loop.time()
+        try:
+            requests = self.decoder.feed(data)
+        except PolicyProtocolError as exc:
+            log.warning("policy: bad request from %s: %s; closing connection", self.peer, exc)
+            self.server.stats["protocol_errors"] += 1
+            self.close()
+            return
+        for req in requests:
+            if req.unknown:
+                self.server.note_unknown(req.unknown)
+            self.queue.append(req)
+        if len(self.queue) > MAX_QUEUED and self.transport is not None:
+            self.transport.pause_reading()
+        if self.queue and not self.busy:
+            self.busy = True
+            self.server.loop.create_task(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self.queue:
+                req = self.queue.popleft()
+                reply = await self.server.handler(req)
+                self.server.stats["requests"] += 1
+                if self.transport is None or self.transport.is_closing():
+                    return
+                self.transport.write(reply)
+                if len(self.queue) <= MAX_QUEUED // 2:
+                    self.transport.resume_reading()
+        finally:
+            self.busy = False
+            self.last = self.server.loop.time()
+            if self.server.closing and not self.decoder.pending:
+                self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.decoder.pending:
+            log.warning("policy: %s disconnected in the middle of a request", self.peer)
+        self.server.connections.discard(self)
+        self.transport = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.queue
+
+
+class PolicyServer:
+    def __init__(self, cfg: PolicyConfig, handler: Handler) -> None:
+        self.cfg = cfg
+        self.handler = handler
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.stats = {"requests": 0, "protocol_errors": 0}
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._unknown_seen: set[str] = set()
+
+    async def start(self) -> None:
+        self._server = await listen(self.cfg.listen, lambda: _Connection(self))
+        self._sweeper = self.loop.create_task(self._sweep())
+        log.info("policy: listening on %s", self.cfg.listen)
+
+    def note_unknown(self, names: tuple[str, ...]) -> None:
+        """Postfix may add attributes in later versions: log each new name once."""
+        for name in names:
+            if name not in self._unknown_seen and len(self._unknown_seen) < 1000:
+                self._unknown_seen.add(name)
+                log.info("policy: ignoring unknown attribute %r", name)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.cfg.idle_timeout / 2))
+            limit = self.loop.time() - self.cfg.idle_timeout
+            for conn in [c for c in self.connections if c.idle and c.last < limit]:
+                if conn.decoder.pending:
+                    log.warning("policy: %s sent half a request and went idle; closing",
+                                conn.peer)
+                conn.close()
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting, finish in-flight requests (up to ``grace`` s), close all."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.close()
+        deadline = self.loop.time() + grace
+        while any(not c.idle for c in self.connections) and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
