@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 from typing import Any
 
@@ -132,8 +133,18 @@ class Daemon:
         await self.stop()
 
 
+def raise_fd_limit() -> None:
+    """Each Postfix smtpd process keeps a policy connection: allow thousands."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def serve(cfg: config.Config, config_path: str | None) -> int:
     logs.setup(cfg.log)
+    raise_fd_limit()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

@@ -97,3 +97,11 @@ def test_dump_round_trips(tmp_path: Path) -> None:
 def test_every_key_has_a_doc() -> None:
     for key, _default, doc in config.iter_keys():
         assert doc, key
+
+
+def test_readme_documents_every_key() -> None:
+    from pathlib import Path as _P
+
+    readme = (_P(__file__).resolve().parents[2] / "README.md").read_text()
+    for key, _default, _doc in config.iter_keys():
+        assert f"| `{key}` |" in readme, f"{key} missing: run scripts/gen_config_reference.py"
