@@ -19,9 +19,10 @@ from typing import Any
 from mxguard import __version__, config, logs
 from mxguard.dns import Resolver
 from mxguard.pipeline import Runtime, evaluate
+from mxguard.protocols.headers import HeaderMemory
 from mxguard.protocols.policy import PolicyRequest, encode_action, encode_reply
 from mxguard.protocols.policy_server import PolicyServer
-from mxguard.transaction import Stage
+from mxguard.transaction import Stage, Verdict
 
 log = logging.getLogger("mxguard")
 
@@ -57,13 +58,20 @@ class PolicyHandler:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.headers = HeaderMemory()
 
     async def __call__(self, req: PolicyRequest) -> bytes:
         rt = self.daemon.runtime
         tx = req.transaction()
         if tx.stage not in CHECKED_STAGES:
+            if tx.stage is Stage.DATA:  # headers still owed to this message
+                header = self.headers.next_header(tx.instance, [])
+                if header is not None:
+                    return encode_reply(encode_action(Verdict(headers=[header])))
             return b"action=DUNNO\n\n"
         verdict = await evaluate(tx, rt, tx.stage)
+        header = self.headers.next_header(tx.instance, verdict.headers)
+        verdict.headers = [header] if header is not None else []
         action = encode_action(verdict)
         log.info("%s", logs.decision_line(tx, verdict, action))
         return encode_reply(action)
