@@ -59,6 +59,9 @@ class PolicyHandler:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.headers = HeaderMemory()
+        # Set once Postfix calls us from smtpd_helo_restrictions (policy_context=helo):
+        # from then on HELO checks run there only, not again at RCPT.
+        self.helo_wired = False
 
     async def __call__(self, req: PolicyRequest) -> bytes:
         rt = self.daemon.runtime
@@ -69,10 +72,16 @@ class PolicyHandler:
                 if header is not None:
                     return encode_reply(encode_action(Verdict(headers=[header])))
             return b"action=DUNNO\n\n"
-        verdict = await evaluate(tx, rt, tx.stage)
+        helo_context = tx.attrs.get("policy_context", "") == "helo"
+        if helo_context:
+            self.helo_wired = True
+            verdict = await evaluate(tx, rt, Stage.HELO)
+        else:
+            verdict = await evaluate(tx, rt, tx.stage,
+                                     after=Stage.HELO if self.helo_wired else None)
         header = self.headers.next_header(tx.instance, verdict.headers)
         verdict.headers = [header] if header is not None else []
-        action = encode_action(verdict)
+        action = encode_action(verdict, mta_prefix=helo_context)
         log.info("%s", logs.decision_line(tx, verdict, action))
         return encode_reply(action)
 

@@ -60,14 +60,20 @@ class Symbol:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """``prefix`` is the part an MTA adds itself in some contexts, e.g.
+    ``"<name>: Helo command rejected: "`` which Postfix writes when the policy
+    runs in smtpd_helo_restrictions; the door leaves it out there."""
+
     action: Action
     code: int
     enhanced: str
     text: str
+    prefix: str = ""
 
-    def reply(self) -> str:
+    def reply(self, *, with_prefix: bool = True) -> str:
         """``"450 4.2.0 Greylisted ..."`` -- the full SMTP reply line."""
-        return f"{self.code} {self.enhanced} {self.text}"
+        prefix = self.prefix if with_prefix else ""
+        return f"{self.code} {self.enhanced} {prefix}{self.text}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,9 @@ class MxguardProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self, extra: str) -> None:
-        text = (f'[policy]\nlisten = "127.0.0.1:{self.port}"\n'
+        top, sep, rest = extra.partition("[")
+        extra = sep + rest
+        text = top + (f'[policy]\nlisten = "127.0.0.1:{self.port}"\n'
                 f'[storage]\nurl = "sqlite:///{self.tmp}/mxguard.db"\n')
         # Later sections for [policy]/[storage] in extra are merged by hand by callers.
         self.config.write_text(text + extra)

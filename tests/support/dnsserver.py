@@ -6,7 +6,8 @@ Serves a zone given as ``{name: [(rtype, value), ...]}``. Values:
 * TXT / SPF: a string or a list of strings (one record of several strings);
 * MX: ``(preference, exchange)``;
 * the markers ``("TIMEOUT", None)`` -- the server never answers for that
-  name -- and ``("SERVFAIL", None)``.
+  name -- and ``("SERVFAIL", None)``; ``("TIMEOUT", "TXT")`` stays silent
+  only for queries of that type (a server that drops some types).
 
 Unknown names answer NXDOMAIN, known names without the asked type answer
 NOERROR with no records (NODATA); both carry an SOA so resolvers can cache
@@ -51,6 +52,12 @@ def _rdata(rtype: str, value: Any) -> Any:
     raise ValueError(f"unsupported record type {rtype}")
 
 
+def _name_text(name: Any) -> str:
+    """The query name as zone text: labels joined raw (no ``\\032`` escapes)."""
+    labels = (label.decode("utf-8", "surrogateescape") for label in name.label)
+    return ".".join(labels).lower()
+
+
 class ZoneData:
     """Zone lookup logic, thread-safe to replace while serving."""
 
@@ -79,7 +86,7 @@ class ZoneData:
     def answer(self, request: DNSRecord) -> DNSRecord | None:
         """The reply, or None to stay silent (TIMEOUT)."""
         q = request.q
-        qname = str(q.qname).rstrip(".").lower()
+        qname = _name_text(q.qname)
         qtype = QTYPE[q.qtype]
         reply = request.reply()
         reply.header.aa = 1
@@ -93,7 +100,8 @@ class ZoneData:
                         reply.header.rcode = RCODE.NXDOMAIN
                     break
                 kinds = {r for r, _ in records}
-                if "TIMEOUT" in kinds:
+                silent = {v for r, v in records if r == "TIMEOUT"}
+                if None in silent or qtype in silent:
                     return None
                 if "SERVFAIL" in kinds:
                     reply.header.rcode = RCODE.SERVFAIL

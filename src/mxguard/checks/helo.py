@@ -106,7 +106,7 @@ def exempt(tx: Transaction, cfg: HeloConfig) -> str:
 
 def _reject(code: int, enhanced: str, name: str, what: str) -> Decision:
     action = Action.REJECT if code >= 500 else Action.DEFER
-    return Decision(action, code, enhanced, f"<{name}>: Helo command rejected: {what}")
+    return Decision(action, code, enhanced, what, prefix=f"<{name}>: Helo command rejected: ")
 
 
 def syntax(tx: Transaction, cfg: HeloConfig, rt: Runtime) -> CheckResult | None:
@@ -148,8 +148,8 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
         found = await resolves(rt.resolver, name)
     except DnsTempError as exc:
         decision = Decision(Action.DEFER, 450, "4.7.1",
-                            f"<{tx.helo}>: Helo command rejected: Host not found "
-                            f"(temporary DNS failure: {exc.kind}), try again later")
+                            f"Host not found (temporary DNS failure: {exc.kind}), "
+                            "try again later", prefix=f"<{tx.helo}>: Helo command rejected: ")
         return CheckResult(NAME, [symbol(rt, "HELO_DNS_TEMPFAIL", exc.kind)], decision,
                            reason="dns-tempfail")
     if found:

@@ -135,15 +135,18 @@ def _clean(text: str) -> str:
     return " ".join(text.replace("\r", " ").replace("\n", " ").split())
 
 
-def encode_action(verdict: Verdict, *, prepend: bool = True) -> str:
-    """The access(5) action for a verdict: ``DUNNO``, ``450 4.2.0 text`` ..."""
+def encode_action(verdict: Verdict, *, prepend: bool = True, mta_prefix: bool = False) -> str:
+    """The access(5) action for a verdict: ``DUNNO``, ``450 4.2.0 text`` ...
+
+    ``mta_prefix``: Postfix writes the decision's prefix itself (HELO context).
+    """
     d = verdict.decision
     if d is None or verdict.action is Action.ACCEPT:
         if prepend and verdict.headers:
             h = verdict.headers[0]
             return _clean(f"PREPEND {h.name}: {h.value}")
         return "DUNNO"
-    text = _clean(d.text)
+    text = _clean(d.text if mta_prefix else d.prefix + d.text)
     if verdict.action is Action.DEFER_IF_PERMIT:
         return f"DEFER_IF_PERMIT {d.enhanced} {text}"
     return f"{d.code} {d.enhanced} {text}"

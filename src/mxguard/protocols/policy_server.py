@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -53,15 +54,14 @@ class _Connection(asyncio.Protocol):
         self.last = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.last = self.server.loop.time()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if len(self.server.connections) >= self.server.cfg.max_connections:
             log.warning("policy: refusing connection from %s: %d connections open "
                         "(policy.max_connections)", self.peer, len(self.server.connections))
-            transport.abort()
+            self.transport.abort()
             return
         self.server.connections.add(self)
 

@@ -1,0 +1,734 @@
+"""A private, real Postfix (3.7) instance on loopback for integration tests,
+and SMTP client helpers that return every reply instead of raising.
+
+    sink = Sink().start()
+    with PostfixInstance(Path("/tmp/mxgpf-x"), sink.port,
+                         {"smtpd_recipient_restrictions": "reject"}) as pf:
+        t = send(pf.smtp_port, helo="client.test", mail_from="a@b.test",
+                 rcpts=["u@example.test"], source_ip="127.0.0.7")
+        assert t.rcpts[0].code == 554
+
+How the instance is built (no change to /etc/postfix, works as root on a
+fresh Debian machine with the postfix package installed and *no*
+/etc/postfix/main.cf, i.e. debconf "No configuration"):
+
+* ``WORKDIR/etc``   main.cf + master.cf; passed as ``postfix -c WORKDIR/etc``.
+  Postfix only requires ``alternate_config_directories`` for non-root
+  callers of set-gid commands; root may use any ``-c`` directory.
+* ``WORKDIR/spool`` queue_directory and ``WORKDIR/data`` data_directory:
+  created by us with the owner/group/mode listed in Postfix's own
+  ``/etc/postfix/postfix-files`` (queue root-owned 0755, subdirectories
+  owned by ``mail_owner`` postfix / ``setgid_group`` postdrop, data owned
+  by postfix). ``postfix start`` would create them itself (post-install
+  create-missing), just slower. WORKDIR is made 0755 and every ancestor
+  must be searchable by the postfix user (``/tmp/...`` is; pytest's
+  tmp_path is not).
+* main.cf/master.cf are back-dated 5 s: Postfix otherwise waits until
+  main.cf is 2 s old before trusting it (~2 s per start).
+* every service in master.cf runs with chroot off (``n``), the SMTP server
+  listens on ``127.0.0.1:smtp_port`` only, logging goes to
+  ``WORKDIR/maillog`` through the ``postlog`` service.
+* all mail is relayed to the sink: ``relayhost = [127.0.0.1]:sink_port``,
+  ``mydestination`` empty, ``relay_domains`` = the test domains.
+  ``smtp_dns_support_level = disabled``, ``smtpd_peername_lookup = no``
+  and an explicit ``myhostname``: this Postfix never sends a DNS query
+  (the machine's resolver is not on loopback). Use XCLIENT NAME=... to
+  give a client a name.
+
+Keep ``workdir`` short (e.g. ``/tmp/mxgpf-XXXX``): Postfix's UNIX-domain
+sockets live under it and socket paths are limited to 107 bytes.
+
+``postfix start`` leaves the master daemon orphaned; on machines whose
+PID 1 does not reap orphans (containers) it would stay a zombie after
+``stop()``. The instance therefore makes the test process a child
+subreaper (Linux prctl) and reaps its own Postfix processes on stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tests.support.ports import free_port
+
+DEFAULT_DOMAIN = "example.test"
+_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+class PostfixError(RuntimeError):
+    """A postfix command failed; the message includes its output and the maillog tail."""
+
+
+def find_postfix_binary(name: str = "postfix") -> str | None:
+    """Absolute path of a Postfix command (postfix, postqueue, ...), or None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in _SBIN:
+        p = Path(d, name)
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+def postfix_available() -> bool:
+    return all(find_postfix_binary(n) for n in ("postfix", "postqueue", "postconf"))
+
+
+# ---------------------------------------------------------------------------
+# process helpers (Linux /proc)
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    """Orphaned descendants (the Postfix master) get re-parented to us, so we
+    can reap them instead of leaving zombies under a non-reaping PID 1."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _stat(pid: int) -> tuple[str, int, int, str] | None:
+    """(state, ppid, session, comm) of ``pid``, or None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    comm = raw[raw.find("(") + 1: raw.rfind(")")]
+    fields = raw[raw.rfind(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[3]), comm
+
+
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def _all_pids() -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+
+
+def _environ_has(pid: int, entry: bytes) -> bool:
+    try:
+        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _check_traversable(path: Path) -> None:
+    """Postfix daemons (user postfix) open files under ``path`` by absolute
+    name: every ancestor must be searchable by others (pytest's own
+    tmp_path, under a 0700 directory, is not)."""
+    for parent in path.parents:
+        if not parent.stat().st_mode & 0o001:
+            raise ValueError(
+                f"{parent} is not searchable by the postfix user (mode "
+                f"{parent.stat().st_mode & 0o777:o}); put the instance under /tmp")
+
+
+# (("queue"|"data", relative dir), owner, group, mode): Postfix 3.7's postfix-files
+_FALLBACK_LAYOUT: list[tuple[tuple[str, str], str, str, int]] = [
+    (("data", ""), "postfix", "root", 0o700),
+    (("queue", ""), "root", "root", 0o755),
+    *((("queue", d), "postfix", "root", 0o700) for d in (
+        "active", "bounce", "corrupt", "defer", "deferred", "flush", "hold",
+        "incoming", "private", "saved", "trace")),
+    (("queue", "maildrop"), "postfix", "postdrop", 0o730),
+    (("queue", "public"), "postfix", "postdrop", 0o710),
+    (("queue", "pid"), "root", "root", 0o755),
+]
+
+
+def _queue_layout() -> list[tuple[tuple[str, str], str, str, int]]:
+    """The queue/data directory layout from ``$meta_directory/postfix-files``
+    (falls back to the Postfix 3.7 layout)."""
+    meta = Path("/etc/postfix/postfix-files")
+    try:
+        lines = meta.read_text().splitlines()
+    except OSError:
+        return _FALLBACK_LAYOUT
+    subst = {"$mail_owner": "postfix", "$setgid_group": "postdrop", "-": "root"}
+    layout = []
+    for line in lines:
+        parts = line.split(":")
+        if len(parts) < 5 or parts[1] != "d":
+            continue
+        path = parts[0]
+        for var, kind in (("$queue_directory", "queue"), ("$data_directory", "data")):
+            if path == var or path.startswith(var + "/"):
+                rel = path[len(var) + 1:]
+                layout.append(((kind, rel), subst.get(parts[2], parts[2]),
+                               subst.get(parts[3], parts[3]), int(parts[4], 8)))
+    if not any(k == ("queue", "") for k, *_ in layout):
+        return _FALLBACK_LAYOUT
+    layout.sort(key=lambda e: (e[0][0], e[0][1].count("/"), e[0][1]))
+    return layout
+
+
+# ---------------------------------------------------------------------------
+
+
+class PostfixInstance:
+    """A private Postfix instance under ``workdir`` relaying everything to a sink.
+
+    ``main_cf_extra`` overrides/extends the generated main.cf (see
+    :meth:`main_cf`), e.g. ``{"smtpd_recipient_restrictions":
+    "permit_mynetworks, reject_unauth_destination, check_policy_service
+    inet:127.0.0.1:PORT"}``. ``master_cf_extra`` lines are appended to
+    master.cf verbatim.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        sink_port: int,
+        main_cf_extra: Mapping[str, str] | None = None,
+        *,
+        mynetworks: str = "127.0.0.1/32",
+        relay_domains: Sequence[str] = (DEFAULT_DOMAIN,),
+        myhostname: str = f"mx.{DEFAULT_DOMAIN}",
+        smtp_port: int | None = None,
+        master_cf_extra: Sequence[str] = (),
+    ) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.sink_port = sink_port
+        self.main_cf_extra: dict[str, str] = dict(main_cf_extra or {})
+        self.mynetworks = mynetworks
+        self.relay_domains = list(relay_domains)
+        self.myhostname = myhostname
+        self.smtp_port = smtp_port or free_port()
+        self.master_cf_extra = list(master_cf_extra)
+        self.config_dir = self.workdir / "etc"
+        self.queue_dir = self.workdir / "spool"
+        self.data_dir = self.workdir / "data"
+        self.maillog = self.workdir / "maillog"
+        self.master_pid: int | None = None
+        self._started = False
+        if len(str(self.queue_dir / "public" / "postlog")) > 100:
+            raise ValueError(f"workdir too long for UNIX socket paths: {self.workdir}")
+
+    # configuration -------------------------------------------------------
+    def main_cf(self) -> dict[str, str]:
+        """The effective main.cf parameters (base settings + main_cf_extra)."""
+        wd = str(self.workdir)
+        base: dict[str, str] = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.queue_dir),
+            "data_directory": str(self.data_dir),
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "maillog_file": str(self.maillog),
+            "maillog_file_prefixes": wd,
+            "myhostname": self.myhostname,
+            "mydomain": self.relay_domains[0] if self.relay_domains else DEFAULT_DOMAIN,
+            "myorigin": "$mydomain",
+            "mydestination": "",
+            "local_recipient_maps": "",
+            "local_transport": "error:5.1.1 local delivery is disabled in this test instance",
+            "alias_maps": "",
+            "alias_database": "",
+            "relay_domains": ", ".join(self.relay_domains),
+            "relayhost": f"[127.0.0.1]:{self.sink_port}",
+            "default_transport": "smtp",
+            "relay_transport": "relay",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": self.mynetworks,
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+            # never talk DNS: the machine's resolver is not on loopback
+            "smtpd_peername_lookup": "no",
+            "smtp_dns_support_level": "disabled",
+            "smtp_host_lookup": "native",
+            "smtpd_delay_reject": "yes",
+            "smtpd_helo_required": "yes",
+            "smtpd_error_sleep_time": "0s",
+            "smtpd_soft_error_limit": "100",
+            "smtpd_hard_error_limit": "100",
+            "in_flow_delay": "0s",
+            "smtp_connection_cache_on_demand": "no",
+            "smtp_connect_timeout": "5s",
+            "smtp_tls_security_level": "none",
+            "smtpd_tls_security_level": "none",
+            "queue_run_delay": "1s",
+            "minimal_backoff_time": "2s",
+            "maximal_backoff_time": "4s",
+            "notify_classes": "",
+            "biff": "no",
+            "smtputf8_enable": "no",
+        }
+        base.update(self.main_cf_extra)
+        return base
+
+    def master_cf(self) -> list[str]:
+        lines = [
+            "# private test instance: loopback only, every service chroot=n",
+            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd",
+            "pickup    unix  n - n 60 1 pickup",
+            "cleanup   unix  n - n - 0 cleanup",
+            "qmgr      unix  n - n 300 1 qmgr",
+            "tlsmgr    unix  - - n 1000? 1 tlsmgr",
+            "rewrite   unix  - - n - - trivial-rewrite",
+            "bounce    unix  - - n - 0 bounce",
+            "defer     unix  - - n - 0 bounce",
+            "trace     unix  - - n - 0 bounce",
+            "verify    unix  - - n - 1 verify",
+            "flush     unix  n - n 1000? 0 flush",
+            "proxymap  unix  - - n - - proxymap",
+            "proxywrite unix - - n - 1 proxymap",
+            "smtp      unix  - - n - - smtp",
+            "relay     unix  - - n - - smtp",
+            "showq     unix  n - n - - showq",
+            "error     unix  - - n - - error",
+            "retry     unix  - - n - - error",
+            "discard   unix  - - n - - discard",
+            "anvil     unix  - - n - 1 anvil",
+            "scache    unix  - - n - 1 scache",
+            "postlog   unix-dgram n - n - 1 postlogd",
+        ]
+        return lines + self.master_cf_extra
+
+    def _write_config(self) -> None:
+        lines = []
+        for key, value in self.main_cf().items():
+            if "\n" in value or "\n" in key:
+                raise ValueError(f"main.cf {key}: newlines are not allowed")
+            lines.append(f"{key} = {value}")
+        main_cf, master_cf = self.config_dir / "main.cf", self.config_dir / "master.cf"
+        main_cf.write_text("\n".join(lines) + "\n")
+        master_cf.write_text("\n".join(self.master_cf()) + "\n")
+        # Postfix waits (in 300 ms steps) until main.cf is >= 2 s old before
+        # it trusts it ("file may still be being edited"); back-date instead.
+        old = time.time() - 5
+        for f in (main_cf, master_cf):
+            os.utime(f, (old, old))
+
+    # commands ------------------------------------------------------------
+    def _run(self, cmd: str, *args: str, timeout: float = 30.0,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        exe = find_postfix_binary(cmd)
+        if exe is None:
+            raise PostfixError(f"{cmd} not found (run scripts/install-test-deps.sh)")
+        argv = [exe, "-c", str(self.config_dir), *args]
+        env = {k: v for k, v in os.environ.items() if k not in ("MAIL_CONFIG", "MAIL_DEBUG")}
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                 env=env, stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise PostfixError(f"{' '.join(argv)} timed out after {timeout}s\n"
+                               f"{self._log_tail()}") from exc
+        if check and res.returncode != 0:
+            raise PostfixError(
+                f"{' '.join(argv)} exited {res.returncode}\nstdout: {res.stdout}\n"
+                f"stderr: {res.stderr}\n{self._log_tail()}")
+        return res
+
+    def _log_tail(self, lines: int = 40) -> str:
+        text = self.maillog_text()
+        return "maillog tail:\n" + "\n".join(text.splitlines()[-lines:])
+
+    def postconf(self, name: str) -> str:
+        """The effective value of main.cf parameter ``name`` (``postconf -h``)."""
+        return self._run("postconf", "-h", name).stdout.rstrip("\n")
+
+    # lifecycle -----------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> PostfixInstance:
+        if self._started:
+            return self
+        _become_subreaper()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o755)
+        _check_traversable(self.workdir)
+        self.config_dir.mkdir(exist_ok=True)
+        self.config_dir.chmod(0o755)
+        self._make_queue_dirs()
+        self._write_config()
+        self._started = True  # from here on stop() has something to clean
+        try:
+            self._run("postfix", "start", timeout=timeout)
+            self.master_pid = self._read_master_pid()
+            self._wait_banner(timeout=10.0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _make_queue_dirs(self) -> None:
+        """Create queue_directory/data_directory and their subdirectories with
+        the owner/group/mode that Postfix's own postfix-files lists. ``postfix
+        start`` would create them too (post-install create-missing) but
+        takes ~2 s longer doing so."""
+        for rel, owner, group, mode in _queue_layout():
+            base = self.queue_dir if rel[0] == "queue" else self.data_dir
+            d = base / rel[1] if rel[1] else base
+            d.mkdir(exist_ok=True)
+            shutil.chown(d, owner, group)
+            d.chmod(mode)
+
+    def _read_master_pid(self) -> int | None:
+        try:
+            return int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _wait_banner(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="localhost",
+                                  timeout=2) as s:
+                    s.docmd("QUIT")
+                return
+            except (OSError, smtplib.SMTPException) as exc:
+                last = exc
+                time.sleep(0.05)
+        raise PostfixError(f"no SMTP banner on 127.0.0.1:{self.smtp_port} ({last})\n"
+                           f"{self._log_tail()}")
+
+    def pids(self) -> list[int]:
+        """Live processes of this instance: the master's session, plus anything
+        whose environment names this config dir (MAIL_CONFIG)."""
+        entry = b"MAIL_CONFIG=" + str(self.config_dir).encode()
+        me = os.getpid()
+        found = []
+        for pid in _all_pids():
+            if pid == me:
+                continue
+            st = _stat(pid)
+            if st is None or st[0] in ("Z", "X"):
+                continue
+            if (self.master_pid is not None and st[2] == self.master_pid) or \
+                    _environ_has(pid, entry):
+                found.append(pid)
+        return found
+
+    def _our_zombies(self) -> list[int]:
+        """Zombies of this instance (or Postfix helper commands) that were
+        re-parented to this process; only we can reap them."""
+        me = os.getpid()
+        found = []
+        for pid in _all_pids():
+            st = _stat(pid)
+            if st is None or st[0] != "Z" or st[1] != me:
+                continue
+            if (self.master_pid is not None and st[2] == self.master_pid) or \
+                    st[3] in ("master", "postsuper"):
+                found.append(pid)
+        return found
+
+    def _reap(self) -> None:
+        for pid in self._our_zombies():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def _wait_gone(self, pids: Sequence[int], timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        left = [p for p in pids if _alive(p)]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._reap()
+            left = [p for p in left if _alive(p)]
+        return left
+
+    def stop(self) -> None:
+        """Stop the instance and kill anything of it that is left. Idempotent."""
+        if not self._started:
+            return
+        master = self.master_pid or self._read_master_pid()
+        self.master_pid = master
+        if master is not None and _alive(master):
+            # what "postfix stop" does, minus its 1 s polling: SIGTERM makes
+            # the master terminate its children and exit
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(master, signal.SIGTERM)
+            self._wait_gone([master], 10.0)
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+            left = self.pids()
+            if not left:
+                break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            self._wait_gone(left, wait)
+        # children die just after the master: reap those re-parented to us
+        deadline = time.monotonic() + 3.0
+        while True:
+            self._reap()
+            if not self._our_zombies() or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        self._started = False
+
+    def __enter__(self) -> PostfixInstance:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._started and self.master_pid is not None and _alive(self.master_pid)
+
+    def reload(self) -> None:
+        """``postfix reload``: re-read main.cf/master.cf (new smtpd processes
+        pick up the change; waits a moment for the old ones to go)."""
+        before = self.maillog_text().count("reload -- version")
+        self._run("postfix", "reload")
+        deadline = time.monotonic() + 10.0
+        while self.maillog_text().count("reload -- version") <= before:
+            if time.monotonic() >= deadline:
+                raise PostfixError(f"master did not log its reload\n{self._log_tail()}")
+            time.sleep(0.05)
+        self._reap()
+
+    def update_main_cf(self, params: Mapping[str, str], reload: bool = True) -> None:
+        """Merge ``params`` into main_cf_extra, rewrite main.cf and reload."""
+        self.main_cf_extra.update(params)
+        self._write_config()
+        if reload and self._started:
+            self.reload()
+
+    # logs and queue --------------------------------------------------------
+    def maillog_text(self) -> str:
+        try:
+            return self.maillog.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> str:
+        """Wait until a maillog line matches ``pattern`` (regex); return that line."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.maillog_text().splitlines():
+                if rx.search(line):
+                    return line
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no maillog line matching {rx.pattern!r} within "
+                                   f"{timeout}s\n{self._log_tail()}")
+            time.sleep(0.1)
+
+    def flush(self) -> None:
+        """``postqueue -f``: attempt delivery of all queued mail now."""
+        self._run("postqueue", "-f")
+
+    def queue(self) -> list[dict[str, Any]]:
+        """The queue as ``postqueue -j`` reports it (one dict per message)."""
+        out = self._run("postqueue", "-j").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def queue_ids(self) -> list[str]:
+        return [str(m["queue_id"]) for m in self.queue()]
+
+    def queue_empty(self) -> bool:
+        return not self.queue()
+
+    def wait_queue_empty(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.queue_empty():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"queue not empty after {timeout}s: {self.queue()}")
+            time.sleep(0.1)
+
+    def delete_queue(self) -> None:
+        """``postsuper -d ALL``."""
+        self._run("postsuper", "-d", "ALL")
+
+
+# ---------------------------------------------------------------------------
+# SMTP client helpers
+
+
+class Reply(NamedTuple):
+    """One SMTP reply. ``str(reply)`` is ``"250 2.1.0 Ok"``; multi-line text
+    is joined with newlines."""
+
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+@dataclass
+class Transcript:
+    """Every reply of one ``send()`` session. A stage that was not reached is
+    None (rcpts: fewer entries). ``data`` is the reply to the DATA command
+    (354 when Postfix accepts it), ``end_of_data`` the reply after the final
+    dot."""
+
+    banner: Reply | None = None
+    xclient: Reply | None = None
+    helo: Reply | None = None
+    mail: Reply | None = None
+    rcpts: list[Reply] = field(default_factory=list)
+    data: Reply | None = None
+    end_of_data: Reply | None = None
+    quit: Reply | None = None
+    disconnected: bool = False
+    log: list[tuple[str, Reply]] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        """The message was queued (2xx after the final dot)."""
+        return self.end_of_data is not None and 200 <= self.end_of_data.code < 300
+
+    @property
+    def queue_id(self) -> str | None:
+        if self.end_of_data is None:
+            return None
+        m = re.search(r"queued as (\S+)", self.end_of_data.text)
+        return m.group(1) if m else None
+
+    def __str__(self) -> str:
+        return "\n".join(f"{cmd} -> {reply}" for cmd, reply in self.log)
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext encoding, as XCLIENT attribute values need."""
+    out = []
+    for ch in value.encode("utf-8"):
+        if 33 <= ch <= 126 and ch not in (ord("+"), ord("=")):
+            out.append(chr(ch))
+        else:
+            out.append(f"+{ch:02X}")
+    return "".join(out)
+
+
+def smtp_session(port: int, source_ip: str = "127.0.0.1", *, host: str = "127.0.0.1",
+                 timeout: float = 10.0) -> smtplib.SMTP:
+    """A connected smtplib.SMTP from ``source_ip`` (any 127.0.0.0/8 address);
+    the banner has been read, nothing else sent (send EHLO yourself, e.g.
+    ``smtp_cmd(s, "EHLO", "name")``)."""
+    return _open(port, source_ip, host, timeout)[0]
+
+
+def _open(port: int, source_ip: str, host: str, timeout: float) -> tuple[smtplib.SMTP, Reply]:
+    # local_hostname given: smtplib would otherwise call socket.getfqdn() (DNS)
+    s = smtplib.SMTP(local_hostname="localhost", timeout=timeout,
+                     source_address=(source_ip, 0))
+    try:
+        code, msg = s.connect(host, port)
+    except BaseException:
+        s.close()
+        raise
+    return s, Reply(code, msg.decode("utf-8", "replace"))
+
+
+def smtp_cmd(smtp: smtplib.SMTP, verb: str, arg: str = "") -> Reply:
+    """Send one command and return its reply; never raises on 4xx/5xx."""
+    code, msg = smtp.docmd(verb, arg)
+    return Reply(code, msg.decode("utf-8", "replace"))
+
+
+def _dot_stuff(data: bytes) -> bytes:
+    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return re.sub(rb"(?m)^\.", b"..", data) + b".\r\n"
+
+
+def make_message(*, mail_from: str = "sender@client.test",
+                 to: Sequence[str] = (f"user@{DEFAULT_DOMAIN}",),
+                 subject: str = "harness test", body: str = "Hello.\n",
+                 headers: Mapping[str, str] | None = None) -> bytes:
+    """A small RFC 5322 message (From, To, Subject, Date, Message-ID + extras)."""
+    hdrs = {
+        "From": f"<{mail_from}>" if mail_from else "<>",
+        "To": ", ".join(f"<{r}>" for r in to),
+        "Subject": subject,
+        "Date": formatdate(localtime=False),
+        "Message-ID": make_msgid(domain="client.test"),
+    }
+    hdrs.update(headers or {})
+    head = "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+    return (head + "\r\n" + body.replace("\r\n", "\n").replace("\n", "\r\n")).encode()
+
+
+def send(
+    port: int,
+    *,
+    helo: str | None,
+    mail_from: str,
+    rcpts: Sequence[str],
+    data: bytes | str | None = None,
+    source_ip: str = "127.0.0.1",
+    xclient: Mapping[str, str] | None = None,
+    esmtp: bool = True,
+    mail_params: str = "",
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+) -> Transcript:
+    """One SMTP session; returns every reply, never raises on 4xx/5xx.
+
+    Order: banner, [XCLIENT attrs (its reply is the new 220 banner)],
+    EHLO/HELO ``helo`` (skipped when None, e.g. after XCLIENT HELO=...),
+    MAIL FROM:<mail_from> [mail_params], RCPT TO for each of ``rcpts``,
+    DATA + ``data`` (default: make_message()) when a recipient was accepted,
+    QUIT. A failed (>= 400) XCLIENT, HELO or MAIL ends the session there.
+    """
+    t = Transcript()
+
+    def cmd(s: smtplib.SMTP, verb: str, arg: str = "") -> Reply:
+        r = smtp_cmd(s, verb, arg)
+        t.log.append((f"{verb} {arg}".strip(), r))
+        return r
+
+    s, t.banner = _open(port, source_ip, host, timeout)
+    t.log.append(("<connect>", t.banner))
+    try:
+        if t.banner.code >= 400:
+            return t
+        if xclient:
+            attrs = " ".join(f"{k.upper()}={xtext(v)}" for k, v in xclient.items())
+            t.xclient = cmd(s, "XCLIENT", attrs)
+            if t.xclient.code >= 400:
+                return t
+        if helo is not None:
+            t.helo = cmd(s, "EHLO" if esmtp else "HELO", helo)
+            if t.helo.code >= 400:
+                return t
+        t.mail = cmd(s, "MAIL", f"FROM:<{mail_from}>" + (f" {mail_params}" if mail_params
+                                                           else ""))
+        if t.mail.code >= 400:
+            return t
+        for rcpt in rcpts:
+            t.rcpts.append(cmd(s, "RCPT", f"TO:<{rcpt}>"))
+        if not any(200 <= r.code < 300 for r in t.rcpts):
+            return t
+        t.data = cmd(s, "DATA")
+        if t.data.code != 354:
+            return t
+        if data is None:
+            data = make_message(mail_from=mail_from, to=rcpts)
+        elif isinstance(data, str):
+            data = data.encode("utf-8")
+        s.send(_dot_stuff(data))
+        code, msg = s.getreply()
+        t.end_of_data = Reply(code, msg.decode("utf-8", "replace"))
+        t.log.append(("<message>", t.end_of_data))
+        return t
+    except (smtplib.SMTPServerDisconnected, OSError):
+        t.disconnected = True
+        return t
+    finally:
+        if not t.disconnected:
+            try:
+                t.quit = cmd(s, "QUIT")
+            except (smtplib.SMTPServerDisconnected, OSError):
+                t.disconnected = True
+        s.close()
