@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mxguard import config  # noqa: E402
+from mxguard import config
 
 BEGIN = "<!-- config-reference:begin -->"
 END = "<!-- config-reference:end -->"
@@ -17,7 +17,7 @@ END = "<!-- config-reference:end -->"
 def table() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, doc in config.iter_keys():
-        shown = config._toml_value(default)  # noqa: SLF001 - same module family
+        shown = config._toml_value(default)
         cell = doc.replace("|", "\\|")
         rows.append(f"| `{key}` | `{shown}` | {cell} |")
     rows.append("| `scores.SYMBOL` | see `mxguard config show` | score of a symbol "

@@ -182,7 +182,8 @@ class SpfConfig:
                            choices=("reject", "defer", "score"))
     helo_fail_action: str = opt("reject", "what an SPF fail of the HELO identity does",
                                 choices=("reject", "defer", "score"))
-    softfail_action: str = opt("score", "what a softfail does", choices=("score", "defer", "reject"))
+    softfail_action: str = opt("score", "what a softfail does",
+                               choices=("score", "defer", "reject"))
     neutral_action: str = opt("score", "what a neutral / none result does",
                               choices=("score", "defer", "reject"))
     permerror_action: str = opt("score", "what a permerror does",
@@ -450,7 +451,10 @@ def iter_keys(cls: Any = Config, prefix: str = "") -> typing.Iterator[tuple[str,
         if dataclasses.is_dataclass(tp):
             yield from iter_keys(tp, f"{f.name}.")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            else:
+                default = f.default_factory()  # type: ignore[misc,operator]
             yield prefix + f.name, default, f.metadata.get("doc", "")
 
 

@@ -162,15 +162,13 @@ def raise_fd_limit() -> None:
 def serve(cfg: config.Config, config_path: str | None) -> int:
     logs.setup(cfg.log)
     raise_fd_limit()
+    daemon_coro = _run(cfg, config_path)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        uvloop = None
-    daemon_coro = _run(cfg, config_path)
-    if uvloop is not None:
-        uvloop.run(daemon_coro)
-    else:
         asyncio.run(daemon_coro)
+    else:
+        uvloop.run(daemon_coro)
     return 0
 
 

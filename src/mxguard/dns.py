@@ -167,7 +167,7 @@ class Resolver:
                                           lifetime=timeout, search=False)
         except dns.resolver.NXDOMAIN as exc:
             self.stats.nxdomain += 1
-            responses = exc.responses()
+            responses = exc.responses()  # type: ignore[no-untyped-call]
             resp = next(iter(responses.values()), None) if responses else None
             return Answer(name, rdtype, "NXDOMAIN", (),
                           _negative_ttl(resp, self.negative_ttl_max))

@@ -88,7 +88,8 @@ def pipeline() -> dict[Stage, tuple[CheckSpec, ...]]:
 FAIL_ACTIONS = {
     "DEFER_IF_PERMIT": Decision(Action.DEFER_IF_PERMIT, 451, "4.3.0",
                                 "Temporary local problem, please try again later"),
-    "DEFER": Decision(Action.DEFER, 451, "4.3.0", "Temporary local problem, please try again later"),
+    "DEFER": Decision(Action.DEFER, 451, "4.3.0",
+                      "Temporary local problem, please try again later"),
 }
 
 

@@ -30,7 +30,7 @@ class Stage(enum.IntEnum):
     EOM = 6
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     """How a check's findings are used (the ``mode`` key of every check section)."""
 
     ENFORCE = "enforce"  # the hard decision is sent
@@ -39,7 +39,7 @@ class Mode(str, enum.Enum):
     OFF = "off"  # not run
 
 
-class Action(str, enum.Enum):
+class Action(enum.StrEnum):
     """Outcomes, ordered by :data:`ACTION_RANK` (the strongest wins)."""
 
     ACCEPT = "accept"  # no objection (policy DUNNO)

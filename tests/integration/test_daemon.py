@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from tests.support.daemon import MxguardProcess, PolicyClient, policy_request
 from tests.support.dnsserver import DNSServer
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from tests.support.daemon import MxguardProcess
 from tests.support.dnsserver import DNSServer
 from tests.support.postfix import PostfixInstance, send

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from mxguard.checks import helo
 from mxguard.config import Config, DnsConfig, HeloConfig
 from mxguard.dns import Resolver
-from mxguard.checks import helo
 from mxguard.pipeline import Runtime, evaluate
 from mxguard.transaction import Action, Mode, Stage, Transaction
 from tests.support.dnsserver import DNSServer

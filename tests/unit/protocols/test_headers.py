@@ -31,4 +31,4 @@ def test_memory_is_bounded() -> None:
     m = HeaderMemory(size=10)
     for i in range(100):
         m.next_header(f"i{i}", [SPF, GREY])
-    assert len(m._by_instance) == 10  # noqa: SLF001
+    assert len(m._by_instance) == 10

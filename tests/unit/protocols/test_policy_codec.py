@@ -50,7 +50,8 @@ def test_requests_split_anywhere_and_pipelined() -> None:
 
 
 def test_crlf_and_values_with_equals_and_utf8() -> None:
-    wire = b"request=smtpd_access_policy\r\nsender=a=b@x.example\r\nhelo_name=\xc3\xa9.example\r\n\r\n"
+    wire = (b"request=smtpd_access_policy\r\nsender=a=b@x.example\r\n"
+            b"helo_name=\xc3\xa9.example\r\n\r\n")
     (r,) = PolicyDecoder().feed(wire)
     assert r.attrs["sender"] == "a=b@x.example"
     assert r.attrs["helo_name"] == "é.example"
@@ -90,7 +91,8 @@ def test_long_but_allowed_request_passes() -> None:  # control for the length li
              decision=Decision(Action.DEFER_IF_PERMIT, 450, "4.2.0", "Greylisted, see x")),
      "DEFER_IF_PERMIT 4.2.0 Greylisted, see x"),
     (Verdict(action=Action.REJECT, decision=Decision(
-        Action.REJECT, 504, "5.5.2", "<foo>: Helo command rejected: need fully-qualified hostname")),
+        Action.REJECT, 504, "5.5.2", "need fully-qualified hostname",
+        prefix="<foo>: Helo command rejected: ")),
      "504 5.5.2 <foo>: Helo command rejected: need fully-qualified hostname"),
     (Verdict(action=Action.DEFER, decision=Decision(Action.DEFER, 450, "4.7.1", "a\r\nb")),
      "450 4.7.1 a b"),
