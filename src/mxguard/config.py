@@ -454,7 +454,7 @@ def iter_keys(cls: Any = Config, prefix: str = "") -> typing.Iterator[tuple[str,
             if f.default is not dataclasses.MISSING:
                 default: Any = f.default
             else:
-                default = f.default_factory()  # type: ignore[misc,operator]
+                default = f.default_factory()  # type: ignore[operator]
             yield prefix + f.name, default, f.metadata.get("doc", "")
 
 

@@ -82,7 +82,7 @@ class PolicyHandler:
         header = self.headers.next_header(tx.instance, verdict.headers)
         verdict.headers = [header] if header is not None else []
         action = encode_action(verdict, mta_prefix=helo_context)
-        log.info("%s", logs.decision_line(tx, verdict, action))
+        logs.decisions.emit(logs.decision_line(tx, verdict, action))
         return encode_reply(action)
 
 
@@ -131,12 +131,14 @@ class Daemon:
         log.info("reloaded configuration from %s", cfg.source)
 
     async def stop(self) -> None:
+        logs.decisions.flush()
         grace = self.runtime.config.server.shutdown_grace
         if self.policy is not None:
             await self.policy.close(grace)
         for task in self._tasks:
             task.cancel()
         await close_services(self.runtime.services)
+        logs.decisions.flush()
         log.info("mxguard stopped")
 
     async def run(self) -> None:

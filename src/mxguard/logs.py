@@ -10,10 +10,14 @@ config). Decision lines look like::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.handlers
+import os
+import re
 import socket
 import sys
+import time
 
 from mxguard.config import LogConfig, split_hostport
 from mxguard.transaction import Transaction, Verdict
@@ -52,11 +56,14 @@ def setup(cfg: LogConfig) -> None:
     log.propagate = False
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]|[^\x21-\x7e]')
+
+
 def kv(value: str) -> str:
     """A log value: quoted when it has spaces, quotes or is empty."""
     if not value:
         return "-"
-    if any(c in value for c in ' "=\t\n\r') or not value.isprintable():
+    if _NEEDS_QUOTES.search(value):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")\
             .replace("\r", "\\r") + '"'
     return value
@@ -84,3 +91,55 @@ def decision_line(tx: Transaction, verdict: Verdict, action: str) -> str:
     if verdict.observed:
         parts.append(f"observe={kv('; '.join(verdict.observed))}")
     return " ".join(parts)
+
+
+class DecisionLog:
+    """Writes decision lines. To stderr they are buffered and written once per
+    event-loop pass (one write for all requests answered in that pass, in
+    order, before any reply waits on I/O); to syslog they go through the
+    ``mxguard`` logger, one datagram per line."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._scheduled = False
+        self._stamp_second = -1
+        self._stamp = ""
+
+    def _prefix(self) -> str:
+        now = time.time()
+        sec = int(now)
+        if sec != self._stamp_second:
+            self._stamp_second = sec
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        return f"{self._stamp},{int(now % 1 * 1000):03d} mxguard[{os.getpid()}] INFO "
+
+    def emit(self, line: str) -> None:
+        handlers = log.handlers
+        direct = (len(handlers) == 1 and type(handlers[0]) is logging.StreamHandler
+                  and log.isEnabledFor(logging.INFO))
+        if not direct:
+            log.info("%s", line)
+            return
+        self._lines.append(self._prefix() + line + "\n")
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._lines:
+            return
+        text, self._lines = "".join(self._lines), []
+        handler = log.handlers[0] if log.handlers else None
+        stream = getattr(handler, "stream", None) or sys.stderr
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: nothing sensible left to do with a log line
+
+
+decisions = DecisionLog()

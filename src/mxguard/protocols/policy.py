@@ -79,55 +79,51 @@ class PolicyDecoder:
         self.max_bytes = max_bytes
         self.max_attributes = max_attributes
         self._buf = bytearray()
-        self._attrs: dict[str, str] = {}
-        self._unknown: list[str] = []
-        self._size = 0
 
     @property
     def pending(self) -> bool:
         """True when part of a request has arrived but not its end."""
-        return bool(self._buf or self._attrs)
+        return bool(self._buf)
 
     def feed(self, data: bytes) -> list[PolicyRequest]:
         if b"\0" in data:
             raise PolicyProtocolError("NUL byte in request")
-        self._buf += data
+        buf = self._buf
+        buf += data
+        if b"\r" in buf:
+            buf[:] = buf.replace(b"\r\n", b"\n")
         out: list[PolicyRequest] = []
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0:
-                if len(self._buf) + self._size > self.max_bytes:
-                    raise PolicyProtocolError(f"request longer than {self.max_bytes} bytes")
-                return out
-            line = bytes(self._buf[:nl]).rstrip(b"\r")
-            del self._buf[: nl + 1]
-            self._size += nl + 1
-            if self._size > self.max_bytes:
-                raise PolicyProtocolError(f"request longer than {self.max_bytes} bytes")
-            if line:
-                self._attribute(line)
-                continue
-            if not self._attrs:
+        while buf:
+            if buf[0] == 0x0A:
                 raise PolicyProtocolError("empty request")
-            out.append(self._finish())
+            end = buf.find(b"\n\n")
+            if end < 0:
+                if len(buf) > self.max_bytes:
+                    raise PolicyProtocolError(f"request longer than {self.max_bytes} bytes")
+                break
+            if end > self.max_bytes:
+                raise PolicyProtocolError(f"request longer than {self.max_bytes} bytes")
+            block = buf[:end].decode("utf-8", "surrogateescape")
+            del buf[: end + 2]
+            out.append(self._request(block.split("\n")))
+        return out
 
-    def _attribute(self, line: bytes) -> None:
-        name, sep, value = line.partition(b"=")
-        if not sep or not name:
-            raise PolicyProtocolError(f"line without name=value: {line[:60]!r}")
-        if len(self._attrs) >= self.max_attributes:
+    def _request(self, lines: list[str]) -> PolicyRequest:
+        if len(lines) > self.max_attributes:
             raise PolicyProtocolError(f"more than {self.max_attributes} attributes")
-        key = name.decode("ascii", "replace").strip()
-        if key not in KNOWN_ATTRIBUTES:
-            self._unknown.append(key)
-        self._attrs[key] = value.decode("utf-8", "surrogateescape")
-
-    def _finish(self) -> PolicyRequest:
-        req = PolicyRequest(self._attrs, tuple(self._unknown))
-        self._attrs, self._unknown, self._size = {}, [], 0
-        if req.attrs.get("request") != "smtpd_access_policy":
-            raise PolicyProtocolError(f"unsupported request={req.attrs.get('request', '')!r}")
-        return req
+        attrs: dict[str, str] = {}
+        unknown: list[str] = []
+        for line in lines:
+            key, sep, value = line.partition("=")
+            if not sep or not key:
+                raise PolicyProtocolError(f"line without name=value: {line[:60]!r}")
+            if key not in KNOWN_ATTRIBUTES:
+                key = key.strip()
+                unknown.append(key)
+            attrs[key] = value
+        if attrs.get("request") != "smtpd_access_policy":
+            raise PolicyProtocolError(f"unsupported request={attrs.get('request', '')!r}")
+        return PolicyRequest(attrs, tuple(unknown))
 
 
 def _clean(text: str) -> str:
