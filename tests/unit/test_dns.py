@@ -105,7 +105,7 @@ async def test_cache_off_and_bounded(dns: DNSServer) -> None:
     small = resolver(dns, cache_size=2)
     for name in ("a.test", "alias.test", "nothing.test"):
         await small.query(name, "A")
-    assert len(small._cache) == 2  # noqa: SLF001
+    assert len(small._cache) == 2
 
 
 async def test_truncated_udp_answer_retried_over_tcp(dns: DNSServer) -> None:
