@@ -71,6 +71,19 @@ SYMBOL_SCORES: dict[str, float] = {
     "SPF_HELO_FAIL": 3.0,
     "SPF_HELO_SOFTFAIL": 1.0,
     "SPF_SKIPPED": 0.0,
+    "DKIM_VALID": -0.1,
+    "DKIM_INVALID": 1.0,
+    "DKIM_NONE": 0.0,
+    "DKIM_TEMPFAIL": 0.0,
+    "DKIM_PERMFAIL": 0.5,
+    "DKIM_WEAK": 0.5,
+    "DKIM_SIGNED": 0.0,
+    "DMARC_PASS": -0.5,
+    "DMARC_REJECT": 5.0,
+    "DMARC_QUARANTINE": 3.0,
+    "DMARC_NONE_FAIL": 1.0,
+    "DMARC_NO_POLICY": 0.0,
+    "DMARC_TEMPERROR": 0.0,
 }
 
 
@@ -204,6 +217,77 @@ class SpfConfig:
 
 
 @dataclass(frozen=True)
+class MilterConfig:
+    listen: str = opt("127.0.0.1:10024", 'milter socket: "host:port" or "unix:/path"')
+    fail_action: str = opt("tempfail", "answer when a check fails internally; tempfail keeps "
+                           "the mail queued at the client", choices=("tempfail", "accept",
+                                                                     "reject"))
+    authserv_id: str = opt("", "authserv-id of Authentication-Results; empty: this host's name")
+    max_body_memory: int = opt(1048576, "message bytes held in memory before spooling to a "
+                               "temporary file", lo=4096, hi=1 << 30)
+    max_scan_size: int = opt(10485760, "bytes of a message that are checked; larger messages "
+                             "are checked partially (logged)", lo=65536, hi=1 << 31)
+    idle_timeout: float = opt(600.0, "seconds an idle milter connection is kept", lo=1, hi=86400)
+    max_connections: int = opt(20000, "concurrent milter connections", lo=1, hi=1000000)
+    progress_interval: float = opt(5.0, "seconds between keep-alives while a check is slow",
+                                   lo=0.5, hi=300)
+    stage_timeout: float = opt(25.0, "seconds a check may take before end of message "
+                               "(below Postfix's milter_command_timeout of 30 s)", lo=1, hi=600)
+    eom_timeout: float = opt(240.0, "seconds the end-of-message checks may take (keep-alives "
+                             "are sent meanwhile)", lo=1, hi=3600)
+
+
+DEFAULT_SIGN_HEADERS = [
+    "From", "Reply-To", "Subject", "Date", "To", "Cc", "Resent-Date", "Resent-From",
+    "Resent-To", "Resent-Cc", "In-Reply-To", "References", "List-Id", "List-Help",
+    "List-Unsubscribe", "List-Subscribe", "List-Post", "List-Owner", "List-Archive",
+    "Message-ID", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+]
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    mode: Mode = opt(Mode.ENFORCE, MODE_DOC + " (verification; DMARC decides on failures)")
+    sign: bool = opt(True, "sign mail from internal_hosts and SASL-authenticated clients")
+    verify: bool = opt(True, "verify DKIM signatures of incoming mail")
+    keys: list[str] = opt([], 'KeyTable: "domain:selector:/path/to/private.key" (RSA or '
+                          "Ed25519 PEM); several keys of one domain sign together (dual "
+                          "signing)")
+    signing_table: list[str] = opt([], 'SigningTable: "pattern domain", e.g. '
+                                   '"*@example.com example.com", "*@*.example.com '
+                                   'example.com"; empty: the From domain or its nearest parent '
+                                   "with a key")
+    internal_hosts: list[str] = opt(["127.0.0.0/8", "::1/128"], "client CIDRs whose mail is "
+                                    "signed, not verified")
+    sign_headers: list[str] = opt(DEFAULT_SIGN_HEADERS, "headers signed when present (RFC "
+                                  "6376 §5.4)")
+    oversign_headers: list[str] = opt(["From"], "headers signed once more than present, so "
+                                      "none can be added")
+    canonicalization: str = opt("relaxed/relaxed", "header/body canonicalization",
+                                choices=("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
+                                         "simple/simple"))
+    signature_ttl: int = opt(0, "x= seconds after signing (0: no expiry)", lo=0,
+                             hi=365 * DAY)
+    max_signatures: int = opt(10, "signatures verified per message (others ignored)",
+                              lo=1, hi=100)
+    min_rsa_bits: int = opt(1024, "RSA keys shorter than this fail (RFC 8301)", lo=512,
+                            hi=8192)
+
+
+@dataclass(frozen=True)
+class DmarcConfig:
+    mode: Mode = opt(Mode.ENFORCE, MODE_DOC)
+    reject_action: str = opt("reject", "what a failing message of a p=reject domain gets",
+                             choices=("reject", "quarantine", "score"))
+    quarantine_action: str = opt("score", "what a failing message of a p=quarantine domain "
+                                 "gets", choices=("quarantine", "score", "reject"))
+    reject_text: str = opt("Message rejected by the DMARC policy of {domain}: it failed SPF "
+                           "and DKIM alignment", "reply text; {domain} is filled in")
+    honour_pct: bool = opt(True, "apply pct= sampling of the policy")
+    store_results: bool = opt(True, "keep per-message results for aggregate reports")
+
+
+@dataclass(frozen=True)
 class Config:
     observe: bool = opt(False, "turn every enforce into observe: log what would be done, "
                         "change nothing")
@@ -215,6 +299,9 @@ class Config:
     helo: HeloConfig = field(default_factory=HeloConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     spf: SpfConfig = field(default_factory=SpfConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    dmarc: DmarcConfig = field(default_factory=DmarcConfig)
     scores: dict[str, float] = opt({}, "symbol = score overrides of the built-in scores")
     source: str = field(default="(defaults)", compare=False, metadata={"internal": True})
 

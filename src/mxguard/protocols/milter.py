@@ -506,14 +506,17 @@ class ReplyCode(Packet):
 
     @classmethod
     def build(cls, code: int, enhanced: str, text: str | Sequence[str]) -> ReplyCode:
-        """``build(550, "5.7.1", "No")``; a list of lines gives a multi-line reply."""
+        """``build(550, "5.7.1", "No")``; a list of lines gives a multi-line reply.
+
+        Text is made one ASCII line each (CR, LF, NUL become spaces, others ``?``).
+        """
         if not 400 <= code <= 599:
             raise ValueError(f"milter reply code must be 4xx or 5xx, not {code}")
         if not _ENHANCED.fullmatch(enhanced) or enhanced[0] != str(code)[0]:
             raise ValueError(f"enhanced code {enhanced!r} does not fit reply code {code}")
         lines = [text] if isinstance(text, str) else list(text) or [""]
         cleaned = [" ".join(line.replace("\0", " ").split()).replace("%", "%%")
-                   for line in lines]
+                   .encode("ascii", "replace").decode("ascii") for line in lines]
         last = len(cleaned) - 1
         return cls("\r\n".join(f"{code}{' ' if i == last else '-'}{enhanced} {line}"
                                for i, line in enumerate(cleaned)))

@@ -1,0 +1,740 @@
+"""The asyncio server for the milter door.
+
+One :class:`asyncio.Protocol` per MTA connection (Postfix opens one per SMTP
+session). Commands are handled strictly in order; a :class:`MilterSession`
+accumulates what the MTA tells us and a :class:`MilterHandler` decides:
+
+* ``on_connect``, ``on_helo``, ``on_mail``, ``on_rcpt`` may return ``None``
+  (continue) or a :class:`MilterResult` (reject, tempfail, custom reply ...);
+* ``on_end_of_message`` returns the final :class:`MilterResult` with header
+  edits and an optional quarantine. While it runs, ``SMFIR_PROGRESS`` is sent
+  every ``progress_interval`` seconds so Postfix's content timeout does not
+  fire.
+
+A handler that raises or runs out of time gets ``fail_action`` (tempfail by
+default: Postfix keeps the mail and the client retries) and a log line. Abort
+(``A``, sent by Postfix before every new message and on RSET) resets the
+message and keeps connect/HELO; ``K`` resets everything. Bad input closes only
+that connection. Bodies stay in memory up to ``max_body_memory`` and are
+spooled to a temporary file beyond; bytes past ``max_message_size`` are
+dropped (``session.truncated``) and Postfix is told to skip the rest of the
+body. Idle sweeper, ``max_connections`` and graceful close work like the
+policy server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import io
+import logging
+import tempfile
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+from mxguard.protocols import milter as m
+from mxguard.protocols.policy_server import listen
+from mxguard.transaction import Action, Decision, HeaderEdit, Stage, Transaction
+
+log = logging.getLogger("mxguard")
+
+FAIL_ACTIONS = ("tempfail", "accept", "reject")
+MAX_QUEUED = 64  # commands buffered per connection before we stop reading
+MAX_QUEUED_BYTES = 1024 * 1024
+_CONN_STAGES = "CH"  # macros of these commands live for the whole SMTP session
+_STAGE_ORDER = "CHMRTLNBEU"
+
+
+@dataclass(frozen=True)
+class MilterServerSettings:
+    """What ``[milter]`` in the config file will carry."""
+
+    listen: str = "127.0.0.1:8894"
+    max_body_memory: int = 1024 * 1024  # body bytes held in memory, then a temp file
+    max_message_size: int = 64 * 1024 * 1024  # headers + body kept; the rest is skipped
+    idle_timeout: float = 3600.0  # > Postfix smtpd_timeout: a milter socket idles during DATA
+    max_connections: int = 1000
+    progress_interval: float = 5.0  # seconds between SMFIR_PROGRESS while EOM runs
+    fail_action: str = "tempfail"  # tempfail | accept | reject, when a handler fails
+    stage_timeout: float = 25.0  # connect..rcpt handlers (Postfix milter_command_timeout 30)
+    eom_timeout: float = 240.0  # end-of-message handler, keep-alives meanwhile
+    max_packet: int = m.DEFAULT_MAX_PACKET
+    spool_dir: str = ""  # where big bodies go; empty: the system temp dir
+
+    def __post_init__(self) -> None:
+        if self.fail_action not in FAIL_ACTIONS:
+            raise ValueError(f"milter fail_action must be one of {', '.join(FAIL_ACTIONS)}")
+        for name in ("max_body_memory", "max_message_size", "idle_timeout", "max_connections",
+                     "progress_interval", "stage_timeout", "eom_timeout", "max_packet"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"milter {name} must be positive")
+
+
+class MilterAction(enum.StrEnum):
+    CONTINUE = "continue"  # no objection (at EOM: deliver)
+    ACCEPT = "accept"  # deliver; no more events for this message (connection, at connect)
+    REJECT = "reject"  # 5xx (``reply`` gives code and text)
+    TEMPFAIL = "tempfail"  # 4xx (``reply`` gives code and text)
+    DISCARD = "discard"  # accept and drop silently (not at connect/HELO)
+    QUARANTINE = "quarantine"  # deliver to Postfix's hold queue (EOM only)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderChange:
+    """A header edit beyond add/prepend.
+
+    ``op``: ``add`` (append), ``insert`` (at 0-based ``index``, 0 = top),
+    ``change`` / ``delete`` (the ``index``-th, 1-based, header called ``name``).
+    """
+
+    op: str
+    name: str
+    value: str = ""
+    index: int = 0
+
+    @classmethod
+    def add(cls, name: str, value: str) -> HeaderChange:
+        return cls("add", name, value)
+
+    @classmethod
+    def insert(cls, index: int, name: str, value: str) -> HeaderChange:
+        return cls("insert", name, value, index)
+
+    @classmethod
+    def change(cls, name: str, value: str, occurrence: int = 1) -> HeaderChange:
+        return cls("change", name, value, occurrence)
+
+    @classmethod
+    def delete(cls, name: str, occurrence: int = 1) -> HeaderChange:
+        return cls("delete", name, "", occurrence)
+
+
+@dataclass(slots=True)
+class MilterResult:
+    """What a handler answers. ``reply`` (code, enhanced code, text) is used with
+    REJECT / TEMPFAIL; the SMTP client sees exactly that reply. ``headers`` (in
+    order; ``HeaderEdit`` prepend = insert at the top, append = add) and
+    ``quarantine_reason`` apply at end of message only."""
+
+    action: MilterAction = MilterAction.CONTINUE
+    reply: Decision | None = None
+    headers: list[HeaderEdit | HeaderChange] = field(default_factory=list)
+    quarantine_reason: str = ""
+
+    @classmethod
+    def reject(cls, text: str, code: int = 550, enhanced: str = "5.7.1") -> MilterResult:
+        return cls(MilterAction.REJECT, Decision(Action.REJECT, code, enhanced, text))
+
+    @classmethod
+    def tempfail(cls, text: str, code: int = 451, enhanced: str = "4.7.1") -> MilterResult:
+        return cls(MilterAction.TEMPFAIL, Decision(Action.DEFER, code, enhanced, text))
+
+    @classmethod
+    def from_decision(cls, decision: Decision | None,
+                      headers: Sequence[HeaderEdit | HeaderChange] = ()) -> MilterResult:
+        """A verdict's decision as a milter answer (no decision / ACCEPT: continue)."""
+        if decision is None or decision.action is Action.ACCEPT:
+            return cls(headers=list(headers))
+        action = MilterAction.REJECT if decision.action is Action.REJECT else MilterAction.TEMPFAIL
+        return cls(action, decision)
+
+
+class MilterSession:
+    """Everything the MTA told us on one milter connection, for the current message.
+
+    Connection state (client, HELO, connect/HELO macros) lives until ``K`` or
+    disconnect; message state (sender, recipients, headers, body, other
+    macros) is reset after end of message and on abort. ``headers`` holds
+    ``(name, value)`` exactly as received: with ``headers_exact`` (HDR_LEADSPC
+    negotiated) the value keeps its leading whitespace, folded lines are joined
+    by ``\\n``.
+    """
+
+    def __init__(self, max_body_memory: int = 1024 * 1024,
+                 max_message_size: int = 64 * 1024 * 1024, spool_dir: str = "") -> None:
+        self.max_body_memory = max_body_memory
+        self.max_message_size = max_message_size
+        self.spool_dir = spool_dir or None
+        self.headers_exact = False
+        self._body: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self._macros: dict[str, dict[str, str]] = {}
+        self.reset_connection()
+
+    # -- state changes (called by the server) --------------------------------
+
+    def reset_connection(self) -> None:
+        self.client_hostname = ""
+        self.client_family = ""
+        self.client_address = ""
+        self.client_port = 0
+        self.helo = ""
+        self.stage = Stage.CONNECT
+        self._macros = {}
+        self.reset_message()
+
+    def reset_message(self) -> None:
+        self.close_body()
+        for stage in [s for s in self._macros if s not in _CONN_STAGES]:
+            del self._macros[stage]
+        self.in_message = False
+        if self.stage > Stage.HELO:
+            self.stage = Stage.HELO
+        self.mail_from = ""
+        self.mail_args: list[str] = []
+        self.rcpts: list[str] = []
+        self.rcpt_args: list[list[str]] = []
+        self.headers: list[tuple[str, str]] = []
+        self.header_bytes = 0
+        self.body_size = 0
+        self.truncated = False
+        self._on_disk = False
+
+    def set_macros(self, stage: str, macros: dict[str, str]) -> None:
+        """Macros sent before command ``stage``; replaces that stage's earlier ones."""
+        self._macros[stage] = dict(macros)
+
+    def start_message(self, sender: str, args: Sequence[str]) -> None:
+        self.in_message = True
+        self.stage = Stage.MAIL
+        self.mail_from, self.mail_args = sender, list(args)
+
+    def add_header(self, name: str, value: str) -> bool:
+        size = len(name) + len(value) + 3
+        if self.truncated or self.message_size + size > self.max_message_size:
+            self.truncated = True
+            return False
+        self.headers.append((name, value))
+        self.header_bytes += size
+        return True
+
+    def add_body(self, chunk: bytes) -> bool:
+        """Store a body chunk; False once ``max_message_size`` is reached."""
+        if self.truncated:
+            return False
+        room = self.max_message_size - self.message_size
+        if len(chunk) > room:
+            chunk, self.truncated = chunk[:room], True
+        if self._body is None:
+            self._body = tempfile.SpooledTemporaryFile(  # noqa: SIM115 -- lives per message
+                max_size=self.max_body_memory, prefix="mxguard-body-", dir=self.spool_dir)
+        self._body.write(chunk)
+        self.body_size += len(chunk)
+        if self.body_size > self.max_body_memory and not self._on_disk:
+            self._body.rollover()
+            self._on_disk = True
+        return not self.truncated
+
+    def close_body(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+
+    # -- what handlers read ---------------------------------------------------
+
+    @property
+    def macros(self) -> dict[str, str]:
+        """All macros in force, later stages winning (``i`` arrives late)."""
+        merged: dict[str, str] = {}
+        for stage in sorted(self._macros, key=lambda s: _STAGE_ORDER.find(s)):
+            merged.update(self._macros[stage])
+        return merged
+
+    def macro(self, name: str, default: str = "") -> str:
+        """A macro by name, with or without braces: ``macro("auth_authen")``."""
+        bare = name.strip("{}")
+        merged = self.macros
+        for key in (bare, "{" + bare + "}"):
+            if key in merged:
+                return merged[key]
+        return default
+
+    @property
+    def queue_id(self) -> str:
+        return self.macro("i")
+
+    @property
+    def auth_user(self) -> str:
+        return self.macro("auth_authen")
+
+    @property
+    def client_name(self) -> str:
+        """Verified client name, ``unknown`` if none (Postfix sends ``[addr]`` then)."""
+        name = self.macro("client_name") or self.client_hostname
+        return "unknown" if not name or name.startswith("[") else name
+
+    @property
+    def message_size(self) -> int:
+        return self.header_bytes + self.body_size
+
+    @property
+    def body_on_disk(self) -> bool:
+        return self._on_disk
+
+    def body_file(self) -> IO[bytes]:
+        """The body (CRLF line ends), positioned at its start. Do not close it."""
+        if self._body is None:
+            return io.BytesIO()
+        self._body.seek(0)
+        return self._body
+
+    def read_body(self) -> bytes:
+        """The whole body in memory: only for callers that know it is small."""
+        return self.body_file().read()
+
+    def raw_headers(self) -> list[bytes]:
+        """``b"Name:value\\r\\n"`` per header; byte-exact when ``headers_exact``."""
+        out = []
+        for name, value in self.headers:
+            if not self.headers_exact:
+                value = " " + value  # Postfix ate one space (we cannot know it was there)
+            text = f"{name}:{value}".replace("\n", "\r\n") + "\r\n"
+            out.append(text.encode("utf-8", "surrogateescape"))
+        return out
+
+    def transaction(self) -> Transaction:
+        """The session as the core model sees it (attribute names as in policy)."""
+        return Transaction(
+            stage=self.stage,
+            client_address=self.client_address, client_name=self.client_name,
+            reverse_client_name=self.macro("client_ptr", "unknown") or "unknown",
+            client_port=str(self.client_port) if self.client_port else "",
+            helo=self.helo, sender=self.mail_from, recipients=list(self.rcpts),
+            queue_id=self.queue_id, sasl_username=self.auth_user,
+            sasl_method=self.macro("auth_type"), protocol_name="ESMTP",
+            server_address=self.macro("daemon_addr"), server_port=self.macro("daemon_port"),
+            size=self.message_size, attrs=self.macros,
+        )
+
+
+class MilterHandler(Protocol):
+    """The decisions; see :class:`BaseMilterHandler` for do-nothing defaults."""
+
+    async def on_connect(self, session: MilterSession) -> MilterResult | None: ...
+    async def on_helo(self, session: MilterSession) -> MilterResult | None: ...
+    async def on_mail(self, session: MilterSession) -> MilterResult | None: ...
+    async def on_rcpt(self, session: MilterSession) -> MilterResult | None: ...
+    async def on_end_of_message(self, session: MilterSession) -> MilterResult: ...
+
+
+class BaseMilterHandler:
+    """Continue at every stage, deliver unchanged at end of message."""
+
+    async def on_connect(self, session: MilterSession) -> MilterResult | None:
+        return None
+
+    async def on_helo(self, session: MilterSession) -> MilterResult | None:
+        return None
+
+    async def on_mail(self, session: MilterSession) -> MilterResult | None:
+        return None
+
+    async def on_rcpt(self, session: MilterSession) -> MilterResult | None:
+        return None
+
+    async def on_end_of_message(self, session: MilterSession) -> MilterResult:
+        return MilterResult()
+
+
+Hook = Callable[[MilterSession], Awaitable[MilterResult | None]]
+
+
+def _checked(name: str, result: object) -> MilterResult | None:
+    if result is not None and not isinstance(result, MilterResult):
+        raise TypeError(f"{name} returned {type(result).__name__}, not MilterResult")
+    return result
+
+
+def _weight(cmd: m.Command) -> int:
+    if isinstance(cmd, m.Body | m.EndOfMessage):
+        return len(cmd.chunk)
+    if isinstance(cmd, m.Header):
+        return len(cmd.name) + len(cmd.value)
+    return 64
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: MilterServer) -> None:
+        self.server = server
+        s = server.settings
+        self.decoder = m.CommandDecoder(s.max_packet)
+        self.session = MilterSession(s.max_body_memory, s.max_message_size, s.spool_dir)
+        self.queue: deque[m.Command] = deque()
+        self.queued_bytes = 0
+        self.busy = False
+        self.paused = False
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.peer = "-"
+        self.last = 0.0
+        self.negotiated: m.OptNegReply | None = None
+
+    # -- transport events -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.last = self.server.loop.time()
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if len(self.server.connections) >= self.server.settings.max_connections:
+            log.warning("milter: refusing connection from %s: %d connections open "
+                        "(milter.max_connections)", self.peer, len(self.server.connections))
+            transport.abort()
+            return
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.server.loop.time()
+        try:
+            commands = self.decoder.feed(data)
+        except m.MilterProtocolError as exc:
+            self.protocol_error(str(exc))
+            return
+        for cmd in commands:
+            self.queue.append(cmd)
+            self.queued_bytes += _weight(cmd)
+        if self.transport is not None and (len(self.queue) > MAX_QUEUED
+                                           or self.queued_bytes > MAX_QUEUED_BYTES):
+            self.transport.pause_reading()
+            self.paused = True
+        if self.queue and not self.busy:
+            self.busy = True
+            self.task = self.server.loop.create_task(self._work())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.decoder.pending or self.session.in_message:
+            log.info("milter: %s disconnected in the middle of a %s", self.peer,
+                     "packet" if self.decoder.pending else "message")
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.session.reset_connection()
+        self.server.connections.discard(self)
+        self.transport = None
+
+    def protocol_error(self, reason: str) -> None:
+        log.warning("milter: protocol error from %s: %s; closing connection", self.peer, reason)
+        self.server.stats["protocol_errors"] += 1
+        self.queue.clear()
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.queue
+
+    # -- the command loop -------------------------------------------------------
+
+    async def _work(self) -> None:
+        try:
+            while self.queue and not self.closed:
+                cmd = self.queue.popleft()
+                self.queued_bytes -= _weight(cmd)
+                self.send(await self.handle(cmd))
+                self.maybe_resume()
+        except m.MilterProtocolError as exc:
+            self.protocol_error(str(exc))
+        except Exception:
+            log.exception("milter: internal error on connection from %s; closing it", self.peer)
+            self.close()
+        finally:
+            self.busy = False
+            self.last = self.server.loop.time()
+            if self.server.closing and not self.session.in_message:
+                self.close()
+
+    def maybe_resume(self) -> None:
+        if (self.paused and self.transport is not None and len(self.queue) <= MAX_QUEUED // 2
+                and self.queued_bytes <= MAX_QUEUED_BYTES // 2):
+            self.transport.resume_reading()
+            self.paused = False
+
+    def send(self, replies: Sequence[m.Reply]) -> None:
+        if replies and not self.closed:
+            assert self.transport is not None
+            self.transport.write(b"".join(r.encode() for r in replies))
+
+    def has(self, flag: int) -> bool:
+        """Whether protocol flag ``flag`` was negotiated."""
+        return self.negotiated is not None and bool(self.negotiated.protocol & flag)
+
+    async def handle(self, cmd: m.Command) -> list[m.Reply]:
+        if self.negotiated is None and not isinstance(cmd, m.OptNeg):
+            raise m.MilterProtocolError(f"{type(cmd).__name__} before option negotiation")
+        s, h = self.session, self.server.handler
+        match cmd:
+            case m.OptNeg():
+                return self.optneg(cmd)
+            case m.Macro():
+                s.set_macros(cmd.for_command, cmd.macros)
+            case m.Connect():
+                s.client_hostname, s.client_family = cmd.hostname, cmd.family
+                s.client_address, s.client_port = cmd.address, cmd.port
+                s.stage = Stage.CONNECT
+                return await self.stage(h.on_connect, m.SMFIP_NR_CONN, connection=True)
+            case m.Helo():
+                s.helo, s.stage = cmd.name, Stage.HELO
+                return await self.stage(h.on_helo, m.SMFIP_NR_HELO, connection=True)
+            case m.Mail():
+                s.start_message(cmd.address, cmd.esmtp_args)
+                return await self.stage(h.on_mail, m.SMFIP_NR_MAIL)
+            case m.Rcpt():
+                return await self.rcpt(cmd)
+            case m.Header():
+                s.stage = Stage.DATA
+                s.add_header(cmd.name, cmd.value)
+                return self.simple(m.SMFIP_NR_HDR)
+            case m.Body():
+                return self.body(cmd.chunk)
+            case m.EndOfMessage():
+                return await self.end_of_message(cmd.chunk)
+            case m.Abort():
+                s.reset_message()
+            case m.Quit():
+                self.close()
+            case m.QuitNewConnection():
+                s.reset_connection()
+            case m.Data() | m.EndOfHeaders() | m.Unknown():
+                return self.simple(_NO_REPLY_FLAG[type(cmd)])
+        return []
+
+    def optneg(self, cmd: m.OptNeg) -> list[m.Reply]:
+        reply = m.negotiate(cmd)
+        self.negotiated = reply
+        self.session.headers_exact = bool(reply.protocol & m.SMFIP_HDR_LEADSPC)
+        log.debug("milter: %s negotiated version %d actions 0x%x protocol 0x%x", self.peer,
+                  reply.version, reply.actions, reply.protocol)
+        return [reply]
+
+    def simple(self, flag: int) -> list[m.Reply]:
+        return [] if self.has(flag) else [m.Continue()]
+
+    def body(self, chunk: bytes) -> list[m.Reply]:
+        kept = self.session.add_body(chunk)
+        if self.has(m.SMFIP_NR_BODY):
+            return []
+        if not kept and self.has(m.SMFIP_SKIP):  # the MTA understands 's'
+            return [m.Skip()]
+        return [m.Continue()]
+
+    async def rcpt(self, cmd: m.Rcpt) -> list[m.Reply]:
+        self.session.stage = Stage.RCPT
+        self.session.rcpts.append(cmd.address)
+        self.session.rcpt_args.append(list(cmd.esmtp_args))
+        replies = await self.stage(self.server.handler.on_rcpt, m.SMFIP_NR_RCPT)
+        if replies and not isinstance(replies[0], m.Continue | m.Accept):
+            self.session.rcpts.pop()  # refused: it will not get the message
+            self.session.rcpt_args.pop()
+        return replies
+
+    async def stage(self, hook: Hook, flag: int, connection: bool = False) -> list[m.Reply]:
+        result = await self.run_hook(hook)
+        if self.has(flag):
+            return []
+        return [self.early_reply(result, connection)]
+
+    async def run_hook(self, hook: Hook) -> MilterResult | None:
+        name = getattr(hook, "__name__", "hook")
+        try:
+            result = await asyncio.wait_for(hook(self.session),
+                                            self.server.settings.stage_timeout)
+            return _checked(name, result)
+        except Exception as exc:
+            return self.failed(name, exc)
+
+    def failed(self, name: str, exc: Exception) -> MilterResult:
+        action = self.server.settings.fail_action
+        timeout = isinstance(exc, TimeoutError)
+        log.error("milter: handler %s %s queue_id=%s client=%s; answering %s "
+                  "(milter.fail_action)", name, "timed out" if timeout else f"failed: {exc!r}",
+                  self.session.queue_id or "-", self.session.client_address or "-", action,
+                  exc_info=not timeout)
+        self.server.stats["handler_errors"] += 1
+        return MilterResult({"tempfail": MilterAction.TEMPFAIL, "reject": MilterAction.REJECT}
+                            .get(action, MilterAction.CONTINUE))
+
+    def early_reply(self, result: MilterResult | None, connection: bool) -> m.Reply:
+        if result is None:
+            return m.Continue()
+        if result.headers:
+            log.warning("milter: header edits before end of message are ignored")
+        action = result.action
+        if action in (MilterAction.REJECT, MilterAction.TEMPFAIL):
+            return self.refusal(result)
+        if action is MilterAction.ACCEPT:
+            return m.Accept()
+        if action is MilterAction.DISCARD and not connection:
+            return m.Discard()
+        if action is not MilterAction.CONTINUE:
+            log.warning("milter: %s is not possible at this stage; continuing", action.value)
+        return m.Continue()
+
+    def refusal(self, result: MilterResult) -> m.Reply:
+        if result.reply is not None:
+            r = result.reply
+            try:
+                return m.ReplyCode.build(r.code, r.enhanced, r.text)
+            except ValueError as exc:
+                log.warning("milter: unusable reply %r: %s; sending a plain %s",
+                            r.reply(), exc, result.action.value)
+        return m.Reject() if result.action is MilterAction.REJECT else m.Tempfail()
+
+    # -- end of message ---------------------------------------------------------
+
+    async def end_of_message(self, chunk: bytes) -> list[m.Reply]:
+        if chunk:
+            self.session.add_body(chunk)
+        self.session.stage = Stage.EOM
+        try:
+            result = await self.eom_result()
+            return self.eom_replies(result)
+        finally:
+            self.server.stats["messages"] += 1
+            self.session.reset_message()
+
+    async def eom_result(self) -> MilterResult:
+        task = asyncio.ensure_future(self.server.handler.on_end_of_message(self.session))
+        try:
+            return _checked("on_end_of_message", await self.with_progress(task)) or MilterResult()
+        except Exception as exc:
+            return self.failed("on_end_of_message", exc)
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def with_progress(self, task: asyncio.Future[MilterResult]) -> MilterResult:
+        """Wait for ``task``; send SMFIR_PROGRESS every ``progress_interval`` meanwhile."""
+        s, loop = self.server.settings, self.server.loop
+        deadline = loop.time() + s.eom_timeout
+        while True:
+            wait = min(s.progress_interval, deadline - loop.time())
+            if wait <= 0:
+                raise TimeoutError(f"no result after {s.eom_timeout} s")
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if done:
+                return task.result()
+            self.send([m.Progress()])
+
+    def eom_replies(self, result: MilterResult) -> list[m.Reply]:
+        action = result.action
+        if action in (MilterAction.REJECT, MilterAction.TEMPFAIL):
+            return [self.refusal(result)]
+        if action is MilterAction.DISCARD:
+            return [m.Discard()]
+        out = self.header_edits(result.headers)
+        reason = result.quarantine_reason or (
+            "held by mxguard" if action is MilterAction.QUARANTINE else "")
+        if reason and self.allowed(m.SMFIF_QUARANTINE, "quarantine"):
+            out.append(m.Quarantine(" ".join(reason.replace("\0", " ").split())))
+        out.append(m.Accept() if action is MilterAction.ACCEPT else m.Continue())
+        return out
+
+    def allowed(self, action_flag: int, what: str) -> bool:
+        if self.negotiated is not None and self.negotiated.actions & action_flag:
+            return True
+        log.warning("milter: the MTA did not grant %s; edit dropped", what)
+        return False
+
+    def header_edits(self, edits: Sequence[HeaderEdit | HeaderChange]) -> list[m.Reply]:
+        out: list[m.Reply] = []
+        top = 0  # prepends keep their list order: insert at 0, 1, 2 ...
+        for edit in edits:
+            change = edit if isinstance(edit, HeaderChange) else (
+                HeaderChange.insert(top, edit.name, edit.value) if edit.op == "prepend"
+                else HeaderChange.add(edit.name, edit.value))
+            try:
+                packet = self.header_packet(change)
+            except ValueError as exc:
+                log.warning("milter: dropping header edit %s %s: %s", change.op, change.name, exc)
+                continue
+            if packet is not None:
+                out.append(packet)
+                top += isinstance(edit, HeaderEdit) and edit.op == "prepend"
+        return out
+
+    def header_packet(self, c: HeaderChange) -> m.Reply | None:
+        value = m.wire_value(c.value, self.session.headers_exact)
+        if c.op == "delete":
+            return m.ChangeHeader(c.index, c.name, "") if self.allowed(
+                m.SMFIF_CHGHDRS, "CHGHDRS") else None
+        if c.op == "change":
+            if not c.value:
+                raise ValueError("an empty value would delete the header; use delete")
+            return m.ChangeHeader(c.index, c.name, value) if self.allowed(
+                m.SMFIF_CHGHDRS, "CHGHDRS") else None
+        if not self.allowed(m.SMFIF_ADDHDRS, "ADDHDRS"):
+            return None
+        if c.op == "insert":
+            return m.InsertHeader(c.index, c.name, value)
+        if c.op in ("add", "append"):
+            return m.AddHeader(c.name, value)
+        raise ValueError(f"unknown header edit {c.op!r}")
+
+
+_NO_REPLY_FLAG: dict[type, int] = {
+    m.Data: m.SMFIP_NR_DATA, m.EndOfHeaders: m.SMFIP_NR_EOH, m.Unknown: m.SMFIP_NR_UNKN,
+}
+
+
+class MilterServer:
+    def __init__(self, settings: MilterServerSettings, handler: MilterHandler) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.stats = {"messages": 0, "protocol_errors": 0, "handler_errors": 0}
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._server = await listen(self.settings.listen, lambda: _Connection(self))
+        self._sweeper = self.loop.create_task(self._sweep())
+        log.info("milter: listening on %s", self.settings.listen)
+
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """Where we listen: ``(host, port)`` (port 0 in ``listen`` resolved) or a path."""
+        assert self._server is not None
+        name = self._server.sockets[0].getsockname()
+        return (str(name[0]), int(name[1])) if isinstance(name, tuple) else str(name)
+
+    async def _sweep(self) -> None:
+        timeout = self.settings.idle_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 2))
+            limit = self.loop.time() - timeout
+            for conn in [c for c in self.connections if c.idle and c.last < limit]:
+                log.info("milter: closing %s, idle for %.0f s (milter.idle_timeout)",
+                         conn.peer, timeout)
+                conn.close()
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting; let messages in progress finish (up to ``grace`` s); close all."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            if conn.idle and not conn.session.in_message:
+                conn.close()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            if all(c.idle and not c.session.in_message for c in self.connections):
+                break
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
