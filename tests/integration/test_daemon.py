@@ -193,3 +193,26 @@ def test_locked_storage_answers_the_fail_mode(tmp_path: Path, dns: DNSServer) ->
             "DEFER_IF_PERMIT")
     finally:
         assert proc.stop() == 0
+
+
+def test_decision_lines_go_to_syslog_when_configured(tmp_path: Path, dns: DNSServer) -> None:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(10)
+    port = receiver.getsockname()[1]
+    proc = MxguardProcess(tmp_path, f'[dns]\nnameservers = ["{dns.address}"]\n'
+                                    f'[log]\ntarget = "syslog"\nsyslog_address = "127.0.0.1:{port}"\n'
+                                    'syslog_facility = "mail"\n')
+    proc.start()
+    try:
+        proc.client().ask(helo_name="mail.sender.test", sender="syslogged@sender.test")
+        seen = b""
+        while b"syslogged@sender.test" not in seen:
+            seen = receiver.recv(65536)
+        # <PRI>: facility mail (2) * 8 + severity info (6) = 22
+        assert seen.startswith(b"<22>mxguard[")
+        assert b"action=defer_if_permit" in seen
+        assert "syslogged" not in proc.log_text()  # control: not also on stderr
+    finally:
+        receiver.close()
+        assert proc.stop() == 0
