@@ -201,7 +201,8 @@ def test_decision_lines_go_to_syslog_when_configured(tmp_path: Path, dns: DNSSer
     receiver.settimeout(10)
     port = receiver.getsockname()[1]
     proc = MxguardProcess(tmp_path, f'[dns]\nnameservers = ["{dns.address}"]\n'
-                                    f'[log]\ntarget = "syslog"\nsyslog_address = "127.0.0.1:{port}"\n'
+                                    '[log]\ntarget = "syslog"\n'
+                                    f'syslog_address = "127.0.0.1:{port}"\n'
                                     'syslog_facility = "mail"\n')
     proc.start()
     try:
