@@ -122,7 +122,7 @@ def start_mxguard(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     cfg.write_text(
         f'[policy]\nlisten = "127.0.0.1:{port}"\n'
         f'[storage]\nurl = "sqlite:///{tmp}/mxguard.db"\n'
-        '[helo]\nmode = "off"\n[spf]\nmode = "off"\n'
+        '[helo]\nmode = "off"\n[spf]\nmode = "off"\n[milter]\nenabled = false\n'
         "[greylist]\ndelay = 1\nauto_whitelist_clients = 0\n"
     )
     log = open(tmp / "mxguard.log", "wb")  # noqa: SIM115 - lives as long as the process

@@ -218,6 +218,7 @@ class SpfConfig:
 
 @dataclass(frozen=True)
 class MilterConfig:
+    enabled: bool = opt(True, "run the milter door (DKIM, DMARC, Authentication-Results)")
     listen: str = opt("127.0.0.1:10024", 'milter socket: "host:port" or "unix:/path"')
     fail_action: str = opt("tempfail", "answer when a check fails internally; tempfail keeps "
                            "the mail queued at the client", choices=("tempfail", "accept",
@@ -426,7 +427,7 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
         return ConfigError(f"{src}: key '{where}.{key}' = {value!r} is not allowed; "
                            f"expected {allowed}")
 
-    if isinstance(obj, PolicyConfig) and not _check_listen(obj.listen):
+    if isinstance(obj, PolicyConfig | MilterConfig) and not _check_listen(obj.listen):
         raise bad("listen", obj.listen, '"host:port" or "unix:/path"')
     if isinstance(obj, DnsConfig):
         for ns in obj.nameservers:

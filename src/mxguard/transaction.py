@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Stage(enum.IntEnum):
@@ -93,6 +94,7 @@ class CheckResult:
     headers: list[HeaderEdit] = field(default_factory=list)
     reason: str = ""  # short key=value friendly reason for logs
     extra: dict[str, str] = field(default_factory=dict)  # e.g. {"delay": "287"}
+    data: Any = None  # structured result for later checks (e.g. DKIM results for DMARC)
 
 
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -131,6 +133,8 @@ class Transaction:
     size: int = 0
     attrs: dict[str, str] = field(default_factory=dict)  # every raw attribute received
     results: dict[str, CheckResult] = field(default_factory=dict)
+    # The message at end of data (milter): raw_headers(), headers, body_file().
+    message: Any = None
 
     @property
     def recipient(self) -> str:

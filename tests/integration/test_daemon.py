@@ -173,6 +173,7 @@ def test_locked_storage_answers_the_fail_mode(tmp_path: Path, dns: DNSServer) ->
     # [storage] appears twice in the file otherwise: write it in one table
     proc.config.write_text(
         f'[policy]\nlisten = "127.0.0.1:{proc.port}"\n'
+        f'[milter]\nlisten = "127.0.0.1:{proc.milter_port}"\n'
         f'[storage]\nurl = "sqlite:///{tmp_path}/mxguard.db"\nbusy_timeout = 0.2\n'
         f'[dns]\nnameservers = ["{dns.address}"]\n')
     proc.start()

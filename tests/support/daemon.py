@@ -63,6 +63,7 @@ class MxguardProcess:
     def __init__(self, tmp: Path, config_text: str = "", port: int | None = None) -> None:
         self.tmp = tmp
         self.port = port or free_port()
+        self.milter_port = free_port()
         self.config = tmp / "mxguard.toml"
         self.log = tmp / "mxguard.log"
         self.write_config(config_text)
@@ -72,7 +73,8 @@ class MxguardProcess:
         top, sep, rest = extra.partition("[")
         extra = sep + rest
         text = top + (f'[policy]\nlisten = "127.0.0.1:{self.port}"\n'
-                f'[storage]\nurl = "sqlite:///{self.tmp}/mxguard.db"\n')
+                      f'[milter]\nlisten = "127.0.0.1:{self.milter_port}"\n'
+                      f'[storage]\nurl = "sqlite:///{self.tmp}/mxguard.db"\n')
         # Later sections for [policy]/[storage] in extra are merged by hand by callers.
         self.config.write_text(text + extra)
 
