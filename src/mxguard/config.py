@@ -84,6 +84,7 @@ SYMBOL_SCORES: dict[str, float] = {
     "DMARC_NONE_FAIL": 1.0,
     "DMARC_NO_POLICY": 0.0,
     "DMARC_TEMPERROR": 0.0,
+    "DMARC_PERMERROR": 0.5,
 }
 
 
