@@ -35,11 +35,15 @@ def main() -> None:
 @CONFIG_OPTION
 def serve(config_path: str | None) -> None:
     """Run the daemon (policy door on [policy] listen) until SIGTERM."""
+    from mxguard.daemon import StartupError
     from mxguard.daemon import serve as run
 
     cfg = load_or_exit(config_path)
     try:
         sys.exit(run(cfg, config_path))
+    except StartupError as exc:
+        click.echo(f"mxguard: cannot start: {exc}", err=True)
+        sys.exit(2)
     except OSError as exc:
         click.echo(f"mxguard: cannot start: {exc.strerror or exc} "
                    f"({getattr(exc, 'filename', None) or cfg.policy.listen})", err=True)
@@ -69,12 +73,13 @@ def config_show(file: str | None, no_docs: bool) -> None:
     click.echo(config.dump(load_or_exit(file), docs=not no_docs), nl=False)
 
 
-def _register_optional() -> None:
-    try:
-        from mxguard.greylist_cli import greylist
-    except ImportError:  # pragma: no cover
-        return
-    main.add_command(greylist)
+def _register() -> None:
+    from mxguard.dkim_cli import dkim
+    from mxguard.greylist_cli import greylist
+    from mxguard.spf_cli import spf
+
+    for group in (greylist, spf, dkim):
+        main.add_command(group)
 
 
-_register_optional()
+_register()

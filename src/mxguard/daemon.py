@@ -30,12 +30,31 @@ log = logging.getLogger("mxguard")
 CHECKED_STAGES = (Stage.HELO, Stage.MAIL, Stage.RCPT)
 
 
-async def open_services(cfg: config.Config) -> dict[str, Any]:
-    """Shared services for checks that keep state (the greylist store)."""
-    from mxguard.checks.greylist import open_greylister
+class StartupError(Exception):
+    """A problem that stops start-up, phrased for the admin."""
 
-    services: dict[str, Any] = {}
+
+def load_keys(cfg: config.Config) -> Any:
+    """The DKIM KeyTable; a bad or too-readable key file is one clear message."""
+    from mxguard.auth.dkim_keys import DkimKeyError, KeyTable
+
+    try:
+        return KeyTable.from_config(cfg.dkim)
+    except (DkimKeyError, OSError, ValueError) as exc:
+        raise StartupError(f"{cfg.source}: [dkim] keys: {exc}") from None
+
+
+async def open_services(cfg: config.Config) -> dict[str, Any]:
+    """Shared services for checks that keep state (greylist, keys, DMARC results)."""
+    from mxguard.checks import dkim as dkim_check
+    from mxguard.checks import dmarc as dm
+    from mxguard.checks.greylist import open_greylister
+    from mxguard.store.results import open_results_store
+
+    services: dict[str, Any] = {dkim_check.KEYTABLE_SERVICE: load_keys(cfg)}
     services["greylist"] = await _maybe_await(open_greylister(cfg))
+    if cfg.milter.enabled and cfg.dmarc.store_results:
+        services[dm.RESULTS_SERVICE] = open_results_store(cfg)
     return services
 
 
@@ -92,6 +111,7 @@ class Daemon:
         self.runtime = Runtime(config=cfg, resolver=Resolver(cfg.dns))
         self.stopping = asyncio.Event()
         self.policy: PolicyServer | None = None
+        self.milter: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -99,22 +119,54 @@ class Daemon:
         self.runtime.services = await open_services(cfg)
         self.policy = PolicyServer(cfg.policy, PolicyHandler(self))
         await self.policy.start()
+        if cfg.milter.enabled:
+            await self.start_milter(cfg)
+        loop = asyncio.get_running_loop()
         greylister = self.runtime.services.get("greylist")
         run_expiry = getattr(greylister, "run_expiry", None)
         if run_expiry is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(run_expiry()))
+            self._tasks.append(loop.create_task(run_expiry()))
+        self._tasks.append(loop.create_task(self._flush_results()))
         log.info("mxguard %s started (config %s, storage %s, pid %d)", __version__,
                  cfg.source, cfg.storage_url, os.getpid())
+
+    async def _flush_results(self) -> None:
+        """Per-message DMARC results are batched: write them out every few seconds."""
+        from mxguard.checks.dmarc import RESULTS_SERVICE
+
+        while True:
+            await asyncio.sleep(5)
+            store = self.runtime.services.get(RESULTS_SERVICE)
+            if store is not None:
+                try:
+                    store.flush()
+                except Exception as exc:  # a full disk must not stop the daemon
+                    log.warning("dmarc results: flush failed: %s", exc)
+
+    async def start_milter(self, cfg: config.Config) -> None:
+        from mxguard.milter_handler import MxguardMilter
+        from mxguard.protocols.milter_server import MilterServer, MilterServerSettings
+
+        m = cfg.milter
+        settings = MilterServerSettings(
+            listen=m.listen, max_body_memory=m.max_body_memory, max_message_size=m.max_scan_size,
+            idle_timeout=m.idle_timeout, max_connections=m.max_connections,
+            progress_interval=m.progress_interval, fail_action=m.fail_action,
+            stage_timeout=m.stage_timeout, eom_timeout=m.eom_timeout)
+        self.milter = MilterServer(settings, MxguardMilter(self))
+        await self.milter.start()
+        log.info("milter: listening on %s", m.listen)
 
     async def reload(self) -> None:
         """Load config and lists anew; keep the old ones if anything is wrong."""
         old = self.runtime
         try:
             cfg = config.load(self.config_path) if self.config_path else config.Config()
+            keys = load_keys(cfg)
             greylister = old.services.get("greylist")
             if greylister is not None:
                 greylister.reload(cfg)
-        except Exception as exc:  # ConfigError or a whitelist file error
+        except Exception as exc:  # ConfigError, a whitelist file or a key error
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         resolver = old.resolver if cfg.dns == old.config.dns else Resolver(cfg.dns)
@@ -126,7 +178,11 @@ class Daemon:
         if self.policy is not None:
             self.policy.cfg = cfg.policy
         logs.setup(cfg.log)
-        self.runtime = Runtime(config=cfg, resolver=resolver, services=old.services,
+        from mxguard.checks.dkim import KEYTABLE_SERVICE
+
+        services = dict(old.services)
+        services[KEYTABLE_SERVICE] = keys
+        self.runtime = Runtime(config=cfg, resolver=resolver, services=services,
                                clock=old.clock)
         log.info("reloaded configuration from %s", cfg.source)
 
@@ -135,6 +191,8 @@ class Daemon:
         grace = self.runtime.config.server.shutdown_grace
         if self.policy is not None:
             await self.policy.close(grace)
+        if self.milter is not None:
+            await self.milter.close(grace)
         for task in self._tasks:
             task.cancel()
         await close_services(self.runtime.services)
@@ -142,11 +200,20 @@ class Daemon:
         log.info("mxguard stopped")
 
     async def run(self) -> None:
+        # Signal handlers first: a SIGHUP that arrives while the sockets open must
+        # not kill the daemon (its default action); it reloads once started.
         loop = asyncio.get_running_loop()
-        await self.start()
+        started = asyncio.Event()
+
+        async def reload_when_started() -> None:
+            await started.wait()
+            await self.reload()
+
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_when_started()))
+        await self.start()
+        started.set()
         await self.stopping.wait()
         log.info("shutting down: finishing in-flight requests")
         await self.stop()

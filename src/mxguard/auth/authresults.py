@@ -42,8 +42,9 @@ _TOKEN_VALUE = re.compile(r"[A-Za-z0-9!#$%&'*+\-^_`{|}~.]+\Z")
 
 @lru_cache(maxsize=1)
 def default_authserv_id() -> str:
-    """This host's name (FQDN when resolvable). Blocking: call it at start-up."""
-    return socket.getfqdn() or socket.gethostname() or "localhost"
+    """This host's name as the system knows it (no DNS lookup: getfqdn() would query
+    the system resolver and block). Set ``[milter] authserv_id`` to choose it."""
+    return socket.gethostname() or "localhost"
 
 
 # ------------------------------------------------------------------ building

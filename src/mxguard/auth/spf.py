@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from urllib.parse import quote
 
 from mxguard.dns import Answer, DnsTempError, Resolver
@@ -99,7 +100,9 @@ def _parse_macro(text: str, i: int, letters: frozenset[str]) -> tuple[Macro, int
     m = _MACRO_BODY.fullmatch(text, i + 2, end) if nxt == "{" and end > 0 else None
     if m is None or m.group(1).lower() not in letters:
         raise PermError(f"invalid macro at {text[i:i + 12]!r}")
-    digits = int(m.group(2)) if m.group(2) else None
+    # more than a million parts is "all of them"; never int() a huge digit string
+    significant = (m.group(2).lstrip("0") or "0") if m.group(2) else ""
+    digits = (int(significant) if len(significant) <= 6 else 10**6) if significant else None
     if digits == 0:
         raise PermError(f"macro with zero parts: {text[i:end + 1]!r}")
     letter = m.group(1)
@@ -191,10 +194,15 @@ def split_sender(sender: str, helo: str) -> tuple[str, str]:
 
 
 def client_ip(ip: str | IPAddress) -> IPAddress:
-    """Parse a client address; IPv4-mapped IPv6 becomes IPv4 (§5)."""
+    """Parse a client address; IPv4-mapped IPv6 becomes IPv4 (§5). A zone
+    index (``fe80::1%eth0``) is dropped: it is no part of the address and
+    breaks ``exploded`` (the ``%{i}`` macro)."""
     addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id is not None:
+            addr = ipaddress.IPv6Address(int(addr))
+        if addr.ipv4_mapped is not None:
+            return addr.ipv4_mapped
     return addr
 
 
@@ -207,8 +215,10 @@ def truncate_domain(name: str) -> str:
 
 
 def queryable(name: str) -> bool:
-    """A name DNS can carry: ASCII, labels of 1..63 characters, <= 253 in all."""
-    if not name or len(name) > MAX_DOMAIN or not name.isascii():
+    """A name DNS can carry: ASCII, labels of 1..63 characters, <= 253 in all,
+    and no backslash (the resolver would read it as a master-file escape:
+    ``a\\065`` is ``aA``, ``a\\999`` an error that would become a temperror)."""
+    if not name or len(name) > MAX_DOMAIN or not name.isascii() or "\\" in name:
         return False
     return all(0 < len(label) <= 63 for label in name.split("."))
 
@@ -266,7 +276,7 @@ class Record:
 def _cidr(text: str | None, most: int, term: str) -> int:
     if text is None:
         return most
-    if not _DIGITS.fullmatch(text) or int(text) > most:
+    if not _DIGITS.fullmatch(text) or len(text) > 3 or int(text) > most:
         raise PermError(f"invalid CIDR length in {term!r}")
     return int(text)
 
@@ -340,6 +350,23 @@ def parse_record(text: str) -> Record:
         else:
             modifiers[name] = parse_domain_spec(value)
     return Record(tuple(mechanisms), modifiers.get("redirect"), modifiers.get("exp"))
+
+
+@lru_cache(maxsize=4096)
+def _parse_or_error(text: str) -> Record | str:
+    try:
+        return parse_record(text)
+    except PermError as exc:
+        return str(exc)
+
+
+def parsed_record(text: str) -> Record:
+    """:func:`parse_record` with a cache: the same few thousand records are
+    evaluated again and again, and parsing was half the time of an evaluation."""
+    parsed = _parse_or_error(text)
+    if isinstance(parsed, str):
+        raise PermError(parsed)
+    return parsed
 
 
 # ------------------------------------------------------------------ evaluation
@@ -441,7 +468,7 @@ class _Evaluation:
         text = await self.record(domain)
         if text is None:
             return _Outcome("none", domain=domain)
-        record = parse_record(text)
+        record = parsed_record(text)
         for mech in record.mechanisms:
             if await self.matches(mech, domain):
                 return _Outcome(mech.result, mech.text, domain, record.exp)
@@ -660,15 +687,21 @@ async def check_helo(resolver: Resolver, ip: str | IPAddress, helo: str, *,
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*")
 
 
+def _ascii_printable(text: str, replacement: str) -> str:
+    if text.isascii() and text.isprintable():  # the usual case: no per-character loop
+        return text
+    return "".join(ch if " " <= ch <= "~" else replacement for ch in text)
+
+
 def _value(text: str) -> str:
     if _DOT_ATOM.fullmatch(text):
         return text
-    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    clean = _ascii_printable(text, "?")
     return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _comment_text(text: str) -> str:
-    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    clean = _ascii_printable(text, "?")
     return clean.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 

@@ -26,7 +26,6 @@ or ``*.name`` / ``.name`` for its subdomains), and with
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import ipaddress
 import logging
@@ -188,12 +187,13 @@ _FQDN: list[str] = []
 
 
 async def receiver_name(tx: Transaction) -> str:
-    """Our host name for Received-SPF: ``server_name`` if given, else the FQDN."""
+    """Our host name for Received-SPF: ``server_name`` if given, else the host name
+    (no DNS lookup on the request path)."""
     name = tx.attrs.get("server_name", "")
     if name:
         return name
     if not _FQDN:
-        _FQDN.append(await asyncio.to_thread(socket.getfqdn))
+        _FQDN.append(socket.gethostname() or "localhost")
     return _FQDN[0]
 
 
@@ -230,7 +230,9 @@ async def evaluate_once(tx: Transaction, rt: Runtime, receiver: str) -> SpfVerdi
 
 
 def _printable(text: str) -> str:
-    clean = " ".join("".join(c if " " <= c <= "~" else " " for c in text).split())
+    if not (text.isascii() and text.isprintable()):  # else: no per-character loop
+        text = "".join(c if " " <= c <= "~" else " " for c in text)
+    clean = " ".join(text.split())
     return clean[:MAX_TEXT]
 
 

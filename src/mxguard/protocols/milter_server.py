@@ -30,6 +30,7 @@ import enum
 import io
 import logging
 import tempfile
+import typing
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -374,15 +375,14 @@ class _Connection(asyncio.Protocol):
     # -- transport events -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.last = self.server.loop.time()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if len(self.server.connections) >= self.server.settings.max_connections:
             log.warning("milter: refusing connection from %s: %d connections open "
                         "(milter.max_connections)", self.peer, len(self.server.connections))
-            transport.abort()
+            self.transport.abort()
             return
         self.server.connections.add(self)
 

@@ -239,9 +239,9 @@ def test_memory_is_bounded() -> None:
     assert mem.get(("2", "h", "s"), 0.0) is verdict  # control: the newest stays
 
 
-async def test_receiver_falls_back_to_our_fqdn(dns: DNSServer,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(socket, "getfqdn", lambda: "fqdn.receiver.test")
+async def test_receiver_falls_back_to_our_host_name(dns: DNSServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "fqdn.receiver.test")
     monkeypatch.setattr(spf, "_FQDN", [])
     t = tx("user@pass.example")
     t.attrs = {}

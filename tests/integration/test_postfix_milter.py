@@ -1,0 +1,175 @@
+"""Through a real Postfix: the milter door signs, verifies, writes one
+Authentication-Results header and enforces DMARC.
+
+Postfix is wired with ``smtpd_milters`` / ``non_smtpd_milters`` to mxguard's
+milter port and the policy door as in README. 127.0.0.1 is the internal host
+(mynetworks and ``[dkim] internal_hosts``); outside clients connect from
+127.1.0.5. A loopback DNS server publishes SPF, DKIM and DMARC records.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from tests.support.daemon import MxguardProcess
+from tests.support.dnsserver import DNSServer
+from tests.support.postfix import PostfixInstance, send
+from tests.support.sink import Sink
+
+from mxguard.auth.dkim_keys import SigningKey, public_key_record
+from mxguard.auth.dkim_sign import sign
+
+AUTHSERV = "mx.example.test"
+OUTSIDE = "127.1.0.5"
+
+
+def _pem(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey]:
+    return {"rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            "ed": ed25519.Ed25519PrivateKey.generate()}
+
+
+@pytest.fixture
+def dns(keys: dict[str, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey]) -> Iterator[DNSServer]:
+    zone = {
+        "mail.sender.test": [("A", "192.0.2.10")],
+        "sender.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+        "_dmarc.sender.test": [("TXT", "v=DMARC1; p=reject")],
+        "rsa._domainkey.sender.test": [("TXT", public_key_record(keys["rsa"]))],
+        "ed._domainkey.sender.test": [("TXT", public_key_record(keys["ed"]))],
+        "bank.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+        "_dmarc.bank.test": [("TXT", "v=DMARC1; p=reject")],
+        "other.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+    }
+    with DNSServer(zone) as srv:
+        yield srv
+
+
+Stack = tuple[MxguardProcess, PostfixInstance]
+
+
+@pytest.fixture
+def stack(tmp_path: Path, dns: DNSServer, sink: Sink,
+          keys: dict[str, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey],
+          postfix_factory: Callable[..., PostfixInstance]) -> Iterator[Stack]:
+    paths = {}
+    for name, key in keys.items():
+        path = tmp_path / f"sender.test.{name}.key"
+        path.write_bytes(_pem(key))
+        os.chmod(path, 0o600)
+        paths[name] = path
+    mx = MxguardProcess(tmp_path, (
+        f'[dns]\nnameservers = ["{dns.address}"]\n'
+        "[helo]\nexempt_networks = []\n"
+        '[greylist]\nmode = "off"\n'
+        f'[dkim]\ninternal_hosts = ["127.0.0.1/32"]\nkeys = ["sender.test:rsa:{paths["rsa"]}", '
+        f'"sender.test:ed:{paths["ed"]}"]\n'))
+    mx.config.write_text(mx.config.read_text().replace(
+        "[milter]\n", f'[milter]\nauthserv_id = "{AUTHSERV}"\n'))
+    mx.start()
+    milter = f"inet:127.0.0.1:{mx.milter_port}"
+    policy = f"check_policy_service inet:127.0.0.1:{mx.port}"
+    pf = postfix_factory({
+        "smtpd_helo_restrictions":
+            f"check_policy_service {{ inet:127.0.0.1:{mx.port}, policy_context=helo }}",
+        "smtpd_recipient_restrictions": f"permit_mynetworks, reject_unauth_destination, {policy}",
+        "smtpd_data_restrictions": policy,
+        "smtpd_milters": milter, "non_smtpd_milters": milter,
+        "milter_default_action": "tempfail", "milter_protocol": "6",
+    })
+    yield mx, pf
+    assert mx.stop() == 0
+
+
+def message(sender: str, *, extra: str = "", body: str = "Hello there.\r\n") -> bytes:
+    return (f"From: {sender}\r\nTo: bob@example.test\r\nSubject: test\r\n"
+            f"Date: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <x1@sender.test>\r\n"
+            f"{extra}\r\n{body}").encode()
+
+
+def signed(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, selector: str,
+           raw: bytes) -> bytes:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    headers = [tuple(line.split(b":", 1)) for line in head.split(b"\r\n")]
+    (value,) = sign(headers, body, [SigningKey("sender.test", selector, key)])  # type: ignore[arg-type]
+    return b"DKIM-Signature: " + value.encode() + b"\r\n" + raw
+
+
+def deliver(pf: PostfixInstance, data: bytes, *, sender: str = "alice@sender.test",
+            source: str = OUTSIDE) -> tuple[str, bool]:
+    t = send(pf.smtp_port, helo="mail.sender.test", mail_from=sender,
+             rcpts=["bob@example.test"], data=data, source_ip=source)
+    return str(t.end_of_data or t.rcpts[0]), t.accepted
+
+
+def test_outgoing_mail_gets_exactly_one_signature_per_key(stack: Stack, sink: Sink) -> None:
+    _mx, pf = stack
+    reply, ok = deliver(pf, message("alice@sender.test"), source="127.0.0.1")
+    assert ok, reply
+    (msg,) = sink.wait_for(1)
+    sigs = msg.headers("DKIM-Signature")
+    assert len(sigs) == 2  # dual signing: rsa-sha256 and ed25519-sha256, once each
+    assert {"a=rsa-sha256" in s.replace(" ", "") for s in sigs} == {True, False}
+    assert all("d=sender.test" in s for s in sigs)
+    assert msg.header("Authentication-Results") is None  # outgoing: not verified
+
+
+def test_incoming_signed_mail_passes_spf_dkim_dmarc(stack: Stack, sink: Sink,
+                                                    keys: dict[str, object]) -> None:
+    _mx, pf = stack
+    reply, ok = deliver(pf, signed(keys["rsa"], "rsa", message("alice@sender.test")))  # type: ignore[arg-type]
+    assert ok, reply
+    (msg,) = sink.wait_for(1)
+    results = msg.headers("Authentication-Results")
+    assert len(results) == 1
+    ar = " ".join(results[0].split())
+    assert ar.startswith(AUTHSERV + ";")
+    for part in ("spf=pass", "dkim=pass", "header.d=sender.test", "dmarc=pass"):
+        assert part in ar, ar
+    assert len(msg.headers("DKIM-Signature")) == 1  # incoming mail is not signed again
+
+
+def test_tampered_body_is_dkim_fail(stack: Stack, sink: Sink, keys: dict[str, object]) -> None:
+    _mx, pf = stack
+    raw = signed(keys["ed"], "ed", message("alice@sender.test"))  # type: ignore[arg-type]
+    reply, ok = deliver(pf, raw.replace(b"Hello there.", b"Hello THERE."))
+    assert ok, reply  # SPF still passes and aligns: DMARC passes, the mail is delivered
+    (msg,) = sink.wait_for(1)
+    ar = " ".join(msg.header("Authentication-Results").split())
+    assert "dkim=fail" in ar and "dmarc=pass" in ar, ar
+
+
+def test_forged_mail_from_a_p_reject_domain_is_rejected(stack: Stack, sink: Sink) -> None:
+    _mx, pf = stack
+    reply, ok = deliver(pf, message("ceo@bank.test"), sender="x@other.test")
+    assert not ok
+    assert reply.startswith("550 5.7.1"), reply
+    assert "bank.test" in reply
+    sink.wait_quiet(1.0)
+    assert sink.messages == []
+    # control: the same envelope with an aligned From is delivered
+    reply, ok = deliver(pf, message("x@other.test"), sender="x@other.test")
+    assert ok, reply
+
+
+def test_forged_authentication_results_are_removed(stack: Stack, sink: Sink) -> None:
+    _mx, pf = stack
+    forged = (f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=bank.test\r\n"
+              "Authentication-Results: elsewhere.example; spf=pass\r\n")
+    reply, ok = deliver(pf, message("alice@sender.test", extra=forged))
+    assert ok, reply
+    (msg,) = sink.wait_for(1)
+    results = [" ".join(v.split()) for v in msg.headers("Authentication-Results")]
+    ours = [r for r in results if r.startswith(AUTHSERV)]
+    assert len(ours) == 1 and "header.d=bank.test" not in ours[0]
+    assert any(r.startswith("elsewhere.example") for r in results)  # control: kept
