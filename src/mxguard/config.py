@@ -120,9 +120,14 @@ class DnsConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    url: str = opt("", 'state store: "sqlite:///path/mxguard.db"; empty: '
-                   "sqlite under server.state_dir")
+    url: str = opt("", 'state store: "sqlite:///path/mxguard.db", "redis://[:password@]host:'
+                   'port/db", "rediss://...", "redis+sentinel://host:port,host:port/'
+                   'mastername/db"; empty: sqlite under server.state_dir')
     busy_timeout: float = opt(2.0, "seconds a SQLite write waits for a lock", lo=0, hi=60)
+    redis_timeout: float = opt(1.0, "seconds a Redis command may take before the fail mode "
+                               "applies", lo=0.01, hi=60)
+    fail_open_log_interval: float = opt(60.0, "seconds between repeated 'store unavailable' "
+                                        "log lines", lo=1, hi=86400)
 
 
 @dataclass(frozen=True)
@@ -439,8 +444,10 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
                 raise bad("nameservers", ns, 'IP addresses as "ip" or "ip:port"') from None
             if not 0 < port < 65536:
                 raise bad("nameservers", ns, "a port from 1 to 65535")
-    if isinstance(obj, StorageConfig) and obj.url and not obj.url.startswith("sqlite:///"):
-        raise bad("url", obj.url, '"sqlite:///path/to/mxguard.db"')
+    if isinstance(obj, StorageConfig) and obj.url and not obj.url.startswith(
+            ("sqlite:///", "redis://", "rediss://", "redis+sentinel://")):
+        raise bad("url", obj.url, '"sqlite:///path/to/mxguard.db", "redis://host:port/db", '
+                  '"rediss://..." or "redis+sentinel://host:port/mastername/db"')
     if isinstance(obj, HeloConfig):
         for net in obj.exempt_networks:
             try:

@@ -95,6 +95,8 @@ def test_short_rsa_key_refused_for_signing() -> None:
 def test_dkimpy_keys_match_their_records(name: str, record: str) -> None:
     key = read_private_key(str(DKIMPY / name))
     published = parse_key_record((DKIMPY / record).read_text().strip())
+    assert isinstance(published.public_key, rsa.RSAPublicKey)
+    assert isinstance(key, rsa.RSAPrivateKey)
     assert published.public_key.public_numbers() == key.public_key().public_numbers()
 
 
