@@ -295,6 +295,65 @@ class DmarcConfig:
 
 
 @dataclass(frozen=True)
+class ContentConfig:
+    mode: Mode = opt(Mode.ENFORCE, MODE_DOC + " (score actions from [actions])")
+    builtin_rules: bool = opt(True, "use mxguard's own ruleset")
+    rules_dirs: list[str] = opt([], "directories of SpamAssassin .cf rules, e.g. "
+                                "/usr/share/spamassassin and /var/lib/spamassassin/<version>")
+    local_rules: list[str] = opt([], "your own .cf rule files, read last (scores override)")
+    header_prefix: str = opt("X-Spam-", "prefix of the spam headers (X-Spam-Flag, "
+                             "X-Spam-Status, X-Spam-Level)")
+    add_report: bool = opt(False, "add an X-Spam-Report header listing every rule hit")
+    subject_tag: str = opt("***SPAM*** ", "text put before the Subject at rewrite_subject")
+    report_safe: bool = opt(False, "wrap spam in a report message with the original attached "
+                            "(SpamAssassin's report_safe); off keeps the message as it is")
+    max_parts: int = opt(1000, "MIME parts decoded per message; more are skipped (logged)",
+                         lo=1, hi=100000)
+
+
+@dataclass(frozen=True)
+class ActionsConfig:
+    add_header: float = opt(5.0, "score at which X-Spam-Flag: YES is added (SpamAssassin's "
+                            "required_score)", lo=-1000, hi=1000)
+    rewrite_subject: float = opt(0.0, "score at which the subject is tagged (0: never)",
+                                 lo=-1000, hi=1000)
+    greylist: float = opt(0.0, "score at which the message is deferred once (0: never)",
+                          lo=-1000, hi=1000)
+    reject: float = opt(15.0, "score at which the message is rejected (0: never)",
+                        lo=-1000, hi=1000)
+    reject_text: str = opt("Message rejected as spam (score {score})", "reply text at "
+                           "reject; {score} and {required} are filled in")
+
+
+@dataclass(frozen=True)
+class BayesConfig:
+    enabled: bool = opt(True, "score with the Bayes classifier once enough mail is learned")
+    min_spam: int = opt(200, "spam messages learned before Bayes scores", lo=1, hi=10**7)
+    min_ham: int = opt(200, "ham messages learned before Bayes scores", lo=1, hi=10**7)
+    autolearn: bool = opt(True, "learn messages whose score is clearly spam or ham")
+    autolearn_spam: float = opt(12.0, "score (without Bayes) at which a message is learned "
+                                "as spam", lo=-1000, hi=1000)
+    autolearn_ham: float = opt(0.1, "score (without Bayes) below which a message is learned "
+                               "as ham", lo=-1000, hi=1000)
+    max_tokens: int = opt(1000000, "tokens kept; the least recently seen expire first",
+                          lo=1000, hi=10**9)
+    token_ttl: int = opt(180 * DAY, "seconds a token not seen again is kept", lo=DAY,
+                         hi=3650 * DAY)
+
+
+@dataclass(frozen=True)
+class DnsblConfig:
+    mode: Mode = opt(Mode.OFF, MODE_DOC + " (off by default: public lists need registration)")
+    client_zones: list[str] = opt([], 'client IP blocklists as "zone=score", e.g. '
+                                  '"zen.spamhaus.org=5"')
+    uri_zones: list[str] = opt([], 'body URI domain blocklists as "zone=score", e.g. '
+                               '"multi.uribl.com=4"')
+    timeout: float = opt(2.0, "seconds all blocklist lookups of a message may take", lo=0.05,
+                         hi=60)
+    max_uris: int = opt(20, "URI domains looked up per message", lo=0, hi=1000)
+
+
+@dataclass(frozen=True)
 class Config:
     observe: bool = opt(False, "turn every enforce into observe: log what would be done, "
                         "change nothing")
@@ -309,6 +368,10 @@ class Config:
     milter: MilterConfig = field(default_factory=MilterConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     dmarc: DmarcConfig = field(default_factory=DmarcConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
+    actions: ActionsConfig = field(default_factory=ActionsConfig)
+    bayes: BayesConfig = field(default_factory=BayesConfig)
+    dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
     scores: dict[str, float] = opt({}, "symbol = score overrides of the built-in scores")
     source: str = field(default="(defaults)", compare=False, metadata={"internal": True})
 
