@@ -218,3 +218,28 @@ def test_decision_lines_go_to_syslog_when_configured(tmp_path: Path, dns: DNSSer
     finally:
         receiver.close()
         assert proc.stop() == 0
+
+
+@pytest.mark.parametrize(("mode", "starts"), [(0o644, False), (0o600, True)])
+def test_readable_dkim_key_stops_start_up_with_the_fix(tmp_path: Path, mode: int,
+                                                       starts: bool) -> None:
+    from click.testing import CliRunner
+
+    from mxguard.dkim_cli import dkim
+
+    out = CliRunner().invoke(dkim, ["genkey", "-d", "example.test", "-s", "sel",
+                                    "--type", "ed25519", "--dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    (key,) = tmp_path.glob("*.key")
+    key.chmod(mode)
+    proc = MxguardProcess(tmp_path, f'[dkim]\nkeys = ["example.test:sel:{key}"]\n')
+    if starts:  # control: a private key is fine
+        proc.start()
+        assert proc.stop() == 0
+        return
+    with pytest.raises(RuntimeError) as err:
+        proc.start()
+    text = str(err.value)
+    assert "exited 2" in text and "cannot start" in text
+    assert f"chmod 600 {key}" in text
+    assert "Traceback" not in text
