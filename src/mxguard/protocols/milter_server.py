@@ -29,6 +29,7 @@ import contextlib
 import enum
 import io
 import logging
+import socket
 import tempfile
 import typing
 from collections import deque
@@ -46,6 +47,10 @@ FAIL_ACTIONS = ("tempfail", "accept", "reject")
 MAX_QUEUED = 64  # commands buffered per connection before we stop reading
 MAX_QUEUED_BYTES = 1024 * 1024
 _CONN_STAGES = "CH"  # macros of these commands live for the whole SMTP session
+# Postfix writes milter commands with Nagle on; after a command that gets no reply
+# (DATA with SMFIP_NR_DATA, headers, ABORT, macros) its next write waits for our ACK,
+# which the kernel delays up to 40 ms when we have nothing to send: ACK at once.
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 _STAGE_ORDER = "CHMRTLNBEU"
 
 
@@ -371,6 +376,7 @@ class _Connection(asyncio.Protocol):
         self.peer = "-"
         self.last = 0.0
         self.negotiated: m.OptNegReply | None = None
+        self.tcp: typing.Any = None  # the TCP socket, for TCP_QUICKACK
 
     # -- transport events -----------------------------------------------------
 
@@ -385,8 +391,17 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
             return
         self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if _QUICKACK is not None and sock is not None and sock.family in (
+                socket.AF_INET, socket.AF_INET6):
+            self.tcp = sock
 
     def data_received(self, data: bytes) -> None:
+        if self.tcp is not None:  # not sticky in Linux: renewed after every read
+            try:
+                self.tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                self.tcp = None
         self.last = self.server.loop.time()
         try:
             commands = self.decoder.feed(data)
