@@ -1,0 +1,716 @@
+"""The rule engine: SpamAssassin ``.cf`` rules compiled once, run per message.
+
+:func:`load_rules` builds a :class:`RuleSet` from ``[content]`` (the built-in
+``mxguard.cf``, then ``rules_dirs``, then ``local_rules``; later definitions
+and scores win, as in SpamAssassin). Call it at start-up and on SIGHUP and
+swap the result in as one object; a RuleSet is immutable and shared by all
+scans.
+
+Rule types: ``header`` (``Name``, ``Name:raw``, ``:addr``, ``:name``,
+``:host``, ``:domain``, ``:first``, ``:last``, pseudo-headers ``ALL``,
+``ToCc``, ``MESSAGEID``, ``EnvelopeFrom``; ``=~`` / ``!~``;
+``[if-unset: ...]``; ``exists:Name``), ``body`` (rendered text, Subject
+first, one paragraph per line), ``rawbody`` (decoded, not rendered),
+``full`` (the message as received), ``uri`` (each normalised URI), ``meta``
+(``&& || ! + - * / < > <= >= == !=`` and parentheses over rule hit counts),
+and ``eval:`` rules of any type (see :mod:`mxguard.content.evals`). Rules run
+on UTF-8 octets, like SpamAssassin 4, so its byte-escaped patterns work.
+
+Scores: SpamAssassin's four score sets are (0) no Bayes, no network, (1)
+network, (2) Bayes, (3) Bayes and network. mxguard runs no network rules in
+the engine (DNS blocklists are their own check), so :func:`score_set` picks
+set 2 once Bayes is usable and set 0 otherwise. A rule without a ``score``
+line scores 1.0 (``-1.0`` with ``tflags nice``, 0.01 for ``T_`` test rules,
+0 for ``__`` sub-rules); a rule whose four scores are all 0 is not run unless
+a scored meta needs it. ``tflags multiple`` counts every match (score times
+hits, at most ``maxhits=N``).
+
+Speed: every regex's required literal strings (from the parsed pattern) are
+looked up in the lower-cased text first -- with one Hyperscan pass over all
+literals when the ``hyperscan`` package is installed, else with ``bytes in``
+-- and only rules whose literals occur are run. Text per body part is capped
+at :data:`BODY_PART_SCAN` characters (SpamAssassin's ``body_part_scan_size``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import re._constants as sre_c
+import re._parser as sre_parse
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mxguard.content import evals
+from mxguard.content.evals import EVALS, NET_EVALS, RuleLists, ScanContext
+from mxguard.content.mime import ParsedMessage, rendered_body
+from mxguard.content.rules_parser import (
+    ParsedRules,
+    RegexError,
+    RuleDef,
+    apply_replace_tags,
+    compile_regex,
+    parse_paths,
+)
+
+log = logging.getLogger("mxguard")
+
+BUILTIN_RULES = Path(__file__).resolve().parent.parent / "data" / "rules" / "mxguard.cf"
+BODY_PART_SCAN = 50_000  # characters of each text part seen by body rules
+RAWBODY_PART_SCAN = 500_000
+MIN_LITERAL = 3  # shorter required literals are not worth a prefilter
+REGEX_KINDS = ("body", "rawbody", "full", "uri")
+
+
+class HitMap(dict[str, int]):
+    """Rule name -> hit count; a rule that did not hit reads as 0 in metas."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+@dataclass(slots=True)
+class Rule:
+    name: str
+    kind: str  # header | body | rawbody | full | uri | meta | eval
+    source: str
+    scores: tuple[float, float, float, float]
+    description: str = ""
+    tflags: frozenset[str] = frozenset()
+    maxhits: int = 0
+    regex: re.Pattern[bytes] | None = None
+    literals: tuple[bytes, ...] | None = None
+    header: str = ""
+    negate: bool = False
+    if_unset: bytes | None = None
+    exists: str = ""
+    eval_fn: Callable[..., bool | int] | None = None
+    eval_args: tuple[str, ...] = ()
+    meta_fn: Callable[[HitMap], Any] | None = None
+    deps: tuple[str, ...] = ()
+
+    @property
+    def multiple(self) -> bool:
+        return "multiple" in self.tflags
+
+
+@dataclass(frozen=True, slots=True)
+class RuleHit:
+    name: str
+    score: float
+    count: int
+    description: str
+
+
+@dataclass(slots=True)
+class ScanResult:
+    score: float = 0.0
+    hits: list[RuleHit] = field(default_factory=list)  # scored rules that hit, by name
+    counts: dict[str, int] = field(default_factory=dict)  # every rule that hit, sub-rules too
+    elapsed: float = 0.0
+
+
+@dataclass(slots=True)
+class LoadStats:
+    files: list[str] = field(default_factory=list)
+    defined: Counter[str] = field(default_factory=Counter)  # rules by type as written
+    active: Counter[str] = field(default_factory=Counter)  # rules that run, by type
+    unsupported_evals: Counter[str] = field(default_factory=Counter)
+    net_rules: int = 0
+    unsupported_regex: int = 0
+    disabled_metas: int = 0
+    prefiltered: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    ignored_settings: Counter[str] = field(default_factory=Counter)
+    engine: str = "re"
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------ prefilter
+
+
+def required_literals(pattern: re.Pattern[bytes]) -> tuple[bytes, ...] | None:
+    """Lower-cased strings of which at least one occurs in every match, or
+    None when no useful set exists (then the rule always runs)."""
+    try:
+        parsed = sre_parse.parse(pattern.pattern, pattern.flags)
+    except Exception:
+        return None
+    found = _required(list(parsed))
+    if not found or min(len(x) for x in found) < MIN_LITERAL:
+        return None
+    return tuple(sorted({x.lower() for x in found}))
+
+
+def _rank(cands: set[bytes] | None) -> float:
+    if not cands:
+        return -1.0
+    return min(len(c) for c in cands) - 0.5 * (len(cands) - 1) / len(cands)
+
+
+def _in_literal(av: list[tuple[Any, Any]]) -> int | None:
+    """``[Vv]`` -> ord('v'): a class that is one letter in either case."""
+    if av and all(op is sre_c.LITERAL for op, _ in av):
+        lowered = {bytes([v]).lower() for _, v in av}
+        if len(lowered) == 1:
+            return lowered.pop()[0]
+    return None
+
+
+def _required(items: list[tuple[Any, Any]]) -> set[bytes] | None:
+    best: set[bytes] | None = None
+    run = bytearray()
+
+    def consider(cands: set[bytes] | None) -> None:
+        nonlocal best
+        if cands and _rank(cands) > _rank(best):
+            best = cands
+
+    for op, av in items:
+        lit = av if op is sre_c.LITERAL else _in_literal(av) if op is sre_c.IN else None
+        if lit is not None:
+            run.append(lit)
+            continue
+        if run:
+            consider({bytes(run)})
+            run = bytearray()
+        if op is sre_c.SUBPATTERN:
+            consider(_required(list(av[-1])))
+        elif op in (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, sre_c.POSSESSIVE_REPEAT):
+            if av[0] >= 1:
+                consider(_required(list(av[2])))
+        elif op is sre_c.ATOMIC_GROUP:
+            consider(_required(list(av)))
+        elif op is sre_c.ASSERT:
+            consider(_required(list(av[1])))
+        elif op is sre_c.BRANCH:
+            alts = [_required(list(a)) for a in av[1]]
+            if all(alts):
+                union: set[bytes] = set()
+                for a in alts:
+                    union |= a or set()
+                consider(union)
+    if run:
+        consider({bytes(run)})
+    return best
+
+
+class _Prefilter:
+    """Which rules of one kind may match a text, from their literals."""
+
+    def __init__(self, rules: list[Rule], use_hyperscan: bool) -> None:
+        self.rules = rules
+        self.always = [i for i, r in enumerate(rules) if r.literals is None]
+        by_literal: dict[bytes, list[int]] = {}
+        for i, r in enumerate(rules):
+            for lit in r.literals or ():
+                by_literal.setdefault(lit, []).append(i)
+        self.literals = list(by_literal)
+        self.targets = [by_literal[lit] for lit in self.literals]
+        self.hs_db: Any = _hyperscan_db(self.literals) if use_hyperscan else None
+
+    def present(self, text_lower: bytes) -> list[int]:
+        """Indices of literals found in the (lower-cased) text."""
+        if self.hs_db is not None:
+            found: list[int] = []
+            self.hs_db.scan(text_lower, match_event_handler=_hs_collect, context=found)
+            return found
+        return [i for i, lit in enumerate(self.literals) if lit in text_lower]
+
+    def candidates(self, text: bytes) -> list[Rule]:
+        chosen = set(self.always)
+        for i in self.present(text.lower()):
+            chosen.update(self.targets[i])
+        return [self.rules[i] for i in sorted(chosen)]
+
+
+def _hs_collect(lit_id: int, start: int, end: int, flags: int, context: Any) -> None:
+    context.append(lit_id)
+
+
+def hyperscan_available() -> bool:
+    if os.environ.get("MXGUARD_NO_HYPERSCAN"):
+        return False
+    try:
+        import hyperscan  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _hyperscan_db(literals: list[bytes]) -> Any:
+    if not literals or not hyperscan_available():
+        return None
+    import hyperscan as hs
+
+    try:
+        db = hs.Database(mode=hs.HS_MODE_BLOCK)
+        db.compile(expressions=[re.escape(lit) for lit in literals],
+                   ids=list(range(len(literals))), elements=len(literals),
+                   flags=[hs.HS_FLAG_SINGLEMATCH] * len(literals))
+    except Exception as exc:
+        log.warning("content: hyperscan unusable (%s); using re", exc)
+        return None
+    return db
+
+
+# ------------------------------------------------------------------ headers
+
+
+def _addr_host(value: str) -> str:
+    return evals.domain_of(evals.address(value))
+
+
+_MODIFIERS: dict[str, Callable[[str], str]] = {
+    "addr": evals.address,
+    "name": evals.display_name,
+    "host": _addr_host,
+    "domain": lambda v: evals.org_domain(_addr_host(v)),
+}
+
+
+_BARE_MODS = frozenset(("addr", "name", "host", "domain"))
+_ALL_HEADERS = frozenset(("ALL", "ALL-TRUSTED", "ALL-UNTRUSTED", "ALL-INTERNAL", "ALL-EXTERNAL"))
+
+
+def header_values(msg: ParsedMessage, spec: str, ctx: ScanContext | None = None) -> list[str]:
+    """The values a header rule tests (``[]`` when the header is absent)."""
+    name, *mods = spec.split(":")
+    raw = "raw" in mods
+    pairs = msg.raw_headers if raw else msg.headers
+    # Pseudo-headers are case-sensitive, as in SpamAssassin ("MessageID" is a header).
+    if name in _ALL_HEADERS:
+        return ["".join(f"{n}: {v.lstrip() if raw else v}\n" for n, v in pairs)] if pairs else []
+    key = name.lower()
+    if name == "ToCc":
+        values = [v for n, v in pairs if n.lower() in ("to", "cc")]
+        return [", ".join(v.strip() for v in values)] if values else []
+    if name == "MESSAGEID":
+        values = [v for n, v in pairs if n.lower() in ("message-id", "resent-message-id",
+                                                       "x-message-id")]
+    elif name == "EnvelopeFrom":
+        env = ctx.envelope_from if ctx is not None else evals.address(msg.first("Return-Path"))
+        values = [env] if env else []
+    else:
+        values = [v for n, v in pairs if n.lower() == key]
+    if "first" in mods:
+        values = values[:1]
+    elif "last" in mods:
+        values = values[-1:]
+    for mod in mods:
+        fn = _MODIFIERS.get(mod)
+        if fn is not None:
+            values = [fn(v) for v in values[:1]]
+    return values
+
+
+# ------------------------------------------------------------------ metas
+
+
+_META_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(&&|\|\||[<>=!]=|"
+                         r"[-+*/()<>!]))")
+
+
+class MetaError(ValueError):
+    pass
+
+
+class _MetaCompiler:
+    """Perl precedence (``!`` binds tightest) to a fully parenthesised Python expression."""
+
+    BINARY = (("||",), ("&&",), ("==", "!="), ("<", ">", "<=", ">="), ("+", "-"), ("*", "/"))
+    PY: ClassVar[dict[str, str]] = {"||": "or", "&&": "and"}
+
+    def __init__(self, expr: str) -> None:
+        self.tokens: list[tuple[str, str]] = []
+        pos = 0
+        while pos < len(expr):
+            m = _META_TOKEN.match(expr, pos)
+            if m is None:
+                if expr[pos:].strip():
+                    raise MetaError(f"unexpected {expr[pos:pos + 15]!r}")
+                break
+            pos = m.end()
+            num, name, op = m.groups()
+            self.tokens.append(("num", num) if num else ("name", name) if name else ("op", op))
+        self.pos = 0
+        self.names: list[str] = []
+
+    def compile(self) -> str:
+        code = self._level(0)
+        if self.pos != len(self.tokens):
+            raise MetaError(f"unexpected {self.tokens[self.pos][1]!r}")
+        return code
+
+    def _peek(self) -> tuple[str, str]:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else ("end", "")
+
+    def _level(self, n: int) -> str:
+        if n == len(self.BINARY):
+            return self._unary()
+        left = self._level(n + 1)
+        while self._peek()[0] == "op" and self._peek()[1] in self.BINARY[n]:
+            op = self.tokens[self.pos][1]
+            self.pos += 1
+            right = self._level(n + 1)
+            if op == "/":
+                left = f"_div({left}, {right})"
+            else:
+                left = f"({left} {self.PY.get(op, op)} {right})"
+        return left
+
+    def _unary(self) -> str:
+        kind, value = self._peek()
+        if kind == "op" and value in ("!", "-"):
+            self.pos += 1
+            inner = self._unary()
+            return f"(not {inner})" if value == "!" else f"(-{inner})"
+        if kind == "op" and value == "(":
+            self.pos += 1
+            inner = self._level(0)
+            if self._peek() != ("op", ")"):
+                raise MetaError("missing )")
+            self.pos += 1
+            return inner
+        if kind == "num":
+            self.pos += 1
+            return value
+        if kind == "name":
+            self.pos += 1
+            self.names.append(value)
+            return f"h[{value!r}]"
+        raise MetaError("expression ends early" if kind == "end" else f"unexpected {value!r}")
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def compile_meta(expr: str) -> tuple[Callable[[HitMap], Any], tuple[str, ...]]:
+    """(function of the hit map, rule names used); raises MetaError."""
+    comp = _MetaCompiler(expr)
+    code = comp.compile()
+    fn = eval(f"lambda h: {code}", {"__builtins__": {}, "_div": _div})
+    return fn, tuple(dict.fromkeys(comp.names))
+
+
+# ------------------------------------------------------------------ the rule set
+
+
+def _default_score(name: str, tflags: frozenset[str]) -> float:
+    if name.startswith("__"):
+        return 0.0
+    if name.startswith("T_"):
+        return 0.01
+    return -1.0 if "nice" in tflags else 1.0
+
+
+class RuleSet:
+    """Compiled rules; build with :func:`build_ruleset` or :func:`load_rules`."""
+
+    def __init__(self, parsed: ParsedRules, *, use_hyperscan: bool | None = None) -> None:
+        started = time.monotonic()
+        self.stats = LoadStats(files=list(parsed.files), errors=list(parsed.errors),
+                               warnings=list(parsed.warnings),
+                               ignored_settings=Counter(parsed.ignored))
+        self.lists = RuleLists(frozenset(parsed.url_shorteners),
+                               frozenset(parsed.freemail_domains),
+                               {k: frozenset(v) for k, v in parsed.uri_host_lists.items()})
+        self.rules: dict[str, Rule] = {}
+        self.zero: set[str] = set()  # defined rules that never fire here (net, unsupported)
+        for rdef in parsed.rules.values():
+            self.stats.defined[rdef.kind] += 1
+            rule = self._compile(rdef, parsed)
+            if rule is None:
+                self.zero.add(rdef.name)
+            else:
+                self.rules[rule.name] = rule
+        self.metas = self._order_metas()
+        self._prune()
+        use_hs = hyperscan_available() if use_hyperscan is None else use_hyperscan
+        self.stats.engine = "hyperscan+re" if use_hs else "re"
+        self.header_rules = [r for r in self.rules.values() if r.kind == "header"]
+        self.eval_rules = [r for r in self.rules.values() if r.kind == "eval"]
+        self.prefilters = {kind: _Prefilter([r for r in self.rules.values() if r.kind == kind],
+                                            use_hs) for kind in REGEX_KINDS}
+        for rule in self.rules.values():
+            self.stats.active[rule.kind] += 1
+            if rule.literals is not None:
+                self.stats.prefiltered += 1
+        self.stats.seconds = time.monotonic() - started
+
+    # -- compiling ------------------------------------------------------------
+
+    def _compile(self, rdef: RuleDef, parsed: ParsedRules) -> Rule | None:
+        tflags = frozenset(parsed.tflags.get(rdef.name, "").split())
+        if rdef.net or "net" in tflags:
+            self.stats.net_rules += 1
+            return None
+        name = rdef.name
+        scores = parsed.scores.get(name) or (_default_score(name, tflags),) * 4
+        maxhits = next((int(f[8:]) for f in tflags if f.startswith("maxhits=")
+                        and f[8:].isdigit()), 0)
+        rule = Rule(name, rdef.kind, rdef.source, scores, parsed.describe.get(name, ""),
+                    tflags, maxhits)
+        try:
+            if rdef.kind == "meta":
+                rule.meta_fn, rule.deps = compile_meta(rdef.meta)
+            elif rdef.eval_name:
+                return self._eval_rule(rule, rdef)
+            elif rdef.kind in ("mimeheader", "uri_detail"):
+                self.stats.unsupported_evals[f"({rdef.kind} rules)"] += 1
+                return None
+            elif rdef.exists:
+                rule.exists = rdef.exists
+            else:
+                pattern = rdef.pattern
+                if name in parsed.replace_rules:
+                    pattern = apply_replace_tags(pattern, parsed.replace_tags)
+                extra = re.MULTILINE if rdef.kind in ("body", "rawbody") else 0
+                rule.regex = compile_regex(pattern, extra)
+                rule.literals = required_literals(rule.regex)
+                if rdef.kind == "header":
+                    rule.header, rule.negate = rdef.header, rdef.negate
+                    if rdef.if_unset is not None:
+                        rule.if_unset = rdef.if_unset.encode("latin-1", "replace")
+        except (RegexError, MetaError) as exc:
+            self.stats.errors.append(f"{rdef.source}: {rdef.kind} {name}: {exc}")
+            if isinstance(exc, RegexError):
+                self.stats.unsupported_regex += 1
+            return None
+        return rule
+
+    def _eval_rule(self, rule: Rule, rdef: RuleDef) -> Rule | None:
+        if rdef.eval_name in NET_EVALS:
+            self.stats.net_rules += 1
+            return None
+        fn = EVALS.get(rdef.eval_name)
+        if fn is None:
+            self.stats.unsupported_evals[rdef.eval_name] += 1
+            return None
+        rule.kind, rule.eval_fn, rule.eval_args = "eval", fn, rdef.eval_args
+        return rule
+
+    def _order_metas(self) -> list[Rule]:
+        """Metas in dependency order; cycles and undefined names disable a meta."""
+        metas = {n: r for n, r in self.rules.items() if r.kind == "meta"}
+        order: list[Rule] = []
+        state: dict[str, int] = {}  # 1 visiting, 2 done
+
+        def visit(name: str, chain: tuple[str, ...]) -> bool:
+            if state.get(name) == 2:
+                return name in self.rules
+            if state.get(name) == 1:
+                self.stats.errors.append(f"{self.rules[name].source}: meta {name}: circular "
+                                         f"dependency via {' -> '.join(chain)}")
+                return False
+            state[name] = 1
+            rule = metas[name]
+            ok = True
+            for dep in rule.deps:
+                if dep in metas:
+                    ok = visit(dep, (*chain, dep)) and ok
+                elif dep not in self.rules and dep not in self.zero:
+                    self.stats.warnings.append(f"{rule.source}: meta {name}: undefined rule "
+                                               f"{dep}: meta disabled")
+                    ok = False
+            state[name] = 2
+            if ok:
+                order.append(rule)
+            else:
+                self.stats.disabled_metas += 1
+                del self.rules[name]
+                self.zero.add(name)
+            return ok
+
+        for name in list(metas):
+            if state.get(name) != 2:
+                visit(name, (name,))
+        return order
+
+    def _prune(self) -> None:
+        """Drop rules that can never change a score (all scores 0, no scored meta needs them)."""
+        needed: set[str] = set()
+        stack = [n for n, r in self.rules.items() if any(r.scores)]
+        while stack:
+            name = stack.pop()
+            if name in needed:
+                continue
+            needed.add(name)
+            rule = self.rules.get(name)
+            if rule is not None:
+                stack.extend(d for d in rule.deps if d in self.rules)
+        for name in [n for n in self.rules if n not in needed]:
+            del self.rules[name]
+        self.metas = [m for m in self.metas if m.name in self.rules]
+
+    # -- scanning -------------------------------------------------------------
+
+    def scan(self, msg: ParsedMessage, *, tx: Any = None, now: float | None = None,
+             bayes_prob: float | None = None, score_set: int = 0) -> ScanResult:
+        started = time.monotonic()
+        ctx = ScanContext(msg, tx, time.time() if now is None else now, bayes_prob, self.lists)
+        hits = HitMap()
+        self._scan_headers(ctx, hits)
+        texts = _texts(msg, ctx)
+        for kind in ("body", "rawbody", "full"):
+            text = texts[kind]
+            for rule in self.prefilters[kind].candidates(text):
+                _count(rule, text, hits)
+        self._scan_uris(msg, hits)
+        self._scan_evals(ctx, hits)
+        for meta in self.metas:
+            try:
+                if meta.meta_fn is not None and meta.meta_fn(hits):
+                    hits[meta.name] = 1
+            except (TypeError, ArithmeticError):
+                continue
+        return self._result(hits, score_set, time.monotonic() - started)
+
+    def _scan_headers(self, ctx: ScanContext, hits: HitMap) -> None:
+        cache: dict[str, list[str]] = {}
+        for rule in self.header_rules:
+            if rule.exists:  # pseudo-headers (ToCc, MESSAGEID ...) too
+                if ctx.msg.get(rule.exists) or header_values(ctx.msg, rule.exists, ctx):
+                    hits[rule.name] = 1
+                continue
+            spec = rule.header
+            if spec not in cache:
+                cache[spec] = header_values(ctx.msg, spec, ctx)
+            values = cache[spec]
+            if values:
+                # Plain values end in a newline each (as SpamAssassin's get() gives
+                # them); :addr, :name, :host, :domain give bare values.
+                end = "" if _BARE_MODS.intersection(spec.split(":")[1:]) else "\n"
+                text = "".join(v + end for v in values).encode("utf-8", "replace")
+            else:
+                text = rule.if_unset if rule.if_unset is not None else b""
+            assert rule.regex is not None
+            matched = rule.regex.search(text) is not None
+            if matched != rule.negate:
+                hits[rule.name] = 1
+
+    def _scan_uris(self, msg: ParsedMessage, hits: HitMap) -> None:
+        urls = [u.url.encode("utf-8", "replace") for u in msg.uris]
+        if not urls:
+            return
+        for rule in self.prefilters["uri"].candidates(b"\n".join(urls)):
+            assert rule.regex is not None
+            n = sum(1 for u in urls if rule.regex.search(u))
+            if n:
+                hits[rule.name] = min(n, rule.maxhits or n) if rule.multiple else 1
+
+    def _scan_evals(self, ctx: ScanContext, hits: HitMap) -> None:
+        for rule in self.eval_rules:
+            assert rule.eval_fn is not None
+            try:
+                value = rule.eval_fn(ctx, *rule.eval_args)
+            except Exception as exc:
+                _eval_failed(rule, exc)
+                continue
+            if value:
+                hits[rule.name] = int(value)
+
+    def _result(self, hits: HitMap, score_set: int, elapsed: float) -> ScanResult:
+        out = ScanResult(counts=dict(hits), elapsed=elapsed)
+        for name in sorted(hits):
+            rule = self.rules.get(name)
+            if rule is None or name.startswith("__"):
+                continue
+            score = rule.scores[score_set] * (hits[name] if rule.multiple else 1)
+            if score:
+                out.hits.append(RuleHit(name, round(score, 3), hits[name], rule.description))
+                out.score += score
+        out.score = round(out.score, 3)
+        return out
+
+    def describe(self, name: str) -> str:
+        rule = self.rules.get(name)
+        return rule.description if rule is not None else ""
+
+
+def _count(rule: Rule, text: bytes, hits: HitMap) -> None:
+    assert rule.regex is not None
+    if not rule.multiple:
+        if rule.regex.search(text):
+            hits[rule.name] = 1
+        return
+    n = 0
+    for _ in rule.regex.finditer(text):
+        n += 1
+        if rule.maxhits and n >= rule.maxhits:
+            break
+    if n:
+        hits[rule.name] = n
+
+
+def _texts(msg: ParsedMessage, ctx: ScanContext) -> dict[str, bytes]:
+    body_msg = msg
+    if any(len(p.text) > BODY_PART_SCAN for p in msg.parts):
+        body_msg = ParsedMessage(headers=msg.headers, parts=[
+            type(p)(p.content_type, p.charset, p.text[:BODY_PART_SCAN], p.raw, p.filename)
+            for p in msg.parts])
+        ctx.cache["body"] = rendered_body(body_msg)
+    raw = "\n".join(p.raw[:RAWBODY_PART_SCAN] for p in msg.parts)
+    head = "".join(f"{n}:{v}\n" for n, v in msg.raw_headers)
+    full = head.encode("utf-8", "replace") + b"\n" + msg.raw_body.encode("latin-1", "replace")
+    return {"body": ctx.body.encode("utf-8", "replace"),
+            "rawbody": raw.encode("utf-8", "replace"), "full": full}
+
+
+_FAILED_EVALS: set[str] = set()
+
+
+def _eval_failed(rule: Rule, exc: Exception) -> None:
+    if rule.name not in _FAILED_EVALS:
+        _FAILED_EVALS.add(rule.name)
+        log.warning("content: eval rule %s failed: %s: %s (logged once)", rule.name,
+                    type(exc).__name__, exc)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def build_ruleset(paths: Iterable[str | os.PathLike[str]], *,
+                  use_hyperscan: bool | None = None) -> RuleSet:
+    """Parse and compile rule files/directories in order (later wins)."""
+    return RuleSet(parse_paths(list(paths)), use_hyperscan=use_hyperscan)
+
+
+def rule_paths(cfg: Any) -> list[str]:
+    """The rule sources ``[content]`` names, in load order."""
+    content = cfg.content
+    paths = [str(BUILTIN_RULES)] if content.builtin_rules else []
+    return paths + list(content.rules_dirs) + list(content.local_rules)
+
+
+def load_rules(cfg: Any) -> RuleSet:
+    """The RuleSet for a Config; logs one summary line and every load error."""
+    ruleset = build_ruleset(rule_paths(cfg))
+    st = ruleset.stats
+    for err in st.errors[:50]:
+        log.warning("content: rules: %s", err)
+    if len(st.errors) > 50:
+        log.warning("content: rules: %d more errors (see mxguard rules check)",
+                    len(st.errors) - 50)
+    log.info("content: rules loaded files=%d active=%d unsupported_evals=%d net_rules=%d "
+             "errors=%d engine=%s seconds=%.2f", len(st.files), sum(st.active.values()),
+             sum(st.unsupported_evals.values()), st.net_rules, len(st.errors), st.engine,
+             st.seconds)
+    return ruleset
+
+
+def score_set(cfg: Any, bayes_ready: bool) -> int:
+    """SpamAssassin score set: 2 with a usable Bayes, 0 without (no network rules here)."""
+    return 2 if bayes_ready and cfg.bayes.enabled else 0
+
+
+__all__ = ["BUILTIN_RULES", "HitMap", "LoadStats", "Rule", "RuleHit", "RuleSet", "ScanResult",
+           "build_ruleset", "compile_meta", "header_values", "load_rules", "required_literals",
+           "rule_paths", "score_set"]

@@ -1,0 +1,85 @@
+"""``mxguard scan`` and ``mxguard rules check`` through click's CliRunner."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from mxguard.content_cli import rules, scan
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+HAM = (b"From: Ann <ann@example.com>\nTo: bob@example.org\nSubject: Lunch\n"
+       b"Date: " + email.utils.formatdate().encode() + b"\nMessage-Id: <1@example.com>\n\n"
+       b"Noon?\n")  # dated now: the scan compares Date with the clock
+SPAM = HAM.replace(b"Noon?", GTUBE.encode())
+
+
+def write(tmp_path: Path, name: str, data: bytes | str) -> str:
+    path = tmp_path / name
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(path)
+
+
+def test_scan_file_prints_rules_score_action_and_headers(tmp_path: Path) -> None:
+    result = CliRunner().invoke(scan, [write(tmp_path, "spam.eml", SPAM)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "Content analysis details:" in out
+    assert "1000.0 GTUBE" in out and "anti-spam test string" in out
+    assert "action=reject" in out
+    assert "X-Spam-Flag: YES" in out
+    assert "X-Spam-Status: Yes, score=1000.0 required=5.0 tests=GTUBE" in out
+
+
+def test_scan_stdin_json_control_ham() -> None:
+    result = CliRunner().invoke(scan, ["--json", "-"], input=HAM)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["spam"] is False and report["action"] == "no action"
+    assert report["symbols"] == [] or all(s["score"] < 5 for s in report["symbols"])
+    assert report["headers"][0][0] == "X-Spam-Status"
+
+
+def test_scan_uses_config_rules_and_actions(tmp_path: Path) -> None:
+    local = write(tmp_path, "local.cf", "body LOCAL_NOON /noon/i\nscore LOCAL_NOON 6\n"
+                                        "describe LOCAL_NOON Mentions noon\n")
+    conf = write(tmp_path, "mxguard.toml", f'[content]\nlocal_rules = ["{local}"]\n'
+                                           "[actions]\nreject = 0\n")
+    result = CliRunner().invoke(scan, ["--json", "--config", conf, write(tmp_path, "h", HAM)])
+    report = json.loads(result.output)
+    assert [s["name"] for s in report["symbols"]] == ["LOCAL_NOON"]
+    assert report["action"] == "add_header" and report["spam"] is True
+
+
+def test_scan_errors_exit_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(scan, [str(tmp_path / "missing.eml")])
+    assert result.exit_code == 2 and "cannot read" in result.output
+    bad = write(tmp_path, "bad.toml", "[content]\nnope = 1\n")
+    result = CliRunner().invoke(scan, ["--config", bad, "-"], input=HAM)
+    assert result.exit_code == 2 and "config error" in result.output
+
+
+def test_rules_check_reports_counts_evals_and_errors(tmp_path: Path) -> None:
+    d = tmp_path / "rules"
+    d.mkdir()
+    (d / "10_a.cf").write_text("body A /a/\nheader B eval:not_implemented_here()\n"
+                               "uri C m{^http://x}\nmeta D A && C\n")
+    (d / "20_b.cf").write_text("body GOOD /g/\nbody BAD /unclosed\n")
+    result = CliRunner().invoke(rules, ["check", "--no-builtin", str(d)])
+    out = result.output
+    assert result.exit_code == 1, out
+    assert "files read: 2" in out
+    assert "10_a.cf" in out and "20_b.cf" in out
+    assert "not_implemented_here (1)" in out
+    assert "unsupported eval functions: 1 rules, 1 functions" in out
+    assert "20_b.cf:2:" in out and "regex not closed" in out
+    assert "meta" in out and "body" in out
+
+
+def test_rules_check_clean_builtin_exits_0() -> None:
+    result = CliRunner().invoke(rules, ["check"])
+    assert result.exit_code == 0, result.output
+    assert "mxguard.cf" in result.output and "errors: 0" in result.output
