@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CONFIG ?=
 
-.PHONY: run test unit integration lint bench deps system-deps clean
+.PHONY: run test unit integration lint bench demo deps system-deps clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ integration: deps system-deps
 lint: deps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+
+## make demo: private Postfix + mxguard + DNS on loopback, walks through every check (root)
+demo: deps system-deps
+	$(BIN)/mxguard demo
 
 bench: deps
 	$(BIN)/python bench/policy_bench.py

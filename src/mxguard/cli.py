@@ -74,12 +74,20 @@ def config_show(file: str | None, no_docs: bool) -> None:
 
 
 def _register() -> None:
+    from mxguard.content_cli import rules, scan
+    from mxguard.demo import demo
     from mxguard.dkim_cli import dkim
+    from mxguard.dkim_rotate import rotate
+    from mxguard.dns_cli import dns
+    from mxguard.doctor import doctor
     from mxguard.greylist_cli import greylist
+    from mxguard.postfix_setup import postfix
     from mxguard.spf_cli import spf
+    from mxguard.storage_cli import storage
 
-    for group in (greylist, spf, dkim):
-        main.add_command(group)
+    dkim.add_command(rotate)
+    for command in (greylist, spf, dkim, scan, rules, storage, postfix, dns, doctor, demo):
+        main.add_command(command)
 
 
 _register()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -17,12 +18,13 @@ import signal
 from typing import Any
 
 from mxguard import __version__, config, logs
+from mxguard.checks.content import RULES_SERVICE
 from mxguard.dns import Resolver
 from mxguard.pipeline import Runtime, evaluate
 from mxguard.protocols.headers import HeaderMemory
 from mxguard.protocols.policy import PolicyRequest, encode_action, encode_reply
 from mxguard.protocols.policy_server import PolicyServer
-from mxguard.transaction import Stage, Verdict
+from mxguard.transaction import Mode, Stage, Verdict
 
 log = logging.getLogger("mxguard")
 
@@ -37,11 +39,22 @@ class StartupError(Exception):
 def load_keys(cfg: config.Config) -> Any:
     """The DKIM KeyTable; a bad or too-readable key file is one clear message."""
     from mxguard.auth.dkim_keys import DkimKeyError, KeyTable
+    from mxguard.dkim_rotate import active_keys
 
-    try:
-        return KeyTable.from_config(cfg.dkim)
+    try:  # [dkim] keys as `mxguard dkim rotate` has advanced them
+        return KeyTable.from_config(dataclasses.replace(cfg.dkim, keys=active_keys(cfg)))
     except (DkimKeyError, OSError, ValueError) as exc:
         raise StartupError(f"{cfg.source}: [dkim] keys: {exc}") from None
+
+
+def load_content_rules(cfg: config.Config) -> Any:
+    """The compiled rule set (built-in and SpamAssassin .cf files); seconds with SA's rules."""
+    from mxguard.content.rules import load_rules
+
+    try:
+        return load_rules(cfg)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"{cfg.source}: [content] rules: {exc}") from None
 
 
 async def open_services(cfg: config.Config) -> dict[str, Any]:
@@ -52,6 +65,8 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
     from mxguard.store.results import open_results_store
 
     services: dict[str, Any] = {dkim_check.KEYTABLE_SERVICE: load_keys(cfg)}
+    if cfg.milter.enabled and cfg.mode("content") is not Mode.OFF:
+        services[RULES_SERVICE] = load_content_rules(cfg)
     services["greylist"] = await _maybe_await(open_greylister(cfg))
     if cfg.milter.enabled and cfg.dmarc.store_results:
         services[dm.RESULTS_SERVICE] = open_results_store(cfg)
@@ -163,6 +178,9 @@ class Daemon:
         try:
             cfg = config.load(self.config_path) if self.config_path else config.Config()
             keys = load_keys(cfg)
+            rules = None
+            if cfg.milter.enabled and cfg.mode("content") is not Mode.OFF:
+                rules = await asyncio.to_thread(load_content_rules, cfg)
             greylister = old.services.get("greylist")
             if greylister is not None:
                 greylister.reload(cfg)
@@ -182,6 +200,8 @@ class Daemon:
 
         services = dict(old.services)
         services[KEYTABLE_SERVICE] = keys
+        if rules is not None:
+            services[RULES_SERVICE] = rules
         self.runtime = Runtime(config=cfg, resolver=resolver, services=services,
                                clock=old.clock)
         log.info("reloaded configuration from %s", cfg.source)

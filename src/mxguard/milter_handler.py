@@ -22,6 +22,7 @@ from mxguard.auth.dmarc import SpfAuth
 from mxguard.checks import dkim as dkim_check
 from mxguard.checks import dmarc as dm
 from mxguard.checks import spf as spf_check
+from mxguard.checks.content import evaluate_content
 from mxguard.pipeline import Runtime
 from mxguard.protocols.milter_server import (
     BaseMilterHandler,
@@ -71,19 +72,24 @@ class MxguardMilter(BaseMilterHandler):
                         verdict: Verdict) -> MilterResult:
         cfg = rt.config
         spf = await self._spf(tx, rt)
+        if spf is not None:
+            tx.results.setdefault("spf", CheckResult("spf", extra={"spf": spf.result}))
         dkim_results = None
         if cfg.dkim.verify and cfg.mode("dkim") is not Mode.OFF:
             checked = await dkim_check.verify(tx, rt)
+            tx.results["dkim"] = checked
             verdict.add(checked, cfg.mode("dkim"))
             dkim_results = dm.dkim_auths(checked.data)
         outcome = None
         if cfg.mode("dmarc") is not Mode.OFF:
             outcome = await dm.evaluate_message(session.headers, spf, dkim_results or [], rt,
                                                 tx=tx)
+            tx.results["dmarc"] = outcome.check
             verdict.add(outcome.check, cfg.mode("dmarc"))
         edits: list[Any] = [HeaderChange.delete(authresults.HEADER, n) for n in
                             authresults.forged_indexes(session.headers, self.authserv_id(rt))]
         edits.append(dm.authentication_results(rt, spf=spf, dkim=dkim_results, dmarc=outcome))
+        edits += await self._content(tx, rt, verdict)
         if verdict.decision is not None:
             return MilterResult.from_decision(verdict.decision)
         if (outcome is not None and outcome.action == "quarantine"
@@ -91,6 +97,23 @@ class MxguardMilter(BaseMilterHandler):
             return MilterResult(MilterAction.QUARANTINE, headers=edits,
                                 quarantine_reason=f"DMARC policy of {outcome.result.from_domain}")
         return MilterResult(headers=edits)
+
+    async def _content(self, tx: Transaction, rt: Runtime, verdict: Verdict) -> list[Any]:
+        """Content scoring on top of the scores so far; X-Spam-* headers unless observing."""
+        mode = rt.config.mode("content")
+        if mode is Mode.OFF:
+            return []
+        outcome = await evaluate_content(tx, rt, base_score=verdict.score,
+                                         base_symbols=list(verdict.symbols))
+        tx.results["content"] = outcome.result
+        verdict.add(outcome.result, mode)
+        verdict.extra["spam_action"] = outcome.action
+        if mode is Mode.OBSERVE:
+            return []
+        edits: list[Any] = list(outcome.headers)
+        if outcome.subject is not None:
+            edits.append(outcome.subject)
+        return edits
 
     async def _spf(self, tx: Transaction, rt: Runtime) -> SpfAuth | None:
         """The policy door's SPF verdict for this message, or computed now."""

@@ -173,3 +173,43 @@ def test_forged_authentication_results_are_removed(stack: Stack, sink: Sink) -> 
     ours = [r for r in results if r.startswith(AUTHSERV)]
     assert len(ours) == 1 and "header.d=bank.test" not in ours[0]
     assert any(r.startswith("elsewhere.example") for r in results)  # control: kept
+
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def test_gtube_is_rejected_at_the_default_thresholds(stack: Stack, sink: Sink) -> None:
+    _mx, pf = stack
+    reply, ok = deliver(pf, message("alice@sender.test", body=GTUBE + "\r\n"))
+    assert not ok
+    assert reply.startswith("550 5.7.1"), reply
+    sink.wait_quiet(1.0)
+    assert sink.messages == []
+
+
+def test_spam_is_tagged_when_reject_is_off(tmp_path: Path, dns: DNSServer, sink: Sink,
+                                           postfix_factory: Callable[..., PostfixInstance]
+                                           ) -> None:
+    mx = MxguardProcess(tmp_path, (f'[dns]\nnameservers = ["{dns.address}"]\n'
+                                   '[greylist]\nmode = "off"\n[dkim]\ninternal_hosts = []\n'
+                                   "[actions]\nreject = 0\nrewrite_subject = 5\n"))
+    mx.start()
+    try:
+        milter = f"inet:127.0.0.1:{mx.milter_port}"
+        pf = postfix_factory({"smtpd_milters": milter, "milter_default_action": "tempfail"})
+        reply, ok = deliver(pf, message("alice@sender.test", body=GTUBE + "\r\n"))
+        assert ok, reply
+        reply, ok = deliver(pf, message("alice@sender.test"))  # control: a clean message
+        assert ok, reply
+        spam, ham = sink.wait_for(2)
+        assert spam.header("X-Spam-Flag") == "YES"
+        status = " ".join(spam.header("X-Spam-Status").split())
+        assert status.startswith("Yes, score=") and "required=5.0" in status
+        assert "tests=" in status and "GTUBE" in status
+        assert spam.header("X-Spam-Level").startswith("*****")
+        assert spam.header("Subject").startswith("***SPAM***")
+        assert ham.header("X-Spam-Flag") is None
+        assert " ".join(ham.header("X-Spam-Status").split()).startswith("No, score=")
+        assert ham.header("Subject") == "test"
+    finally:
+        assert mx.stop() == 0

@@ -46,7 +46,7 @@ from mxguard.greylist_lists import (
     triplet_text,
     validate_entry,
 )
-from mxguard.pipeline import Runtime, symbol
+from mxguard.pipeline import FAIL_ACTIONS, Runtime, symbol
 from mxguard.store.base import (
     ClientRecord,
     GreylistStore,
@@ -113,6 +113,27 @@ class Greylister:
         self._dynamic_size = 0
         self._dynamic_version = -1
         self._dynamic_checked = -math.inf
+        self.store_errors = 0  # requests the store failed (answered with [policy] fail_action)
+        self._store_failed_since = 0  # of them, since the store last worked
+        self._store_logged = -math.inf
+
+    def store_failed(self, interval: float) -> bool:
+        """Count a request the store failed; True if it is to be logged (once per interval)."""
+        self.store_errors += 1
+        self._store_failed_since += 1
+        mono = time.monotonic()
+        if mono - self._store_logged < interval:
+            return False
+        self._store_logged = mono
+        return True
+
+    def store_ok(self) -> None:
+        """A request was decided with the store: log the end of an outage once."""
+        if self._store_failed_since:
+            log.warning("greylist: store available again; %d requests were answered with "
+                        "[policy] fail_action meanwhile", self._store_failed_since)
+            self._store_failed_since = 0
+            self._store_logged = -math.inf
 
     @property
     def cfg(self) -> GreylistConfig:
@@ -308,7 +329,17 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
             log.warning("greylist: no greylist service configured; not greylisting")
             _warned_missing = True
         return None
-    outcome = await greylister.decide(tx, rt.clock())
+    try:
+        outcome = await greylister.decide(tx, rt.clock())
+    except StoreError:
+        # Store unavailable (e.g. Redis down): the first failure of each
+        # [storage] fail_open_log_interval goes to the pipeline, which logs it and
+        # answers [policy] fail_action; the others get that answer without a log line.
+        if greylister.store_failed(rt.config.storage.fail_open_log_interval):
+            raise
+        return CheckResult(NAME, reason="error:StoreError",
+                           decision=FAIL_ACTIONS.get(rt.config.policy.fail_action))
+    greylister.store_ok()
     if outcome is None:
         return None
     return CheckResult(

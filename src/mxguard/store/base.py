@@ -171,13 +171,23 @@ def sqlite_path(url: str) -> str:
 
 
 def open_store(cfg: Config) -> GreylistStore:
-    """The store named by ``cfg.storage_url`` (only ``sqlite:///`` for now)."""
+    """The store named by ``cfg.storage_url``: ``sqlite:///PATH`` or, for several MX
+    hosts sharing one greylist, ``redis://``, ``rediss://`` or ``redis+sentinel://``
+    (see :mod:`mxguard.store.redis`)."""
     url = cfg.storage_url
     if url.startswith("sqlite:///"):
         from mxguard.store.sqlite import SqliteGreylistStore
 
         return SqliteGreylistStore(sqlite_path(url), busy_timeout=cfg.storage.busy_timeout)
-    raise StoreError(f"storage.url {url!r}: unsupported store (expected sqlite:///PATH)")
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        try:
+            from mxguard.store.redis import RedisGreylistStore
+        except ImportError:  # pragma: no cover - redis is installed with mxguard
+            raise StoreError(f"storage.url {url.split('://')[0]}://...: the 'redis' Python "
+                             "package is not installed") from None
+        return RedisGreylistStore(url, timeout=cfg.storage.redis_timeout)
+    raise StoreError(f"storage.url {url!r}: unsupported store (expected sqlite:///PATH, "
+                     "redis://, rediss:// or redis+sentinel://)")
 
 
 __all__ = ["ClientRecord", "GreylistStore", "StoreError", "StoreStats", "TripletRecord",

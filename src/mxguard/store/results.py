@@ -269,8 +269,16 @@ class SqliteResultsStore(ResultsStore):
                 conn.close()
 
 
-def open_results_store(cfg: Config) -> SqliteResultsStore:
-    """The results store next to ``cfg.storage_url``'s database."""
+def open_results_store(cfg: Config) -> ResultsStore:
+    """The results store of ``cfg.storage_url``: for a Redis URL the shared Redis
+    (:class:`~mxguard.store.redis_results.RedisResultsStore`), else a SQLite file
+    next to the greylist database."""
+    url = cfg.storage_url
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        from mxguard.store.redis_results import RedisResultsStore
+
+        return RedisResultsStore(url, timeout=cfg.storage.redis_timeout,
+                                 log_interval=cfg.storage.fail_open_log_interval)
     return SqliteResultsStore(results_path(cfg.storage_url),
                               busy_timeout=cfg.storage.busy_timeout)
 

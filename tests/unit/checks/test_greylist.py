@@ -1,5 +1,11 @@
 """Greylisting: triplets, timing, whitelists, auto-whitelist, SPF interplay, store
-errors. Every positive case has a control case that must not fire."""
+errors. Every positive case has a control case that must not fire.
+
+One suite for both stores: every test that builds a greylister (``env``,
+``env_factory``) runs once on SQLite and once on Redis (a real redis-server on
+loopback, tests/support/redis.py). ``@sqlite_only`` marks the few that poke at
+the SQLite file itself.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +27,10 @@ from mxguard.greylist_lists import (
     normalize_sender,
 )
 from mxguard.pipeline import Runtime, evaluate
-from mxguard.store.base import StoreError
+from mxguard.store.base import StoreError, open_store
 from mxguard.store.sqlite import SqliteGreylistStore
 from mxguard.transaction import Action, CheckResult, Decision, Mode, Stage, Transaction
+from tests.support.redis import shared_server
 
 T0 = 1_795_000_000.0  # a fixed "now" (Nov 2026)
 HOUR = 3600.0
@@ -41,9 +48,30 @@ class FakeClock:
         self.t += seconds
 
 
-def make_config(tmp_path: Path, **greylist: Any) -> Config:
+BACKENDS = ["sqlite", "redis"]
+# Only the SQLite store: `@sqlite_only` narrows the backend parameter.
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def storage_url(backend: str, tmp_path: Path) -> str:
+    """The store of this test: a temp SQLite file, or the shared Redis flushed."""
+    if backend == "redis":
+        server = shared_server()
+        server.flush()
+        return server.url(0)
+    return f"sqlite:///{tmp_path}/mxguard.db"
+
+
+def make_config(tmp_path: Path, storage_url: str | None = None, **greylist: Any) -> Config:
     base = Config(server=ServerConfig(state_dir=str(tmp_path)),
-                  storage=StorageConfig(url=f"sqlite:///{tmp_path}/mxguard.db"))
+                  storage=StorageConfig(url=storage_url or f"sqlite:///{tmp_path}/mxguard.db",
+                                        redis_timeout=5.0))
     return dataclasses.replace(base, greylist=dataclasses.replace(GreylistConfig(), **greylist))
 
 
@@ -72,11 +100,11 @@ EnvFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def env_factory(tmp_path: Path) -> AsyncIterator[EnvFactory]:
+async def env_factory(tmp_path: Path, storage_url: str) -> AsyncIterator[EnvFactory]:
     made: list[Env] = []
 
     async def factory(**greylist: Any) -> Env:
-        cfg = make_config(tmp_path, **greylist)
+        cfg = make_config(tmp_path, storage_url, **greylist)
         clock = FakeClock()
         gl = await open_greylister(cfg, clock=clock)
         env = Env(cfg, gl, clock)
@@ -469,7 +497,7 @@ async def test_dynamic_whitelist_from_another_process(env: Env, tmp_path: Path) 
     from mxguard.store.base import WhitelistEntry
 
     await env.run(tx(client="203.0.113.5"))
-    other = SqliteGreylistStore(str(tmp_path / "mxguard.db"))
+    other = open_store(env.cfg)  # a second store object: the CLI's
     await other.add_whitelist(WhitelistEntry("203.0.113.5", "client", T0))
     await other.close()
     await env.gl.refresh_dynamic(force=True)
@@ -564,16 +592,30 @@ async def test_no_service_means_no_greylisting(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- privacy
 
 
+def stored_keys(env: Env, tmp_path: Path) -> list[tuple[str]]:
+    """The keys of every triplet and client record, read from the store's backend."""
+    if env.cfg.storage_url.startswith("redis://"):
+        client = shared_server().client()
+        try:
+            return [(k.decode().split(":", 3)[3],)
+                    for pattern in ("mxguard:gl:t:*", "mxguard:gl:c:*")
+                    for k in client.scan_iter(match=pattern)]
+        finally:
+            client.close()
+    conn = sqlite3.connect(tmp_path / "mxguard.db")
+    rows = conn.execute("SELECT key FROM greylist_triplets UNION ALL "
+                        "SELECT key FROM greylist_clients").fetchall()
+    conn.close()
+    return rows
+
+
 async def test_privacy_stores_only_keyed_hashes(env_factory: EnvFactory,
                                                 tmp_path: Path) -> None:
     env = await env_factory(privacy=True)
     assert is_deferred(await env.run(tx()))
     env.clock.advance(301)
     assert not is_deferred(await env.run(tx()))
-    conn = sqlite3.connect(tmp_path / "mxguard.db")
-    rows = conn.execute("SELECT key FROM greylist_triplets UNION ALL "
-                        "SELECT key FROM greylist_clients").fetchall()
-    conn.close()
+    rows = stored_keys(env, tmp_path)
     assert len(rows) == 2
     for (key,) in rows:
         assert key.startswith("h:") and len(key) == 34
@@ -622,6 +664,7 @@ async def test_run_expiry_task_runs_and_cancels(env_factory: EnvFactory) -> None
     assert (await env.gl.store.stats()).triplets == 0
 
 
+# SQLite only: a corrupt file
 async def test_corrupt_store_file_raises_store_error(tmp_path: Path) -> None:
     db = tmp_path / "mxguard.db"
     db.write_bytes(b"this is not a database" * 100)
@@ -630,6 +673,7 @@ async def test_corrupt_store_file_raises_store_error(tmp_path: Path) -> None:
         await open_greylister(cfg)
 
 
+@sqlite_only
 async def test_store_error_mid_run_and_recovery(env: Env, tmp_path: Path) -> None:
     store = env.gl.store
     assert isinstance(store, SqliteGreylistStore)

@@ -1,0 +1,410 @@
+"""``mxguard learn`` and ``mxguard bayes ...``: teach and inspect the Bayes store.
+
+``mxguard learn --spam|--ham [--forget] PATH...`` reads messages from
+
+* single message files (an mbox ``From`` line at the top is allowed),
+* directories, recursively (hidden files and Maildir ``tmp/`` are skipped),
+* Maildir folders (``cur/`` and ``new/``),
+* mbox files (split at ``From`` lines that are followed by a header line;
+  ``>From`` quoting is undone),
+* ``-``: one message from standard input,
+
+parses them like the daemon does, and learns them in batches (one store
+transaction per batch, so it is safe beside a running daemon). A message
+learned before as the same class is counted once ("already known"); learned
+as the other class, it is moved. ``--forget`` subtracts what was learned.
+
+Progress goes to stderr (a ``\\r`` line with counts and messages per second,
+when stderr is a terminal or with ``--progress``); one summary line goes to
+stdout. Exit status: 0, or 1 when any message could not be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, NoReturn, TypeVar
+
+import click
+
+from mxguard import config
+from mxguard.content.bayes import BayesClassifier, message_key_of
+from mxguard.content.mime import parse_message
+from mxguard.content.tokenizer import tokenize_message
+from mxguard.store.base import StoreError
+from mxguard.store.bayes_store import (
+    FORGOTTEN,
+    KNOWN,
+    LEARNED,
+    RELEARNED,
+    UNKNOWN,
+    open_bayes_store,
+)
+
+T = TypeVar("T")
+
+BATCH_MESSAGES = 100  # messages per store transaction
+BATCH_SECONDS = 0.5  # ... or this much parsing, whichever comes first
+PROGRESS_INTERVAL = 0.2
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a "message" larger than this is an error
+
+config_option = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                             default=None, help="mxguard TOML config file (default: built-in)")
+
+_MBOX_FROM = re.compile(rb"^From \S+.*\d\d:\d\d")
+_HEADER_LINE = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_QUOTED_FROM = re.compile(rb"^>+From ")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"mxguard: {message}", err=True)
+    sys.exit(code)
+
+
+# ------------------------------------------------------------ message sources
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One message to learn (``data``) or one that could not be read (``error``)."""
+
+    where: str
+    data: bytes = b""
+    error: str = ""
+
+
+def is_maildir(path: Path) -> bool:
+    return (path / "cur").is_dir() and (path / "new").is_dir()
+
+
+def _mbox_messages(fh: IO[bytes], where: str) -> Iterator[Item]:
+    """Messages of an mbox stream, split at ``From `` lines followed by a header."""
+    lines: list[bytes] = []
+    pending: bytes | None = None  # a From_ line waiting for its next line
+    n = 0
+
+    def flush() -> Item | None:
+        nonlocal n
+        if not any(line.strip() for line in lines):
+            return None
+        n += 1
+        data = b"".join(_QUOTED_FROM.sub(lambda m: m.group(0)[1:], line) for line in lines)
+        lines.clear()
+        return Item(f"{where}#{n}", data)
+
+    for line in fh:
+        if pending is not None:
+            if _HEADER_LINE.match(line):
+                item = flush()
+                if item is not None:
+                    yield item
+            else:
+                lines.append(pending)
+            pending = None
+            lines.append(line)
+            continue
+        if _MBOX_FROM.match(line):
+            pending = line
+            continue
+        lines.append(line)
+    if pending is not None:
+        lines.append(pending)
+    item = flush()
+    if item is not None:
+        yield item
+
+
+def file_messages(path: Path) -> Iterator[Item]:
+    """One message, or the messages of an mbox file."""
+    where = str(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(5)
+            fh.seek(0)
+            if head == b"From ":
+                yield from _mbox_messages(fh, where)
+                return
+            data = fh.read(MAX_MESSAGE_BYTES + 1)
+    except OSError as exc:
+        yield Item(where, error=exc.strerror or str(exc))
+        return
+    if len(data) > MAX_MESSAGE_BYTES:
+        yield Item(where, error=f"larger than {MAX_MESSAGE_BYTES} bytes")
+    elif not data.strip():
+        yield Item(where, error="empty file")
+    else:
+        yield Item(where, data)
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Files under ``root`` in sorted order; skip hidden files and Maildir tmp/."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if is_maildir(here):
+            dirnames[:] = [d for d in dirnames if d != "tmp"]
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield here / name
+
+
+def path_messages(path: str, stdin: IO[bytes] | None = None) -> Iterator[Item]:
+    """Every message under a command-line PATH (see the module docstring)."""
+    if path == "-":
+        data = (stdin or sys.stdin.buffer).read(MAX_MESSAGE_BYTES + 1)
+        yield Item("-", data) if data.strip() else Item("-", error="empty input")
+        return
+    p = Path(path)
+    if p.is_dir():
+        for f in _walk_files(p):
+            yield from file_messages(f)
+    elif p.exists():
+        yield from file_messages(p)
+    else:
+        yield Item(path, error="no such file or directory")
+
+
+# ------------------------------------------------------------ learning
+
+
+@dataclass
+class Summary:
+    forget: bool = False
+    done: int = 0  # learned (or relearned) / forgotten
+    moved: int = 0  # of done: relearned from the other class
+    skipped: int = 0  # already known / never learned
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+    error_lines: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.done + self.skipped + self.errors
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.total / elapsed if elapsed > 0 else 0.0
+
+    def count(self, outcome: str) -> None:
+        if outcome in (LEARNED, FORGOTTEN):
+            self.done += 1
+        elif outcome == RELEARNED:
+            self.done += 1
+            self.moved += 1
+        elif outcome in (KNOWN, UNKNOWN):
+            self.skipped += 1
+
+    def progress_line(self) -> str:
+        if self.forget:
+            head = f"forgot {self.done}, not learned {self.skipped}"
+        else:
+            head = f"learned {self.done}, already known {self.skipped}"
+        return f"{head}, errors {self.errors} ({self.total} messages, {self.rate:.0f} msgs/s)"
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        moved = f", moved from the other class {self.moved}" if self.moved else ""
+        if self.forget:
+            head = f"forgot {self.done}, not learned {self.skipped}"
+        else:
+            head = f"learned {self.done}, already known {self.skipped}{moved}"
+        return (f"{head}, errors {self.errors} ({self.total} messages in {elapsed:.1f}s, "
+                f"{self.rate:.0f} msgs/s)")
+
+
+class Progress:
+    """A ``\\r`` status line on a stream, refreshed at most every 0.2 s."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+        self.last = 0.0
+        self.width = 0
+
+    def update(self, summary: Summary, *, final: bool = False) -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if not final and now - self.last < PROGRESS_INTERVAL:
+            return
+        self.last = now
+        text = summary.progress_line()
+        pad = " " * max(0, self.width - len(text))
+        self.width = len(text)
+        self.stream.write("\r" + text + pad + ("\n" if final else ""))
+        self.stream.flush()
+
+
+async def learn_items(classifier: BayesClassifier, items: Iterator[Item], *, spam: bool,
+                      forget: bool = False, max_parts: int = 1000,
+                      progress: Progress | None = None,
+                      summary: Summary | None = None) -> Summary:
+    """Parse, tokenize and learn (or forget) ``items`` in batches.
+
+    The store writes a batch in its own thread while the next batch is parsed."""
+    summary = summary or Summary(forget=forget)
+    progress = progress or Progress(None)
+    pending: asyncio.Task[list[str]] | None = None
+
+    async def settle() -> None:
+        nonlocal pending
+        if pending is not None:
+            task, pending = pending, None
+            for outcome in await task:
+                summary.count(outcome)
+            progress.update(summary)
+
+    batch: list[tuple[str, list[str]]] = []
+    started = time.monotonic()
+
+    async def submit() -> None:
+        nonlocal pending, started
+        await settle()
+        if not batch:
+            return
+        work = list(batch)
+        batch.clear()
+        started = time.monotonic()
+        if forget:
+            pending = asyncio.ensure_future(classifier.forget_many(work))
+        else:
+            pending = asyncio.ensure_future(
+                classifier.learn_many([(k, t, spam) for k, t in work]))
+        await asyncio.sleep(0)  # let the store thread start
+
+    for item in items:
+        if item.error:
+            summary.errors += 1
+            if len(summary.error_lines) < 20:
+                summary.error_lines.append(f"{item.where}: {item.error}")
+            progress.update(summary)
+            continue
+        msg = parse_message(item.data, max_parts=max_parts)
+        batch.append((message_key_of(msg), tokenize_message(msg)))
+        if len(batch) >= BATCH_MESSAGES or time.monotonic() - started >= BATCH_SECONDS:
+            await submit()
+    await submit()
+    await settle()
+    progress.update(summary, final=True)
+    return summary
+
+
+def _when(ts: int) -> str:
+    if ts <= 0:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _with_classifier(config_path: str | None,
+                     action: Callable[[BayesClassifier, config.Config], Awaitable[T]]) -> T:
+    try:
+        cfg = config.load(config_path)
+    except config.ConfigError as exc:
+        _fail(f"config error: {exc}", 2)
+
+    async def go() -> T:
+        store = open_bayes_store(cfg)
+        try:
+            return await action(BayesClassifier(store, cfg.bayes), cfg)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except StoreError as exc:
+        _fail(str(exc), 1)
+
+
+# ------------------------------------------------------------ commands
+
+
+@click.command("learn")
+@config_option
+@click.option("--spam", "kind", flag_value="spam", help="the messages are spam")
+@click.option("--ham", "kind", flag_value="ham", help="the messages are ham (not spam)")
+@click.option("--forget", is_flag=True, help="un-learn the messages instead")
+@click.option("--progress/--no-progress", default=None,
+              help="show a progress line on stderr (default: when stderr is a terminal)")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+def learn(config_path: str | None, kind: str | None, forget: bool, progress: bool | None,
+          paths: Sequence[str]) -> None:
+    """Learn messages as spam or ham: files, directories, mbox files, Maildirs, - (stdin)."""
+    if kind is None and not forget:
+        _fail("learn: give --spam or --ham (or --forget)", 2)
+    show = sys.stderr.isatty() if progress is None else progress
+    stream = click.get_text_stream("stderr") if show else None
+
+    async def action(classifier: BayesClassifier, cfg: config.Config) -> Summary:
+        summary = Summary(forget=forget)
+        items = (item for path in paths for item in path_messages(path))
+        await learn_items(classifier, items, spam=kind == "spam", forget=forget,
+                          max_parts=cfg.content.max_parts, progress=Progress(stream),
+                          summary=summary)
+        for _ in range(1000):  # expiry, in its small batches, beside a live daemon
+            if not await classifier.maintenance(force=True):
+                break
+        return summary
+
+    summary = _with_classifier(config_path, action)
+    for line in summary.error_lines:
+        click.echo(f"mxguard: learn: {line}", err=True)
+    click.echo(summary.line())
+    sys.exit(1 if summary.errors else 0)
+
+
+@click.group("bayes")
+def bayes() -> None:
+    """Inspect and maintain the Bayes token store."""
+
+
+@bayes.command("stats")
+@config_option
+def stats_cmd(config_path: str | None) -> None:
+    """Tokens, learned spam and ham, and whether Bayes scores yet."""
+
+    async def action(classifier: BayesClassifier, cfg: config.Config) -> list[tuple[str, str]]:
+        st = await classifier.stats()
+        ready = classifier.ready(st.nspam, st.nham)
+        return [
+            ("tokens", str(st.tokens)),
+            ("nspam", str(st.nspam)),
+            ("nham", str(st.nham)),
+            ("messages_learned", str(st.seen)),
+            ("min_spam", str(cfg.bayes.min_spam)),
+            ("min_ham", str(cfg.bayes.min_ham)),
+            ("ready", "yes" if ready and cfg.bayes.enabled else
+             "no (disabled)" if not cfg.bayes.enabled else
+             f"no (needs {max(0, cfg.bayes.min_spam - st.nspam)} more spam, "
+             f"{max(0, cfg.bayes.min_ham - st.nham)} more ham)"),
+            ("oldest_token_seen", _when(st.oldest_atime)),
+            ("newest_token_seen", _when(st.newest_atime)),
+        ]
+
+    for name, value in _with_classifier(config_path, action):
+        click.echo(f"{name}\t{value}")
+
+
+@bayes.command("expire")
+@config_option
+def expire_cmd(config_path: str | None) -> None:
+    """Delete tokens beyond [bayes] max_tokens or unseen for token_ttl, in small batches."""
+
+    async def action(classifier: BayesClassifier, cfg: config.Config) -> int:
+        total = 0
+        while True:
+            n = await classifier.maintenance(force=True)
+            total += n
+            if not n:
+                return total
+
+    click.echo(f"expired\t{_with_classifier(config_path, action)}")
+
+
+__all__ = ["Item", "Summary", "bayes", "learn", "learn_items", "path_messages"]

@@ -1,0 +1,202 @@
+"""Bayes token stores (SQLite and in-memory): counts, totals, seen records, expiry."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mxguard.config import Config, ServerConfig, StorageConfig
+from mxguard.store.base import StoreError
+from mxguard.store.bayes_store import (
+    FORGOTTEN,
+    KNOWN,
+    LEARNED,
+    RELEARNED,
+    UNKNOWN,
+    BayesStore,
+    LearnItem,
+    MemoryBayesStore,
+    SqliteBayesStore,
+    hashes,
+    open_bayes_store,
+    token_hash,
+)
+
+T0 = 1_795_000_000
+DAY = 86400
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BayesStore]:
+    s: BayesStore = (SqliteBayesStore(str(tmp_path / "bayes.db"))
+                     if request.param == "sqlite" else MemoryBayesStore())
+    yield s
+    await s.close()
+
+
+def item(key: str, tokens: list[int], spam: bool) -> LearnItem:
+    return LearnItem(key, tokens, spam)
+
+
+def test_token_hash_is_stable_and_fits_sqlite_integer() -> None:
+    assert token_hash("free") == token_hash("free")
+    assert token_hash("free") != token_hash("Free")
+    assert all(0 <= token_hash(t) < 2**63 for t in ("", "a", "ü" * 50, "\udcff"))
+    assert hashes(["a", "b", "a"]) == [token_hash("a"), token_hash("b")]
+
+
+async def test_learn_counts_and_totals(store: BayesStore) -> None:
+    out = await store.learn([item("m1", [1, 2, 3], True), item("m2", [2, 3, 4], False),
+                             item("m3", [3], True)], T0)
+    assert out == [LEARNED, LEARNED, LEARNED]
+    tc = await store.lookup([1, 2, 3, 4, 5])
+    assert (tc.nspam, tc.nham) == (2, 1)
+    assert {h: c[:2] for h, c in tc.counts.items()} == {1: (1, 0), 2: (1, 1), 3: (2, 1),
+                                                        4: (0, 1)}
+    assert 5 not in tc.counts  # unknown token: absent, not zero
+    st = await store.stats()
+    assert (st.tokens, st.nspam, st.nham, st.seen) == (4, 2, 1, 3)
+
+
+async def test_learning_twice_counts_once(store: BayesStore) -> None:
+    assert await store.learn([item("m1", [1, 2], True)], T0) == [LEARNED]
+    assert await store.learn([item("m1", [1, 2], True)], T0) == [KNOWN]
+    tc = await store.lookup([1, 2])
+    assert tc.nspam == 1 and tc.counts[1][:2] == (1, 0)
+    assert await store.seen("m1") is True
+    assert await store.seen("other") is None  # control
+
+
+async def test_relearn_as_other_class_moves_counts(store: BayesStore) -> None:
+    await store.learn([item("m1", [1, 2], True)], T0)
+    assert await store.learn([item("m1", [1, 2], False)], T0) == [RELEARNED]
+    tc = await store.lookup([1, 2])
+    assert (tc.nspam, tc.nham) == (0, 1)
+    assert tc.counts[1][:2] == (0, 1)
+    assert await store.seen("m1") is False
+
+
+async def test_forget_subtracts_exactly(store: BayesStore) -> None:
+    await store.learn([item("m1", [1, 2], True), item("m2", [2, 3], True)], T0)
+    assert await store.forget([item("m1", [1, 2], False)], T0) == [FORGOTTEN]
+    assert await store.forget([item("m1", [1, 2], False)], T0) == [UNKNOWN]
+    assert await store.forget([item("never", [2], True)], T0) == [UNKNOWN]
+    tc = await store.lookup([1, 2, 3])
+    assert tc.nspam == 1
+    assert 1 not in tc.counts  # count dropped to zero: row deleted
+    assert tc.counts[2][:2] == (1, 0) and tc.counts[3][:2] == (1, 0)
+    assert (await store.stats()).tokens == 2
+
+
+async def test_forget_never_goes_negative(store: BayesStore) -> None:
+    await store.learn([item("m1", [1], True)], T0)
+    # re-tokenized with more tokens than were learned (tokenizer changed): clamp at 0
+    await store.forget([item("m1", [1, 2, 3], True)], T0)
+    tc = await store.lookup([1, 2, 3])
+    assert tc.counts == {} and tc.nspam == 0
+
+
+async def test_lookup_many_tokens_in_one_call(store: BayesStore) -> None:
+    toks = list(range(1, 5001))
+    await store.learn([item("big", toks, False)], T0)
+    tc = await store.lookup(toks + [10**12])
+    assert len(tc.counts) == 5000
+
+
+async def test_touch_refreshes_atime_only_forward(store: BayesStore) -> None:
+    await store.learn([item("m1", [1, 2], True)], T0)
+    await store.touch([1], T0 + DAY)
+    await store.touch([2], T0 - DAY)
+    tc = await store.lookup([1, 2])
+    assert tc.counts[1][2] == T0 + DAY and tc.counts[2][2] == T0
+
+
+async def test_expire_ttl_in_batches(store: BayesStore) -> None:
+    await store.learn([item("old", list(range(100)), True)], T0)
+    await store.learn([item("new", list(range(100, 150)), True)], T0 + 10 * DAY)
+    now = T0 + 11 * DAY
+    ttl = 5 * DAY
+    assert await store.expire(now, 10**6, ttl, limit=30) == 30  # a batch, not a sweep
+    assert await store.expire(now, 10**6, ttl, limit=30) == 30
+    assert await store.expire(now, 10**6, ttl, limit=1000) == 40
+    assert await store.expire(now, 10**6, ttl, limit=1000) == 0
+    tc = await store.lookup(list(range(150)))
+    assert sorted(tc.counts) == list(range(100, 150))  # the recent ones survive
+    assert (await store.stats()).tokens == 50
+
+
+async def test_expire_beyond_max_tokens_least_recent_first(store: BayesStore) -> None:
+    for day in range(10):
+        await store.learn([item(f"m{day}", list(range(day * 10, day * 10 + 10)), False)],
+                          T0 + day * DAY)
+    now = T0 + 10 * DAY
+    ttl = 365 * DAY  # nothing is too old: only the count limit applies
+    assert await store.expire(now, 45, ttl, limit=20) == 20
+    assert await store.expire(now, 45, ttl, limit=20) == 20
+    assert await store.expire(now, 45, ttl, limit=20) == 15
+    assert await store.expire(now, 45, ttl, limit=20) == 0
+    tc = await store.lookup(list(range(100)))
+    assert sorted(tc.counts) == list(range(55, 100))
+    assert (await store.stats()).tokens == 45
+
+
+async def test_stats_atime_range(store: BayesStore) -> None:
+    empty = await store.stats()
+    assert (empty.tokens, empty.oldest_atime, empty.newest_atime) == (0, 0, 0)
+    await store.learn([item("a", [1], True)], T0)
+    await store.learn([item("b", [2], True)], T0 + 5)
+    st = await store.stats()
+    assert (st.oldest_atime, st.newest_atime) == (T0, T0 + 5)
+
+
+async def test_sqlite_wal_and_persistence(tmp_path: Path) -> None:
+    path = str(tmp_path / "state" / "mxguard.db")
+    s = SqliteBayesStore(path)
+    await s.learn([item("m1", [7, 8], True)], T0)
+    await s.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    s2 = SqliteBayesStore(path)
+    tc = await s2.lookup([7, 8])
+    assert tc.nspam == 1 and set(tc.counts) == {7, 8}
+    await s2.close()
+
+
+async def test_sqlite_100k_tokens(tmp_path: Path) -> None:
+    s = SqliteBayesStore(str(tmp_path / "b.db"))
+    items = [item(f"m{i}", list(range(i * 1000, i * 1000 + 1000)), i % 2 == 0)
+             for i in range(120)]
+    assert await s.learn(items, T0) == [LEARNED] * 120
+    st = await s.stats()
+    assert st.tokens == 120_000 and st.nspam == 60 and st.nham == 60
+    assert await s.expire(T0, 100_000, 10**8, limit=5000) == 5000  # one bounded batch
+    assert (await s.stats()).tokens == 115_000
+    await s.close()
+
+
+async def test_sqlite_errors_are_store_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "notadb"
+    bad.write_bytes(b"this is not a database" * 100)
+    s = SqliteBayesStore(str(bad))
+    with pytest.raises(StoreError, match="notadb"):
+        await s.lookup([1])
+    await s.close()
+    with pytest.raises(StoreError, match="closed"):
+        await s.lookup([1])
+
+
+async def test_sqlite_shares_the_main_state_file(tmp_path: Path) -> None:
+    cfg = Config(server=ServerConfig(state_dir=str(tmp_path)))
+    s = open_bayes_store(cfg)
+    assert isinstance(s, SqliteBayesStore) and s.path == str(tmp_path / "mxguard.db")
+    await s.close()
+
+
+def test_unsupported_url_is_a_clear_error() -> None:
+    cfg = Config(storage=StorageConfig(url="redis://127.0.0.1:6379/0"))
+    with pytest.raises(StoreError, match="no Bayes store"):
+        open_bayes_store(cfg)
