@@ -81,12 +81,14 @@ def _register() -> None:
     from mxguard.dns_cli import dns
     from mxguard.doctor import doctor
     from mxguard.greylist_cli import greylist
+    from mxguard.learn_cli import bayes, learn
     from mxguard.postfix_setup import postfix
     from mxguard.spf_cli import spf
     from mxguard.storage_cli import storage
 
     dkim.add_command(rotate)
-    for command in (greylist, spf, dkim, scan, rules, storage, postfix, dns, doctor, demo):
+    for command in (greylist, spf, dkim, scan, rules, learn, bayes, storage, postfix, dns,
+                    doctor, demo):
         main.add_command(command)
 
 

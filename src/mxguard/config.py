@@ -85,6 +85,17 @@ SYMBOL_SCORES: dict[str, float] = {
     "DMARC_NO_POLICY": 0.0,
     "DMARC_TEMPERROR": 0.0,
     "DMARC_PERMERROR": 0.5,
+    # Bayes (tuned on the corpus train split; mxguard.content.bayes.BAYES_SCORES)
+    "BAYES_00": -1.5,
+    "BAYES_05": -0.5,
+    "BAYES_20": -0.1,
+    "BAYES_40": 0.0,
+    "BAYES_50": 1.0,
+    "BAYES_60": 1.5,
+    "BAYES_80": 3.5,
+    "BAYES_95": 3.5,
+    "BAYES_99": 5.0,
+    "BAYES_999": 5.0,
 }
 
 

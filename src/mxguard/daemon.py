@@ -70,6 +70,19 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
     services["greylist"] = await _maybe_await(open_greylister(cfg))
     if cfg.milter.enabled and cfg.dmarc.store_results:
         services[dm.RESULTS_SERVICE] = open_results_store(cfg)
+    if cfg.milter.enabled and cfg.bayes.enabled and cfg.mode("content") is not Mode.OFF:
+        from mxguard.content.bayes import BayesClassifier
+        from mxguard.milter_handler import BAYES_SERVICE
+        from mxguard.store.base import StoreError
+        from mxguard.store.bayes_store import open_bayes_store
+
+        try:
+            store = open_bayes_store(cfg)
+        except StoreError as exc:  # e.g. Redis: Bayes on Redis is not built yet
+            log.warning("bayes: disabled: %s", exc)
+        else:
+            services["bayes_store"] = store
+            services[BAYES_SERVICE] = BayesClassifier(store, cfg.bayes)
     return services
 
 
@@ -142,6 +155,7 @@ class Daemon:
         if run_expiry is not None:
             self._tasks.append(loop.create_task(run_expiry()))
         self._tasks.append(loop.create_task(self._flush_results()))
+        self._tasks.append(loop.create_task(self._bayes_maintenance()))
         log.info("mxguard %s started (config %s, storage %s, pid %d)", __version__,
                  cfg.source, cfg.storage_url, os.getpid())
 
@@ -157,6 +171,17 @@ class Daemon:
                     store.flush()
                 except Exception as exc:  # a full disk must not stop the daemon
                     log.warning("dmarc results: flush failed: %s", exc)
+
+    async def _bayes_maintenance(self) -> None:
+        """Token access times and expiry in small batches, never a long sweep."""
+        while True:
+            await asyncio.sleep(30)
+            clf = self.runtime.services.get("bayes")
+            if clf is not None:
+                try:
+                    await clf.maintenance()
+                except Exception as exc:
+                    log.warning("bayes: maintenance failed: %s", exc)
 
     async def start_milter(self, cfg: config.Config) -> None:
         from mxguard.milter_handler import MxguardMilter

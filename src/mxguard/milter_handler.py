@@ -13,6 +13,7 @@ mode; observe logs what would have happened.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,10 @@ from mxguard.auth.dmarc import SpfAuth
 from mxguard.checks import dkim as dkim_check
 from mxguard.checks import dmarc as dm
 from mxguard.checks import spf as spf_check
-from mxguard.checks.content import evaluate_content
+from mxguard.checks.content import evaluate_content, parse_tx_message, spam_headers
+from mxguard.content import dnsbl
+from mxguard.content.bayes import autolearn_decision, message_key_of
+from mxguard.content.tokenizer import tokenize_message
 from mxguard.pipeline import Runtime
 from mxguard.protocols.milter_server import (
     BaseMilterHandler,
@@ -31,17 +35,19 @@ from mxguard.protocols.milter_server import (
     MilterResult,
     MilterSession,
 )
-from mxguard.transaction import CheckResult, HeaderEdit, Mode, Stage, Transaction, Verdict
+from mxguard.transaction import Action, CheckResult, HeaderEdit, Mode, Stage, Transaction, Verdict
 
 if TYPE_CHECKING:
     from mxguard.daemon import Daemon
 
 log = logging.getLogger("mxguard")
+BAYES_SERVICE = "bayes"
 
 
 class MxguardMilter(BaseMilterHandler):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self._learning: set[asyncio.Task[Any]] = set()
 
     async def on_end_of_message(self, session: MilterSession) -> MilterResult:
         rt = self.daemon.runtime
@@ -99,21 +105,73 @@ class MxguardMilter(BaseMilterHandler):
         return MilterResult(headers=edits)
 
     async def _content(self, tx: Transaction, rt: Runtime, verdict: Verdict) -> list[Any]:
-        """Content scoring on top of the scores so far; X-Spam-* headers unless observing."""
-        mode = rt.config.mode("content")
+        """Blocklists, Bayes and the rules on top of the scores so far, then autolearn;
+        X-Spam-* headers unless observing."""
+        cfg = rt.config
+        mode = cfg.mode("content")
         if mode is Mode.OFF:
             return []
+        parsed = await asyncio.to_thread(parse_tx_message, tx, rt)
+        if cfg.mode("dnsbl") is not Mode.OFF:
+            listed = await dnsbl.check(tx, rt, parsed)
+            if listed is not None:
+                verdict.add(listed, cfg.mode("dnsbl"))
+        bayes_result = await self._bayes(tx, rt, parsed, verdict, mode)
         outcome = await evaluate_content(tx, rt, base_score=verdict.score,
-                                         base_symbols=list(verdict.symbols))
+                                         base_symbols=list(verdict.symbols), parsed=parsed,
+                                         bayes_ready=bayes_result is not None
+                                         and bayes_result.ready)
+        before = list(verdict.symbols)
         tx.results["content"] = outcome.result
         verdict.add(outcome.result, mode)
         verdict.extra["spam_action"] = outcome.action
+        status = self._autolearn(tx, rt, parsed, outcome.total, before, bayes_result, verdict)
         if mode is Mode.OBSERVE:
             return []
-        edits: list[Any] = list(outcome.headers)
+        descriptions = {h.name: h.description for h in outcome.result.data.hits}
+        edits: list[Any] = spam_headers(outcome.total, before + outcome.result.symbols, cfg,
+                                        status, descriptions)
         if outcome.subject is not None:
             edits.append(outcome.subject)
         return edits
+
+    async def _bayes(self, tx: Transaction, rt: Runtime, parsed: Any, verdict: Verdict,
+                     mode: Mode) -> Any:
+        clf = rt.services.get(BAYES_SERVICE)
+        if clf is None or not rt.config.bayes.enabled:
+            return None
+        tokens = tokenize_message(parsed)
+        result = await clf.classify(tokens)
+        symbols = result.symbols(rt.config.scores)
+        checked = CheckResult("bayes", symbols, reason=f"prob={result.prob:.3f}"
+                              if result.ready else "not-ready",
+                              data=(message_key_of(parsed), tokens))
+        tx.results["bayes"] = checked
+        verdict.add(checked, mode)
+        return result
+
+    def _autolearn(self, tx: Transaction, rt: Runtime, parsed: Any, total: float,
+                   before: list[Any], bayes_result: Any, verdict: Verdict) -> str:
+        """Learn clearly-spam / clearly-ham mail in the background; the autolearn= value."""
+        clf = rt.services.get(BAYES_SERVICE)
+        if clf is None or "bayes" not in tx.results:
+            return "no"
+        bayes_score = sum(s.score for s in tx.results["bayes"].symbols)
+        prob = bayes_result.prob if bayes_result is not None and bayes_result.ready else None
+        decision = autolearn_decision(total, bayes_score, rt.config.bayes, bayes_prob=prob)
+        rejected = verdict.decision is not None and verdict.decision.action is Action.REJECT
+        if decision.spam is None or tx.authenticated or (rejected and not decision.spam):
+            return decision.status
+        key, tokens = tx.results["bayes"].data
+        task = asyncio.get_running_loop().create_task(clf.learn(key, tokens, decision.spam))
+        self._learning.add(task)
+        task.add_done_callback(self._learned)
+        return decision.status
+
+    def _learned(self, task: asyncio.Task[Any]) -> None:
+        self._learning.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("bayes: autolearn failed: %s", task.exception())
 
     async def _spf(self, tx: Transaction, rt: Runtime) -> SpfAuth | None:
         """The policy door's SPF verdict for this message, or computed now."""

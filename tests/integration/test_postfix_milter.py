@@ -213,3 +213,42 @@ def test_spam_is_tagged_when_reject_is_off(tmp_path: Path, dns: DNSServer, sink:
         assert ham.header("Subject") == "test"
     finally:
         assert mx.stop() == 0
+
+
+SPAMMY = ("Cheap pills online pharmacy discount viagra cialis casino jackpot winner "
+          "claim your prize now limited offer click here unsubscribe\r\n") * 5
+HAMMY = ("Hi Bob, the meeting notes from Tuesday are attached; the release branch "
+         "builds again and the test suite passes. See you at standup tomorrow.\r\n") * 5
+
+
+def test_bayes_learned_with_the_cli_scores_mail_through_postfix(
+        tmp_path: Path, dns: DNSServer, sink: Sink,
+        postfix_factory: Callable[..., PostfixInstance]) -> None:
+    from click.testing import CliRunner
+
+    from mxguard.learn_cli import learn
+
+    mx = MxguardProcess(tmp_path, (f'[dns]\nnameservers = ["{dns.address}"]\n'
+                                   '[greylist]\nmode = "off"\n[dkim]\ninternal_hosts = []\n'
+                                   "[bayes]\nmin_spam = 1\nmin_ham = 1\nautolearn = false\n"))
+    for kind, text in (("spam", SPAMMY), ("ham", HAMMY)):
+        for i in range(3):
+            f = tmp_path / f"{kind}{i}.eml"
+            f.write_bytes(message(f"x{i}@{kind}.example",
+                                  extra=f"Message-ID: <{kind}{i}@learn.test>\r\n", body=text))
+        out = CliRunner().invoke(learn, [f"--{kind}", "--no-progress", "-c", str(mx.config),
+                                         *[str(p) for p in tmp_path.glob(f"{kind}*.eml")]])
+        assert out.exit_code == 0, out.output
+    mx.start()
+    try:
+        pf = postfix_factory({"smtpd_milters": f"inet:127.0.0.1:{mx.milter_port}"})
+        assert deliver(pf, message("alice@sender.test", body=SPAMMY))[1]
+        assert deliver(pf, message("alice@sender.test", body=HAMMY))[1]  # control
+        spam, ham = sink.wait_for(2)
+        spam_status = " ".join(spam.header("X-Spam-Status").split())
+        ham_status = " ".join(ham.header("X-Spam-Status").split())
+        assert "BAYES_99" in spam_status or "BAYES_999" in spam_status, spam_status
+        assert spam.header("X-Spam-Flag") == "YES"
+        assert "BAYES_00" in ham_status and ham_status.startswith("No,"), ham_status
+    finally:
+        assert mx.stop() == 0

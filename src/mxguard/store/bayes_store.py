@@ -10,8 +10,8 @@ forgetting subtracts exactly what was added.
 
 Implementations:
 
-* :class:`SqliteBayesStore` -- the embedded default (its own tables in the
-  same SQLite file as the rest of mxguard's state, WAL).
+* :class:`SqliteBayesStore` -- the embedded default: WAL, its own file next to
+  the main state file (``mxguard-bayes.db`` beside ``mxguard.db``).
 * :class:`MemoryBayesStore` -- dicts; for tests and the accuracy benchmark's
   cross-validation. Also the reference for what a method must do.
 * Redis (for fleets of MX hosts): implement :class:`BayesStore` -- a hash per
@@ -521,14 +521,27 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def bayes_sqlite_path(main_path: str) -> str:
+    """The Bayes file next to the main SQLite file: ``/x/mxguard.db`` -> ``/x/mxguard-bayes.db``.
+
+    A file of its own, so a long learn batch (``mxguard learn``) or an expiry
+    batch never holds the lock that greylisting writes wait for on the event loop."""
+    if main_path == ":memory:":
+        return main_path
+    root, ext = os.path.splitext(main_path)
+    return f"{root}-bayes{ext or '.db'}"
+
+
 def open_bayes_store(cfg: Config) -> BayesStore:
-    """The Bayes store named by ``cfg.storage_url``: same SQLite file as the other
-    state (own tables). Redis: add a ``redis://`` branch returning a RedisBayesStore."""
+    """The Bayes store for ``cfg.storage_url``: for ``sqlite:///PATH`` a SQLite file
+    next to PATH (:func:`bayes_sqlite_path`). Redis: add a ``redis://`` branch here
+    returning a ``RedisBayesStore`` (a :class:`BayesStore`)."""
     url = cfg.storage_url
     if url.startswith("sqlite:///"):
-        return SqliteBayesStore(sqlite_path(url), busy_timeout=cfg.storage.busy_timeout)
-    raise StoreError(f"storage.url {url!r}: no Bayes store for this URL yet "
-                     "(supported: sqlite:///PATH)")
+        return SqliteBayesStore(bayes_sqlite_path(sqlite_path(url)),
+                                busy_timeout=cfg.storage.busy_timeout)
+    raise StoreError(f"storage.url {url.split('://')[0]}://...: no Bayes store for this URL "
+                     "yet (supported: sqlite:///PATH)")
 
 
 def hashes(tokens: Iterable[str]) -> list[int]:
@@ -537,5 +550,5 @@ def hashes(tokens: Iterable[str]) -> list[int]:
 
 
 __all__ = ["FORGOTTEN", "KNOWN", "LEARNED", "RELEARNED", "UNKNOWN", "BayesStats", "BayesStore",
-           "LearnItem", "MemoryBayesStore", "SqliteBayesStore", "TokenCounts", "hashes",
-           "open_bayes_store", "token_hash"]
+           "LearnItem", "MemoryBayesStore", "SqliteBayesStore", "TokenCounts",
+           "bayes_sqlite_path", "hashes", "open_bayes_store", "token_hash"]

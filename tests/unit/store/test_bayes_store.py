@@ -20,6 +20,7 @@ from mxguard.store.bayes_store import (
     LearnItem,
     MemoryBayesStore,
     SqliteBayesStore,
+    bayes_sqlite_path,
     hashes,
     open_bayes_store,
     token_hash,
@@ -102,7 +103,7 @@ async def test_forget_never_goes_negative(store: BayesStore) -> None:
 async def test_lookup_many_tokens_in_one_call(store: BayesStore) -> None:
     toks = list(range(1, 5001))
     await store.learn([item("big", toks, False)], T0)
-    tc = await store.lookup(toks + [10**12])
+    tc = await store.lookup([*toks, 10**12])
     assert len(tc.counts) == 5000
 
 
@@ -189,11 +190,13 @@ async def test_sqlite_errors_are_store_errors(tmp_path: Path) -> None:
         await s.lookup([1])
 
 
-async def test_sqlite_shares_the_main_state_file(tmp_path: Path) -> None:
+async def test_sqlite_file_next_to_the_main_state_file(tmp_path: Path) -> None:
     cfg = Config(server=ServerConfig(state_dir=str(tmp_path)))
     s = open_bayes_store(cfg)
-    assert isinstance(s, SqliteBayesStore) and s.path == str(tmp_path / "mxguard.db")
+    assert isinstance(s, SqliteBayesStore) and s.path == str(tmp_path / "mxguard-bayes.db")
     await s.close()
+    assert bayes_sqlite_path("/x/state") == "/x/state-bayes.db"
+    assert bayes_sqlite_path(":memory:") == ":memory:"
 
 
 def test_unsupported_url_is_a_clear_error() -> None:
