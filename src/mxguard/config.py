@@ -85,7 +85,7 @@ SYMBOL_SCORES: dict[str, float] = {
     "DMARC_NO_POLICY": 0.0,
     "DMARC_TEMPERROR": 0.0,
     "DMARC_PERMERROR": 0.5,
-    # Bayes (tuned on the corpus train split; mxguard.content.bayes.BAYES_SCORES)
+    # Bayes, tuned on the corpus train split (bench/accuracy_bench.py --tune)
     "BAYES_00": -1.5,
     "BAYES_05": -0.5,
     "BAYES_20": -0.1,

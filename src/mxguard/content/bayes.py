@@ -49,6 +49,7 @@ from mxguard.store.bayes_store import (
     TokenCounts,
     hashes,
 )
+from mxguard.config import SYMBOL_SCORES
 from mxguard.transaction import Symbol
 
 if TYPE_CHECKING:
@@ -86,18 +87,9 @@ RANGES: tuple[tuple[float, str], ...] = (
 # the built-in rules Bayes carries most of the weight, so BAYES_99 alone tags a
 # message; a site with a large ruleset (SpamAssassin's) should re-tune or lower
 # these in [scores].
-BAYES_SCORES: dict[str, float] = {
-    "BAYES_00": -1.5,
-    "BAYES_05": -0.5,
-    "BAYES_20": -0.1,
-    "BAYES_40": 0.0,
-    "BAYES_50": 1.0,
-    "BAYES_60": 1.5,
-    "BAYES_80": 3.5,
-    "BAYES_95": 3.5,
-    "BAYES_99": 5.0,
-    "BAYES_999": 5.0,
-}
+# The values live with every other default score in config.SYMBOL_SCORES.
+BAYES_SCORES: dict[str, float] = {name: score for name, score in SYMBOL_SCORES.items()
+                                  if name.startswith("BAYES_")}
 
 BAYES_DESCRIPTIONS: dict[str, str] = {}
 _lo = 0.0
