@@ -78,7 +78,7 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
 
         try:
             store = open_bayes_store(cfg)
-        except StoreError as exc:  # e.g. Redis: Bayes on Redis is not built yet
+        except StoreError as exc:  # an unusable Bayes store: scan without Bayes
             log.warning("bayes: disabled: %s", exc)
         else:
             services["bayes_store"] = store
@@ -276,6 +276,11 @@ def raise_fd_limit() -> None:
 def serve(cfg: config.Config, config_path: str | None) -> int:
     logs.setup(cfg.log)
     raise_fd_limit()
+    from mxguard import workers
+
+    count = workers.worker_count(cfg.server.workers)
+    if count > 1:  # a master binding the sockets and forking the workers
+        return workers.serve(cfg, config_path, count)
     daemon_coro = _run(cfg, config_path)
     try:
         import uvloop

@@ -2,13 +2,16 @@
 
 ``mxguard storage migrate --from URL --to URL`` copies greylist triplets,
 auto-whitelist clients, the dynamic whitelist, the store's secrets (the
-privacy key, so hashed triplets stay valid) and the per-message DMARC results
-from one store to another: ``sqlite:///…`` to ``redis://…`` when one MX host
-becomes a fleet, and back. Progress is printed as it goes (a line per
+privacy key, so hashed triplets stay valid), the Bayes database (tokens,
+learned-message records, the nspam/nham totals; for SQLite the
+``mxguard-bayes.db`` file next to the main one) and the per-message DMARC
+results from one store to another: ``sqlite:///…`` to ``redis://…`` when one
+MX host becomes a fleet, and back. Progress is printed as it goes (a line per
 ``--batch`` records). Records already expired are skipped; records already in
-the target are replaced by the source's; DMARC result counts are added to what
-the target holds (migrate each source once). Stop the daemons (or accept that
-a few requests decided during the copy are not carried over).
+the target are replaced by the source's (the Bayes totals too); DMARC result
+counts are added to what the target holds (migrate each source once). Stop
+the daemons (or accept that a few requests decided during the copy are not
+carried over).
 
 Exit status: 0 done, 1 a store failed, 2 bad usage.
 """
@@ -21,7 +24,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -33,7 +36,11 @@ from mxguard.store.base import (
     WhitelistEntry,
     sqlite_path,
 )
+from mxguard.store.bayes_store import SqliteBayesStore, bayes_sqlite_path
 from mxguard.store.results import ResultsStore, SqliteResultsStore, results_path
+
+if TYPE_CHECKING:
+    from mxguard.store.redis_bayes import RedisBayesStore, SeenRow, TokenRow
 
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 SECRET_NAMES_SKIPPED = ("whitelist_version",)  # per-store counters, not secrets
@@ -289,6 +296,170 @@ def migrate_results(src_url: str, dst_url: str, timeout: float) -> None:
         dst.close()
 
 
+# ------------------------------------------------------------------ Bayes
+
+
+class SqliteBayesFile:
+    """The SQLite Bayes file of a storage URL (``mxguard-bayes.db`` beside the main one)."""
+
+    def __init__(self, url: str, *, create: bool) -> None:
+        self.path = bayes_sqlite_path(sqlite_path(url))
+        self.store: SqliteBayesStore | None = None
+        self.conn: sqlite3.Connection | None = None
+        self.exists = self.path == ":memory:" or os.path.exists(self.path)
+        if not self.exists and not create:
+            return
+        try:
+            if create:
+                self.store = SqliteBayesStore(self.path)
+                self.store.stats_sync()  # creates the file and its tables
+                self.conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            else:
+                self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+                self.conn.execute("SELECT 1 FROM bayes_tokens LIMIT 1")
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite {self.path}: cannot open: {exc}") from None
+
+    def _rows(self, sql: str, size: int) -> list[list[Any]]:
+        assert self.conn is not None
+        try:
+            cur = self.conn.execute(sql)
+            out = []
+            while rows := cur.fetchmany(size):
+                out.append(rows)
+            return out
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite {self.path}: read failed: {exc}") from None
+
+    def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        assert self.conn is not None
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(sql, rows)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise StoreError(f"sqlite {self.path}: write failed: {exc}") from None
+
+    async def tokens(self, size: int) -> AsyncIterator[list[TokenRow]]:
+        from mxguard.store.redis_bayes import TokenRow
+
+        for rows in self._rows("SELECT h, spam, ham, atime FROM bayes_tokens", size):
+            yield [TokenRow(*r) for r in rows]
+
+    async def seen(self, size: int) -> AsyncIterator[list[SeenRow]]:
+        from mxguard.store.redis_bayes import SeenRow
+
+        for rows in self._rows("SELECT key, spam, time FROM bayes_seen", size):
+            yield [SeenRow(k, bool(sp), int(t)) for k, sp, t in rows]
+
+    async def totals(self) -> tuple[int, int]:
+        meta = {n: int(v) for batch in self._rows("SELECT name, value FROM bayes_meta", 100)
+                for n, v in batch}
+        return meta.get("nspam", 0), meta.get("nham", 0)
+
+    async def put_tokens(self, rows: list[TokenRow]) -> int:
+        self._many("INSERT OR REPLACE INTO bayes_tokens VALUES (?, ?, ?, ?)",
+                   [(r.h, r.spam, r.ham, r.atime) for r in rows])
+        return len(rows)
+
+    async def put_seen(self, rows: list[SeenRow]) -> int:
+        self._many("INSERT OR REPLACE INTO bayes_seen VALUES (?, ?, ?)",
+                   [(r.key, int(r.spam), r.time) for r in rows])
+        return len(rows)
+
+    async def set_totals(self, nspam: int, nham: int) -> None:
+        self._many("UPDATE bayes_meta SET value = ? WHERE name = ?",
+                   [(nspam, "nspam"), (nham, "nham")])
+        if self.store is not None:
+            self.store.recount_sync()  # the kept token count
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        if self.store is not None:
+            await self.store.close()
+
+
+class RedisBayes:
+    def __init__(self, url: str, timeout: float) -> None:
+        from mxguard.store.redis_bayes import RedisBayesStore
+
+        self.store: RedisBayesStore = RedisBayesStore(url, timeout=timeout)
+        self.exists = True
+
+    async def tokens(self, size: int) -> AsyncIterator[list[TokenRow]]:
+        async for batch in self.store.scan_tokens():
+            yield batch
+
+    async def seen(self, size: int) -> AsyncIterator[list[SeenRow]]:
+        async for batch in self.store.scan_seen():
+            yield batch
+
+    async def totals(self) -> tuple[int, int]:
+        return await self.store.totals()
+
+    async def put_tokens(self, rows: list[TokenRow]) -> int:
+        return await self.store.put_tokens(rows)
+
+    async def put_seen(self, rows: list[SeenRow]) -> int:
+        return await self.store.put_seen(rows)
+
+    async def set_totals(self, nspam: int, nham: int) -> None:
+        await self.store.set_totals(nspam, nham)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+async def migrate_bayes(src_url: str, dst_url: str, batch: int, timeout: float) -> None:
+    src: SqliteBayesFile | RedisBayes = (RedisBayes(src_url, timeout)
+                                         if _kind(src_url) == "redis"
+                                         else SqliteBayesFile(src_url, create=False))
+    if not src.exists:
+        click.echo("  bayes: none in the source")
+        await src.close()
+        return
+    try:
+        dst: SqliteBayesFile | RedisBayes = (RedisBayes(dst_url, timeout)
+                                             if _kind(dst_url) == "redis"
+                                             else SqliteBayesFile(dst_url, create=True))
+    except BaseException:
+        await src.close()
+        raise
+    try:
+        prog = Progress("bayes tokens", batch)
+        tokens: list[TokenRow] = []
+        async for rows in src.tokens(batch):
+            tokens.extend(rows)
+            while len(tokens) >= batch:
+                chunk, tokens = tokens[:batch], tokens[batch:]
+                prog.add(await dst.put_tokens(chunk))
+        prog.add(await dst.put_tokens(tokens))
+        prog.done()
+
+        prog = Progress("bayes learned messages", batch)
+        seen: list[SeenRow] = []
+        async for srows in src.seen(batch):
+            seen.extend(srows)
+            while len(seen) >= batch:
+                schunk, seen = seen[:batch], seen[batch:]
+                prog.add(await dst.put_seen(schunk))
+        prog.add(await dst.put_seen(seen))
+        prog.done()
+
+        nspam, nham = await src.totals()
+        had = await dst.totals()
+        await dst.set_totals(nspam, nham)
+        note = (f" (the target's {had[0]} spam, {had[1]} ham were replaced)"
+                if any(had) and had != (nspam, nham) else "")
+        click.echo(f"  bayes totals: {nspam} spam, {nham} ham{note}")
+    finally:
+        await src.close()
+        await dst.close()
+
+
 # ------------------------------------------------------------------ migrate
 
 
@@ -364,7 +535,7 @@ def storage() -> None:
               show_default=True, help="seconds a Redis command may take")
 @click.option("--no-results", is_flag=True, help="leave the DMARC results where they are")
 def migrate(src: str, dst: str, batch: int, timeout: float, no_results: bool) -> None:
-    """Copy greylist state, whitelist, secrets and DMARC results from --from to --to."""
+    """Copy greylist state, whitelist, secrets, Bayes and DMARC results from --from to --to."""
     _kind(src)
     _kind(dst)
     if src.rstrip("/") == dst.rstrip("/"):
@@ -373,6 +544,7 @@ def migrate(src: str, dst: str, batch: int, timeout: float, no_results: bool) ->
     t0 = time.monotonic()
     try:
         asyncio.run(migrate_greylist(src, dst, batch, timeout))
+        asyncio.run(migrate_bayes(src, dst, batch, timeout))
         if not no_results:
             migrate_results(src, dst, timeout)
     except StoreError as exc:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import logging
 import os
+import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.support.daemon import MxguardProcess, PolicyClient
@@ -193,6 +197,116 @@ def test_redis_stopped_hung_and_restarted_empty(
     assert all(error_lines(d) == 1 for d in (a, b))
     for c in conns.values():
         c.close()
+
+
+# ---------------------------------------------------------------- Bayes shared by the fleet
+
+SPAMMY = ("Cheap pills online pharmacy discount viagra cialis casino jackpot winner "
+          "claim your prize now limited offer click here unsubscribe\r\n") * 5
+HAMMY = ("Hi Bob, the meeting notes from Tuesday are attached; the release branch "
+         "builds again and the test suite passes. See you at standup tomorrow.\r\n") * 5
+
+
+def _milter_client_module() -> Any:
+    """bench/milter_client.py: the MTA side of the milter protocol, as Postfix speaks it."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "milter_client.py"
+    name = "mxguard_bench_milter_client"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def bayes_daemon(tmp: Path, name: str, url: str) -> MxguardProcess:
+    """A fleet host with its milter door on: content scoring and Bayes, nothing that
+    needs DNS (a closed loopback port as nameserver keeps it on-box anyway)."""
+    workdir = tmp / name
+    workdir.mkdir()
+    proc = MxguardProcess(workdir)
+    proc.config.write_text(
+        f'[server]\nstate_dir = "{workdir}"\n'
+        f'[policy]\nlisten = "127.0.0.1:{proc.port}"\n'
+        f'[milter]\nlisten = "127.0.0.1:{proc.milter_port}"\n'
+        f'[dns]\nnameservers = ["127.0.0.1:{free_port()}"]\ntimeout = 1\n'
+        f'[storage]\nurl = "{url}"\nredis_timeout = 2\n'
+        '[helo]\nmode = "off"\n[spf]\nmode = "off"\n[greylist]\nmode = "off"\n'
+        '[dkim]\nmode = "off"\ninternal_hosts = []\n[dmarc]\nmode = "off"\n'
+        "[bayes]\nmin_spam = 1\nmin_ham = 1\nautolearn = false\n")
+    return proc.start()
+
+
+def eml(kind: str, i: int, body: str) -> bytes:
+    return (f"From: x{i}@{kind}.example\r\nTo: bob@example.test\r\nSubject: test {i}\r\n"
+            f"Date: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{kind}{i}@learn.test>\r\n"
+            f"\r\n{body}").encode()
+
+
+async def spam_status(port: int, raw: bytes) -> str:
+    mc = _milter_client_module()
+    deadline = time.monotonic() + 10
+    while True:  # the milter door opens next to the policy door, a moment later at most
+        client = mc.MilterClient(f"inet:127.0.0.1:{port}", timeout=20)
+        try:
+            assert await client.open(mc.Client(address="198.51.100.7")) is None
+            break
+        except OSError:
+            await client.close()
+            assert time.monotonic() < deadline, "milter door did not open"
+            await asyncio.sleep(0.1)
+    try:
+        outcome = await client.message(mc.Message.parse(raw, "alice@sender.test",
+                                                        ["bob@example.test"]))
+    finally:
+        await client.close()
+    assert outcome.delivered, outcome
+    (status,) = outcome.added("X-Spam-Status")
+    return " ".join(status.split())
+
+
+def test_bayes_learned_through_one_host_is_used_by_the_other(
+        tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
+    from click.testing import CliRunner
+
+    from mxguard.learn_cli import learn
+
+    a = bayes_daemon(tmp_path, "mx1", redis_server.url(0))
+    try:
+        b = bayes_daemon(tmp_path, "mx2", redis_server.url(0))
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        before = asyncio.run(spam_status(b.milter_port, eml("spam", 9, SPAMMY)))
+        assert "BAYES" not in before  # nothing learned yet: Bayes does not score
+        # learned with host A's configuration (its [storage] url), while both run
+        for kind, text in (("spam", SPAMMY), ("ham", HAMMY)):
+            files = []
+            for i in range(3):
+                f = tmp_path / f"{kind}{i}.eml"
+                f.write_bytes(eml(kind, i, text))
+                files.append(str(f))
+            out = CliRunner().invoke(learn, [f"--{kind}", "--no-progress", "-c", str(a.config),
+                                             *files])
+            assert out.exit_code == 0, out.output
+        c = redis_server.client()
+        try:
+            assert c.hmget("mxguard:bayes:totals", "nspam", "nham") == [b"3", b"3"]
+        finally:
+            c.close()
+        # host B scores with what host A learned
+        spam = asyncio.run(spam_status(b.milter_port, eml("new", 1, SPAMMY)))
+        ham = asyncio.run(spam_status(b.milter_port, eml("new", 2, HAMMY)))  # control
+        assert re.search(r"\bBAYES_9\d+\b", spam), spam
+        assert spam.startswith("Yes,"), spam
+        assert "BAYES_00" in ham and ham.startswith("No,"), ham
+        for d in (a, b):
+            assert "bayes: disabled" not in d.log_text()
+    finally:
+        for d in (a, b):
+            d.stop()
 
 
 # ---------------------------------------------------------------- store level: two hosts

@@ -19,6 +19,14 @@ from mxguard.checks.greylist import open_greylister
 from mxguard.config import Config, GreylistConfig, ServerConfig, StorageConfig
 from mxguard.storage_cli import storage
 from mxguard.store.base import ClientRecord, TripletRecord, WhitelistEntry
+from mxguard.store.bayes_store import (
+    FORGOTTEN,
+    KNOWN,
+    BayesStore,
+    LearnItem,
+    SqliteBayesStore,
+    bayes_sqlite_path,
+)
 from mxguard.store.redis import RedisGreylistStore
 from mxguard.store.redis_results import RedisResultsStore
 from mxguard.store.results import ResultRecord, SqliteResultsStore, results_path
@@ -221,6 +229,88 @@ def test_results_counts_are_added_and_overlap_reported(tmp_path: Path,
     code, out, _ = run("migrate", "--from", f"sqlite:///{src}", "--to", redis_url,
                        "--no-results")
     assert code == 0 and "dmarc results" not in out
+
+
+BAYES_ITEMS = [LearnItem("spam1", [1, 2, 3, 4], True), LearnItem("spam2", [3, 4, 5], True),
+               LearnItem("ham1", [4, 5, 6, 7, 8], False)]
+BAYES_TOKENS = list(range(1, 10))
+
+
+def seed_bayes(db: Path) -> None:
+    async def go() -> None:
+        store = SqliteBayesStore(bayes_sqlite_path(str(db)))
+        for i, it in enumerate(BAYES_ITEMS):
+            await store.learn([it], int(NOW) - 3600 * (3 - i))
+        await store.close()
+
+    asyncio.run(go())
+
+
+async def bayes_state(store: BayesStore) -> tuple[Any, ...]:
+    tc = await store.lookup(BAYES_TOKENS)
+    seen = [await store.seen(it.key) for it in BAYES_ITEMS]
+    return tc, seen, await store.stats()
+
+
+def test_bayes_sqlite_to_redis_and_back(tmp_path: Path, redis_url: str) -> None:  # noqa: F811
+    from mxguard.store.redis_bayes import RedisBayesStore
+
+    src = tmp_path / "src.db"
+    seed_sqlite(src)
+    seed_bayes(src)
+    code, out, err = run("migrate", "--from", f"sqlite:///{src}", "--to", redis_url,
+                         "--batch", "3")
+    assert code == 0, err
+    lines = out.splitlines()
+    # progress as it goes: a line per 3 records, then the total
+    assert "  bayes tokens: 3" in lines and "  bayes tokens: 6" in lines
+    assert "  bayes tokens: 8 copied" in lines
+    assert "  bayes learned messages: 3 copied" in lines
+    assert "  bayes totals: 2 spam, 1 ham" in lines
+    assert lines[-1].startswith("done in ")
+
+    async def check_redis() -> None:
+        source = SqliteBayesStore(bayes_sqlite_path(str(src)))
+        want = await bayes_state(source)
+        await source.close()
+        tc, seen, stats = want
+        assert (tc.nspam, tc.nham, len(tc.counts)) == (2, 1, 8) and seen == [True, True, False]
+        assert (stats.tokens, stats.seen) == (8, 3)
+        store = RedisBayesStore(redis_url, timeout=5)
+        assert await bayes_state(store) == want  # counts, atimes, records, totals
+        # the records moved too: learning a message again counts nothing
+        assert await store.learn([BAYES_ITEMS[0]], int(NOW)) == [KNOWN]
+        await store.close()
+
+    asyncio.run(check_redis())
+
+    # ... and back to a new SQLite file; a forget there subtracts exactly
+    back = tmp_path / "back.db"
+    code, out, err = run("migrate", "--from", redis_url, "--to", f"sqlite:///{back}")
+    assert code == 0, err
+    assert "  bayes tokens: 8 copied" in out.splitlines()
+
+    async def check_back() -> None:
+        a = SqliteBayesStore(bayes_sqlite_path(str(src)))
+        b = SqliteBayesStore(bayes_sqlite_path(str(back)))
+        assert await bayes_state(b) == await bayes_state(a)
+        assert await b.forget([BAYES_ITEMS[2]], int(NOW)) == [FORGOTTEN]
+        tc = await b.lookup(BAYES_TOKENS)
+        assert tc.nham == 0 and sorted(tc.counts) == [1, 2, 3, 4, 5]
+        assert (await b.stats()).tokens == 5  # the kept token count was recounted
+        await a.close()
+        await b.close()
+
+    asyncio.run(check_back())
+
+
+def test_bayes_missing_in_the_source_is_said(tmp_path: Path,
+                                             redis_url: str) -> None:  # noqa: F811
+    src = tmp_path / "src.db"
+    seed_sqlite(src)
+    code, out, err = run("migrate", "--from", f"sqlite:///{src}", "--to", redis_url)
+    assert code == 0, err
+    assert "  bayes: none in the source" in out.splitlines()
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [

@@ -534,14 +534,22 @@ def bayes_sqlite_path(main_path: str) -> str:
 
 def open_bayes_store(cfg: Config) -> BayesStore:
     """The Bayes store for ``cfg.storage_url``: for ``sqlite:///PATH`` a SQLite file
-    next to PATH (:func:`bayes_sqlite_path`). Redis: add a ``redis://`` branch here
-    returning a ``RedisBayesStore`` (a :class:`BayesStore`)."""
+    next to PATH (:func:`bayes_sqlite_path`); for ``redis://``, ``rediss://`` and
+    ``redis+sentinel://`` the shared :class:`~mxguard.store.redis_bayes.RedisBayesStore`."""
     url = cfg.storage_url
     if url.startswith("sqlite:///"):
         return SqliteBayesStore(bayes_sqlite_path(sqlite_path(url)),
                                 busy_timeout=cfg.storage.busy_timeout)
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        try:
+            from mxguard.store.redis_bayes import RedisBayesStore
+        except ImportError:  # pragma: no cover - redis is installed with mxguard
+            raise StoreError(f"storage.url {url.split('://')[0]}://...: the 'redis' Python "
+                             "package is not installed") from None
+        return RedisBayesStore(url, timeout=cfg.storage.redis_timeout,
+                               token_ttl=cfg.bayes.token_ttl)
     raise StoreError(f"storage.url {url.split('://')[0]}://...: no Bayes store for this URL "
-                     "yet (supported: sqlite:///PATH)")
+                     "(supported: sqlite:///PATH, redis://, rediss://, redis+sentinel://)")
 
 
 def hashes(tokens: Iterable[str]) -> list[int]:

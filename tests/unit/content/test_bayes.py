@@ -1,9 +1,15 @@
 """Bayes classifier: Robinson probabilities, chi-square combining, learn/forget,
-the min-learned threshold, symbols, autolearn, maintenance."""
+the min-learned threshold, symbols, autolearn, maintenance.
+
+The tests that learn and classify run on every store (``stores``: in memory,
+SQLite, Redis on a loopback redis-server -- tests/support/redis.py)."""
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +28,13 @@ from mxguard.content.bayes import (
     token_probability,
 )
 from mxguard.content.mime import parse_message
-from mxguard.store.bayes_store import MemoryBayesStore, token_hash
+from mxguard.store.bayes_store import (
+    BayesStore,
+    MemoryBayesStore,
+    SqliteBayesStore,
+    token_hash,
+)
+from tests.support.redis import shared_server
 
 T0 = 1_795_000_000.0
 SPAM_WORDS = ["viagra", "cheap", "winner", "prize", "unsubscribe", "offer"]
@@ -37,13 +49,48 @@ class Clock:
         return self.now
 
 
-def classifier(min_spam: int = 3, min_ham: int = 3, **kw: object) -> BayesClassifier:
+StoreFactory = Callable[[], BayesStore]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def stores(request: pytest.FixtureRequest, tmp_path: Path
+                 ) -> AsyncIterator[StoreFactory]:
+    """Makes empty, independent stores of one backend; closes them after the test."""
+    made: list[BayesStore] = []
+    numbers = itertools.count()
+    url = ""
+    if request.param == "redis":
+        server = shared_server()
+        server.flush()
+        url = server.url(0)
+
+    def make() -> BayesStore:
+        n = next(numbers)
+        s: BayesStore
+        if request.param == "redis":
+            from mxguard.store.redis_bayes import RedisBayesStore
+
+            s = RedisBayesStore(url, timeout=5.0, prefix=f"t{n}:")
+        elif request.param == "sqlite":
+            s = SqliteBayesStore(str(tmp_path / f"bayes{n}.db"))
+        else:
+            s = MemoryBayesStore()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+def classifier(stores: StoreFactory, min_spam: int = 3, min_ham: int = 3,
+               **kw: object) -> BayesClassifier:
     cfg = BayesConfig(min_spam=min_spam, min_ham=min_ham, **kw)  # type: ignore[arg-type]
-    return BayesClassifier(MemoryBayesStore(), cfg, clock=Clock())
+    return BayesClassifier(stores(), cfg, clock=Clock())
 
 
-async def trained(n: int = 10) -> BayesClassifier:
-    c = classifier()
+async def trained(stores: StoreFactory, n: int = 10) -> BayesClassifier:
+    c = classifier(stores)
     for i in range(n):
         await c.learn(f"s{i}", [*SPAM_WORDS, f"uniq-s{i}", "common"], True)
         await c.learn(f"h{i}", [*HAM_WORDS, f"uniq-h{i}", "common"], False)
@@ -123,8 +170,8 @@ def test_scores_are_monotonic() -> None:
 # ------------------------------------------------------------ classify
 
 
-async def test_spammy_high_hammy_low_unknown_half() -> None:
-    c = await trained()
+async def test_spammy_high_hammy_low_unknown_half(stores: StoreFactory) -> None:
+    c = await trained(stores)
     spam = await c.classify(["cheap", "winner", "prize", "offer", "brand-new-token"])
     ham = await c.classify(["meeting", "patch", "review", "thanks"])
     unknown = await c.classify(["never", "seen", "before"])
@@ -134,14 +181,14 @@ async def test_spammy_high_hammy_low_unknown_half() -> None:
     assert spam.used == 4  # the unknown token is not significant
 
 
-async def test_neutral_tokens_are_ignored() -> None:
-    c = await trained()
+async def test_neutral_tokens_are_ignored(stores: StoreFactory) -> None:
+    c = await trained(stores)
     r = await c.classify(["common"])  # in every message: p = 0.5
     assert r.used == 0 and r.prob == 0.5
 
 
-async def test_at_most_max_tokens_combined() -> None:
-    c = await trained()
+async def test_at_most_max_tokens_combined(stores: StoreFactory) -> None:
+    c = await trained(stores)
     c.params = BayesParams(max_tokens=2)
     r = await c.classify([*SPAM_WORDS, *HAM_WORDS])
     assert r.used == 2
@@ -150,8 +197,9 @@ async def test_at_most_max_tokens_combined() -> None:
 @pytest.mark.parametrize(("nspam", "nham", "ready"), [
     (2, 5, False), (5, 2, False), (3, 3, True), (0, 0, False),
 ])
-async def test_min_learned_before_scoring(nspam: int, nham: int, ready: bool) -> None:
-    c = classifier(min_spam=3, min_ham=3)
+async def test_min_learned_before_scoring(stores: StoreFactory, nspam: int, nham: int,
+                                          ready: bool) -> None:
+    c = classifier(stores, min_spam=3, min_ham=3)
     for i in range(nspam):
         await c.learn(f"s{i}", SPAM_WORDS, True)
     for i in range(nham):
@@ -169,8 +217,8 @@ def test_default_threshold_is_200_each() -> None:
 # ------------------------------------------------------------ learn / forget
 
 
-async def test_learn_is_idempotent_and_forget_undoes() -> None:
-    c = await trained()
+async def test_learn_is_idempotent_and_forget_undoes(stores: StoreFactory) -> None:
+    c = await trained(stores)
     before = await c.classify(["cheap"])
     assert await c.learn("extra", ["cheap", "meeting"], False) == "learned"
     assert await c.learn("extra", ["cheap", "meeting"], False) == "known"
@@ -183,8 +231,8 @@ async def test_learn_is_idempotent_and_forget_undoes() -> None:
     assert (await c.stats()).nham == 10
 
 
-async def test_relearn_moves_message() -> None:
-    c = await trained()
+async def test_relearn_moves_message(stores: StoreFactory) -> None:
+    c = await trained(stores)
     await c.learn("m", ["oddword"], True)
     assert await c.learn("m", ["oddword"], False) == "relearned"
     st = await c.stats()
@@ -235,17 +283,21 @@ def test_autolearn_disabled(kw: dict[str, bool]) -> None:
 
 
 async def test_touch_is_batched_and_expiry_runs_in_batches(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    c = await trained()
+        stores: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = await trained(stores)
     clock = c.clock
     assert isinstance(clock, Clock)
     clock.now = T0 + 2 * 86400
     await c.classify(["cheap"])
     store = c.store
-    assert isinstance(store, MemoryBayesStore)
-    assert store.tokens[token_hash("cheap")][2] == int(T0)  # not yet written
+    cheap = token_hash("cheap")
+
+    async def atime() -> int:
+        return (await store.lookup([cheap])).counts[cheap][2]
+
+    assert await atime() == int(T0)  # not yet written
     assert await c.maintenance() == 0
-    assert store.tokens[token_hash("cheap")][2] == int(T0 + 2 * 86400)
+    assert await atime() == int(T0 + 2 * 86400)
     # expiry: only "cheap" is recent; a ttl of one day removes the rest, batch by batch
     c.cfg = BayesConfig(min_spam=3, min_ham=3, token_ttl=86400)
     monkeypatch.setattr(bayes, "EXPIRE_BATCH", 5)
@@ -253,16 +305,19 @@ async def test_touch_is_batched_and_expiry_runs_in_batches(
     assert await c.maintenance(force=True) == 5
     while await c.maintenance(force=True):
         pass
-    assert list(store.tokens) == [token_hash("cheap")]
+    learned = [*SPAM_WORDS, *HAM_WORDS, "common", *(f"uniq-{k}{i}" for k in "sh"
+                                                   for i in range(10))]
+    assert list((await store.lookup([token_hash(t) for t in learned])).counts) == [cheap]
+    assert (await store.stats()).tokens == 1
 
 
-async def test_result_symbols_with_overrides() -> None:
-    c = await trained()
+async def test_result_symbols_with_overrides(stores: StoreFactory) -> None:
+    c = await trained(stores)
     r = await c.classify(["cheap", "winner", "prize", "offer"])
     (sym,) = r.symbols()
     assert sym.name == r.symbol and sym.score == BAYES_SCORES[r.symbol]
     assert "prob=" in sym.detail
     (over,) = r.symbols({r.symbol: 0.25})
     assert over.score == 0.25
-    not_ready = await classifier(min_spam=1000).classify(["cheap"])
+    not_ready = await classifier(stores, min_spam=1000).classify(["cheap"])
     assert not_ready.symbols() == []  # control: nothing before min_spam / min_ham

@@ -1,14 +1,22 @@
-"""Bayes token stores (SQLite and in-memory): counts, totals, seen records, expiry."""
+"""Bayes token stores: counts, totals, seen records, expiry.
+
+One suite for every backend: the ``store`` fixture is parametrised over
+``sqlite`` (a temp file), ``redis`` (a real redis-server on loopback, see
+tests/support/redis.py) and ``memory`` (the reference). Tests marked
+``@sqlite_only`` exercise what only the SQLite store has (its file, WAL, errors
+of a broken file); ``redis_*`` tests what only Redis has (TTLs, several hosts).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from mxguard.config import Config, ServerConfig, StorageConfig
+from mxguard.config import BayesConfig, Config, ServerConfig, StorageConfig
 from mxguard.store.base import StoreError
 from mxguard.store.bayes_store import (
     FORGOTTEN,
@@ -25,15 +33,44 @@ from mxguard.store.bayes_store import (
     open_bayes_store,
     token_hash,
 )
+from tests.support.redis import RedisServer, redis_server, shared_server  # noqa: F401
 
 T0 = 1_795_000_000
 DAY = 86400
 
 
-@pytest.fixture(params=["sqlite", "memory"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BayesStore]:
-    s: BayesStore = (SqliteBayesStore(str(tmp_path / "bayes.db"))
-                     if request.param == "sqlite" else MemoryBayesStore())
+BACKENDS = ["sqlite", "redis", "memory"]
+StoreFactory = Callable[[], BayesStore]
+# Only the SQLite store: `@sqlite_only` narrows the backend parameter.
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+redis_only = pytest.mark.parametrize("backend", ["redis"], indirect=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_factory(backend: str, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Makes store objects that share one state (one file / one Redis database)."""
+    if backend == "redis":
+        from mxguard.store.redis_bayes import RedisBayesStore
+
+        server = shared_server()
+        server.flush()
+        url = server.url(0)
+        yield lambda: RedisBayesStore(url, timeout=5.0)
+    elif backend == "sqlite":
+        yield lambda: SqliteBayesStore(str(tmp_path / "bayes.db"))
+    else:
+        memory = MemoryBayesStore()
+        yield lambda: memory
+
+
+@pytest.fixture
+async def store(store_factory: StoreFactory) -> AsyncIterator[BayesStore]:
+    s = store_factory()
     yield s
     await s.close()
 
@@ -153,7 +190,8 @@ async def test_stats_atime_range(store: BayesStore) -> None:
     assert (st.oldest_atime, st.newest_atime) == (T0, T0 + 5)
 
 
-async def test_sqlite_wal_and_persistence(tmp_path: Path) -> None:
+@sqlite_only
+async def test_sqlite_wal_and_persistence(backend: str, tmp_path: Path) -> None:
     path = str(tmp_path / "state" / "mxguard.db")
     s = SqliteBayesStore(path)
     await s.learn([item("m1", [7, 8], True)], T0)
@@ -167,8 +205,8 @@ async def test_sqlite_wal_and_persistence(tmp_path: Path) -> None:
     await s2.close()
 
 
-async def test_sqlite_100k_tokens(tmp_path: Path) -> None:
-    s = SqliteBayesStore(str(tmp_path / "b.db"))
+async def test_100k_tokens(store: BayesStore) -> None:
+    s = store
     items = [item(f"m{i}", list(range(i * 1000, i * 1000 + 1000)), i % 2 == 0)
              for i in range(120)]
     assert await s.learn(items, T0) == [LEARNED] * 120
@@ -176,10 +214,10 @@ async def test_sqlite_100k_tokens(tmp_path: Path) -> None:
     assert st.tokens == 120_000 and st.nspam == 60 and st.nham == 60
     assert await s.expire(T0, 100_000, 10**8, limit=5000) == 5000  # one bounded batch
     assert (await s.stats()).tokens == 115_000
-    await s.close()
 
 
-async def test_sqlite_errors_are_store_errors(tmp_path: Path) -> None:
+@sqlite_only
+async def test_sqlite_errors_are_store_errors(backend: str, tmp_path: Path) -> None:
     bad = tmp_path / "notadb"
     bad.write_bytes(b"this is not a database" * 100)
     s = SqliteBayesStore(str(bad))
@@ -190,7 +228,8 @@ async def test_sqlite_errors_are_store_errors(tmp_path: Path) -> None:
         await s.lookup([1])
 
 
-async def test_sqlite_file_next_to_the_main_state_file(tmp_path: Path) -> None:
+@sqlite_only
+async def test_sqlite_file_next_to_the_main_state_file(backend: str, tmp_path: Path) -> None:
     cfg = Config(server=ServerConfig(state_dir=str(tmp_path)))
     s = open_bayes_store(cfg)
     assert isinstance(s, SqliteBayesStore) and s.path == str(tmp_path / "mxguard-bayes.db")
@@ -200,6 +239,88 @@ async def test_sqlite_file_next_to_the_main_state_file(tmp_path: Path) -> None:
 
 
 def test_unsupported_url_is_a_clear_error() -> None:
-    cfg = Config(storage=StorageConfig(url="redis://127.0.0.1:6379/0"))
+    cfg = Config(storage=StorageConfig(url="mysql://127.0.0.1:3306/mx"))
     with pytest.raises(StoreError, match="no Bayes store"):
         open_bayes_store(cfg)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6380/1",
+                                 "redis+sentinel://127.0.0.1:26379/mx/2"])
+async def test_redis_urls_open_the_redis_store(url: str) -> None:
+    from mxguard.store.redis_bayes import TTL_GRACE, RedisBayesStore
+
+    cfg = Config(storage=StorageConfig(url=url, redis_timeout=0.3),
+                 bayes=BayesConfig(token_ttl=10 * DAY))
+    s = open_bayes_store(cfg)  # connects lazily: no server needed
+    assert isinstance(s, RedisBayesStore) and s.conn.timeout == 0.3
+    assert s.ttl_ms == (10 * DAY + TTL_GRACE) * 1000
+    await s.close()
+
+
+# ------------------------------------------------------------ Redis only
+
+
+@redis_only
+async def test_redis_tokens_carry_ttls_refreshed_on_use(store: BayesStore) -> None:
+    from mxguard.store.redis_bayes import RedisBayesStore
+
+    assert isinstance(store, RedisBayesStore)
+    store.token_ttl = 3 * DAY
+    await store.learn([item("m1", [1, 2], True)], T0)
+    c = shared_server().client()
+    try:
+        assert 0 < c.pttl("mxguard:bayes:t:1") <= store.ttl_ms
+        assert c.pttl("mxguard:bayes:seen") == -1  # records and totals do not expire
+        c.pexpire("mxguard:bayes:t:1", 5000)
+        c.pexpire("mxguard:bayes:t:2", 5000)
+        await store.touch([1], T0 + DAY)  # used again: full TTL
+        await store.touch([2], T0 - DAY)  # not newer: TTL refreshed all the same
+        assert c.pttl("mxguard:bayes:t:1") > 5000 and c.pttl("mxguard:bayes:t:2") > 5000
+        await store.touch([3], T0 + DAY)  # unknown token: not created (control)
+        assert not c.exists("mxguard:bayes:t:3")
+        # a token Redis expired by itself: gone from lookups; expire() drops its index entry
+        c.delete("mxguard:bayes:t:2")
+        tc = await store.lookup([1, 2])
+        assert set(tc.counts) == {1}
+        assert await store.expire(T0 + 10 * DAY, 10**6, 3 * DAY, 100) == 2
+        assert (await store.stats()).tokens == 0
+    finally:
+        c.close()
+
+
+@redis_only
+async def test_redis_two_hosts_learning_one_message_count_it_once(
+        store_factory: StoreFactory) -> None:
+    hosts = [store_factory() for _ in range(4)]
+    toks = list(range(1, 301))
+    outcomes = await asyncio.gather(*[h.learn([item("same", toks, True)], T0) for h in hosts])
+    assert sorted(o[0] for o in outcomes) == [KNOWN, KNOWN, KNOWN, LEARNED]
+    tc = await hosts[1].lookup(toks)
+    assert tc.nspam == 1 and {c[0] for c in tc.counts.values()} == {1}
+    # relearned as ham on two hosts at once: moved once
+    outcomes = await asyncio.gather(*[h.learn([item("same", toks, False)], T0) for h in hosts[:2]])
+    assert sorted(o[0] for o in outcomes) == [KNOWN, RELEARNED]
+    tc = await hosts[2].lookup(toks)
+    assert (tc.nspam, tc.nham) == (0, 1) and {c[:2] for c in tc.counts.values()} == {(0, 1)}
+    for h in hosts:
+        await h.close()
+
+
+async def test_redis_outage_is_a_store_error_and_recovers(
+        redis_server: RedisServer) -> None:  # noqa: F811
+    from mxguard.store.redis import RETRY_AFTER
+    from mxguard.store.redis_bayes import RedisBayesStore
+
+    s = RedisBayesStore(redis_server.url(0), timeout=0.5)
+    await s.learn([item("m1", [1], True)], T0)
+    redis_server.stop()
+    with pytest.raises(StoreError, match="bayes lookup failed"):
+        await s.lookup([1])
+    with pytest.raises(StoreError, match="unavailable"):  # fail fast, no wait
+        await s.learn([item("m2", [2], True)], T0)
+    redis_server.start()  # restarted empty: the scripts are loaded again
+    await asyncio.sleep(RETRY_AFTER + 0.1)
+    assert await s.learn([item("m2", [2], True)], T0) == [LEARNED]
+    tc = await s.lookup([1, 2])
+    assert tc.nspam == 1 and set(tc.counts) == {2}
+    await s.close()
