@@ -23,9 +23,10 @@ from mxguard.auth.dmarc import SpfAuth
 from mxguard.checks import dkim as dkim_check
 from mxguard.checks import dmarc as dm
 from mxguard.checks import spf as spf_check
-from mxguard.checks.content import evaluate_content, parse_tx_message, spam_headers
+from mxguard.checks.content import evaluate_content, is_spam, parse_tx_message, spam_headers
 from mxguard.content import dnsbl
 from mxguard.content.bayes import autolearn_decision, message_key_of
+from mxguard.content.report import build_report_safe
 from mxguard.content.tokenizer import tokenize_message
 from mxguard.pipeline import Runtime
 from mxguard.protocols.milter_server import (
@@ -95,22 +96,25 @@ class MxguardMilter(BaseMilterHandler):
         edits: list[Any] = [HeaderChange.delete(authresults.HEADER, n) for n in
                             authresults.forged_indexes(session.headers, self.authserv_id(rt))]
         edits.append(dm.authentication_results(rt, spf=spf, dkim=dkim_results, dmarc=outcome))
-        edits += await self._content(tx, rt, verdict)
+        content_edits, new_body = await self._content(tx, rt, verdict)
+        edits += content_edits
         if verdict.decision is not None:
             return MilterResult.from_decision(verdict.decision)
         if (outcome is not None and outcome.action == "quarantine"
                 and cfg.mode("dmarc") is Mode.ENFORCE):
-            return MilterResult(MilterAction.QUARANTINE, headers=edits,
+            return MilterResult(MilterAction.QUARANTINE, headers=edits, replace_body=new_body,
                                 quarantine_reason=f"DMARC policy of {outcome.result.from_domain}")
-        return MilterResult(headers=edits)
+        return MilterResult(headers=edits, replace_body=new_body)
 
-    async def _content(self, tx: Transaction, rt: Runtime, verdict: Verdict) -> list[Any]:
+    async def _content(self, tx: Transaction, rt: Runtime,
+                       verdict: Verdict) -> tuple[list[Any], bytes | None]:
         """Blocklists, Bayes and the rules on top of the scores so far, then autolearn;
-        X-Spam-* headers unless observing."""
+        X-Spam-* headers unless observing; with ``[content] report_safe`` spam also
+        gets a new body (a report with the original attached) and MIME header edits."""
         cfg = rt.config
         mode = cfg.mode("content")
         if mode is Mode.OFF:
-            return []
+            return [], None
         parsed = await asyncio.to_thread(parse_tx_message, tx, rt)
         if cfg.mode("dnsbl") is not Mode.OFF:
             listed = await dnsbl.check(tx, rt, parsed)
@@ -127,13 +131,28 @@ class MxguardMilter(BaseMilterHandler):
         verdict.extra["spam_action"] = outcome.action
         status = self._autolearn(tx, rt, parsed, outcome.total, before, bayes_result, verdict)
         if mode is Mode.OBSERVE:
-            return []
+            return [], None
         descriptions = {h.name: h.description for h in outcome.result.data.hits}
         edits: list[Any] = spam_headers(outcome.total, before + outcome.result.symbols, cfg,
                                         status, descriptions)
         if outcome.subject is not None:
             edits.append(outcome.subject)
-        return edits
+        new_body = None
+        if (cfg.content.report_safe and is_spam(outcome.total, cfg.actions)
+                and verdict.decision is None):  # delivered spam only: not rejected/deferred
+            msg = tx.message
+            if msg is None or getattr(msg, "truncated", False):
+                log.warning("content: report_safe skipped queue_id=%s: the message was not "
+                            "kept whole (milter max_message_size)", tx.queue_id or "-")
+            else:
+                wrap, new_body = await asyncio.to_thread(
+                    build_report_safe, list(msg.headers), msg.body_file(),
+                    score=outcome.total, required=float(cfg.actions.add_header),
+                    symbols=before + outcome.result.symbols, descriptions=descriptions,
+                    hostname=self.authserv_id(rt),
+                    headers_exact=bool(getattr(msg, "headers_exact", True)))
+                edits += wrap
+        return edits, new_body
 
     async def _bayes(self, tx: Transaction, rt: Runtime, parsed: Any, verdict: Verdict,
                      mode: Mode) -> Any:

@@ -252,3 +252,46 @@ def test_bayes_learned_with_the_cli_scores_mail_through_postfix(
         assert "BAYES_00" in ham_status and ham_status.startswith("No,"), ham_status
     finally:
         assert mx.stop() == 0
+
+
+def test_report_safe_wraps_spam_and_attaches_the_original_unchanged(
+        tmp_path: Path, dns: DNSServer, sink: Sink,
+        postfix_factory: Callable[..., PostfixInstance]) -> None:
+    mx = MxguardProcess(tmp_path, (f'[dns]\nnameservers = ["{dns.address}"]\n'
+                                   '[greylist]\nmode = "off"\n[dkim]\ninternal_hosts = []\n'
+                                   "[actions]\nreject = 0\n[content]\nreport_safe = true\n"))
+    mx.start()
+    try:
+        pf = postfix_factory({"smtpd_milters": f"inet:127.0.0.1:{mx.milter_port}",
+                              "milter_default_action": "tempfail"})
+        spam_raw = message("alice@sender.test", body=f"Buy now.\r\n{GTUBE}\r\nBye.\r\n",
+                           extra="Content-Type: text/plain; charset=us-ascii\r\n"
+                                 "Content-Transfer-Encoding: 7bit\r\n")
+        ham_raw = message("alice@sender.test")  # control: a clean message
+        reply, ok = deliver(pf, spam_raw)
+        assert ok, reply
+        reply, ok = deliver(pf, ham_raw)
+        assert ok, reply
+        spam, ham = sink.wait_for(2)
+        assert spam.header("X-Spam-Flag") == "YES"
+        assert spam.header("Content-Transfer-Encoding") is None
+        assert (spam.header("MIME-Version") or "").strip() == "1.0"
+        outer = spam.message
+        assert outer.get_content_type() == "multipart/mixed"
+        boundary = outer.get_boundary()
+        assert boundary and spam.header("Subject") == "test"  # other headers kept
+        report, attached = outer.get_payload()  # type: ignore[misc]
+        assert report.get_content_type() == "text/plain"
+        text = " ".join(str(report.get_payload()).split())
+        assert "spam" in text and "GTUBE" in text and "5.0" in text
+        assert attached.get_content_type() == "message/rfc822"
+        # the attached message is the original, headers and body, byte for byte
+        parts = spam.body.split(b"\r\n--" + boundary.encode())
+        assert len(parts) == 4 and parts[3] == b"--\r\n"
+        assert parts[2].split(b"\r\n\r\n", 1)[1] == spam_raw
+        # the clean message is delivered as it was: no wrapping
+        assert ham.header("Content-Type") is None and ham.header("MIME-Version") is None
+        assert ham.body == ham_raw.partition(b"\r\n\r\n")[2]
+        assert " ".join(ham.header("X-Spam-Status").split()).startswith("No, score=")
+    finally:
+        assert mx.stop() == 0

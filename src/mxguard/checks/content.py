@@ -30,9 +30,9 @@ keep working::
 
 The subject tag (``[content] subject_tag``) is returned as a
 ``HeaderChange.change("Subject", ...)`` (or an add when the message has
-none) for the handler to apply. ``[content] report_safe`` (wrapping spam in
-a report message) is not supported: the milter cannot replace the body
-without SMFIR_REPLBODY plumbing; it is logged once and otherwise ignored.
+none) for the handler to apply. ``[content] report_safe`` (off by default)
+makes the milter handler wrap spam that is not rejected in a report with the
+original attached (:mod:`mxguard.content.report`).
 
 Config: ``[content]`` (mode, rules, header_prefix, add_report, subject_tag,
 report_safe, max_parts), ``[actions]``, ``[milter] max_scan_size``.
@@ -64,7 +64,6 @@ NO_ACTION = "no action"
 ACTIONS = ("reject", "greylist", "rewrite_subject", "add_header")  # strongest first
 
 log = logging.getLogger("mxguard")
-_warned: set[str] = set()
 
 
 @dataclass(slots=True)
@@ -259,10 +258,6 @@ async def evaluate_content(tx: Transaction, rt: Runtime, *, base_score: float = 
     SpamAssassin's ``check_bayes`` rules (None: those rules do not fire).
     """
     cfg = rt.config
-    if cfg.content.report_safe and "report_safe" not in _warned:
-        _warned.add("report_safe")
-        log.warning("content: report_safe is not supported yet (the milter does not "
-                    "replace bodies); spam is tagged with headers only")
     if parsed is None:
         parsed = await asyncio.to_thread(parse_tx_message, tx, rt)
     result = await scan(tx, rt, parsed, bayes_prob=bayes_prob, bayes_ready=bayes_ready)

@@ -25,9 +25,11 @@ Facts from Postfix (``src/milter/milter8.c``) and the capture in
   ``"550-5.7.1 a\\r\\n550 5.7.1 b"``). Sendmail uses it as a format string and
   Postfix turns ``%%`` into ``%`` and drops single ``%``: so ``%`` is doubled.
   Postfix also requires the enhanced code's class to match the reply code.
-* Header edits are only accepted in reply to end-of-message. Insert index 0 is
-  the very top (above Postfix's own ``Received:``); change index is the 1-based
-  occurrence of that header name.
+* Header edits and body replacement are only accepted in reply to
+  end-of-message. A replacement body (``SMFIR_REPLBODY``, CRLF line ends) may
+  be split over several packets of at most 64 KB; Postfix concatenates them.
+* Header insert index 0 is the very top (above Postfix's own ``Received:``);
+  change index is the 1-based occurrence of that header name.
 * If the OPTNEG reply carries any macro list, Postfix sends no macros for the
   stages the list leaves out.
 
@@ -41,11 +43,12 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, Self, TypeVar
+from typing import IO, ClassVar, Generic, Self, TypeVar
 
 VERSION = 6
 MAX_PACKET_LIMIT = 64 * 1024 * 1024  # hard ceiling for any declared length
 DEFAULT_MAX_PACKET = 1024 * 1024  # Postfix: body chunks 65535, headers <= header_size_limit
+BODY_CHUNK = 65535  # largest body piece per packet, both ways (libmilter MILTER_CHUNK_SIZE)
 
 # Actions the milter may request (SMFIF_*).
 SMFIF_ADDHDRS = 0x01
@@ -90,8 +93,10 @@ SMFIM_DATA = 4
 SMFIM_EOM = 5
 SMFIM_EOH = 6
 
-# What we ask for. Actions: header edits, quarantine, our own macro lists.
-DEFAULT_ACTIONS = SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_QUARANTINE | SMFIF_SETSYMLIST
+# What we ask for. Actions: header edits, body replacement ([content] report_safe),
+# quarantine, our own macro lists.
+DEFAULT_ACTIONS = (SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_CHGBODY | SMFIF_QUARANTINE
+                   | SMFIF_SETSYMLIST)
 # Protocol: exact header values; SKIP understood; no reply for the stages that
 # have no hook (DATA, headers, EOH) and no UNKNOWN events at all. Body chunks
 # keep their reply so we can answer SMFIR_SKIP past max_message_size.
@@ -656,11 +661,40 @@ class Quarantine(Packet):
         return cls(reason)
 
 
+@dataclass(frozen=True, slots=True)
+class ReplaceBody(_Chunk):
+    """One piece of the new body (CRLF line ends); several packets are concatenated.
+
+    Build them with :func:`replace_body_packets`; needs ``SMFIF_CHGBODY``.
+    """
+
+    CODE: ClassVar[bytes] = b"b"
+
+
+def replace_body_packets(body: bytes | IO[bytes], size: int = BODY_CHUNK) -> list[ReplaceBody]:
+    """The new body as ``SMFIR_REPLBODY`` packets of at most ``size`` bytes each.
+
+    A file is read from where it stands to its end. An empty body is one
+    empty packet (the MTA still replaces the body, with nothing).
+    """
+    if not 1 <= size <= BODY_CHUNK:
+        raise ValueError(f"body chunk size must be 1..{BODY_CHUNK}")
+    if isinstance(body, bytes | bytearray | memoryview):
+        data = bytes(body)
+        out = [ReplaceBody(data[i:i + size]) for i in range(0, len(data), size)]
+    else:
+        out = []
+        while piece := body.read(size):
+            out.append(ReplaceBody(bytes(piece)))
+    return out or [ReplaceBody(b"")]
+
+
 Reply = (OptNegReply | Continue | Accept | Reject | Tempfail | Discard | Progress | Skip
-         | ReplyCode | AddHeader | InsertHeader | ChangeHeader | AddRcpt | DelRcpt | Quarantine)
+         | ReplyCode | AddHeader | InsertHeader | ChangeHeader | AddRcpt | DelRcpt | Quarantine
+         | ReplaceBody)
 REPLIES: dict[bytes, type[Reply]] = {c.CODE: c for c in (
     OptNegReply, Continue, Accept, Reject, Tempfail, Discard, Progress, Skip, ReplyCode,
-    AddHeader, InsertHeader, ChangeHeader, AddRcpt, DelRcpt, Quarantine)}
+    AddHeader, InsertHeader, ChangeHeader, AddRcpt, DelRcpt, Quarantine, ReplaceBody)}
 
 
 # ---------------------------------------------------------------- framing

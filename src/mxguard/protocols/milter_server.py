@@ -7,9 +7,10 @@ accumulates what the MTA tells us and a :class:`MilterHandler` decides:
 * ``on_connect``, ``on_helo``, ``on_mail``, ``on_rcpt`` may return ``None``
   (continue) or a :class:`MilterResult` (reject, tempfail, custom reply ...);
 * ``on_end_of_message`` returns the final :class:`MilterResult` with header
-  edits and an optional quarantine. While it runs, ``SMFIR_PROGRESS`` is sent
-  every ``progress_interval`` seconds so Postfix's content timeout does not
-  fire.
+  edits, an optional new body (``replace_body``, sent as ``SMFIR_REPLBODY``
+  packets when the MTA granted ``SMFIF_CHGBODY``) and an optional quarantine.
+  While it runs, ``SMFIR_PROGRESS`` is sent every ``progress_interval``
+  seconds so Postfix's content timeout does not fire.
 
 A handler that raises or runs out of time gets ``fail_action`` (tempfail by
 default: Postfix keeps the mail and the client retries) and a log line. Abort
@@ -122,13 +123,16 @@ class HeaderChange:
 class MilterResult:
     """What a handler answers. ``reply`` (code, enhanced code, text) is used with
     REJECT / TEMPFAIL; the SMTP client sees exactly that reply. ``headers`` (in
-    order; ``HeaderEdit`` prepend = insert at the top, append = add) and
-    ``quarantine_reason`` apply at end of message only."""
+    order; ``HeaderEdit`` prepend = insert at the top, append = add),
+    ``replace_body`` (the whole new body, CRLF line ends; a file is read from
+    its current position) and ``quarantine_reason`` apply at end of message
+    only."""
 
     action: MilterAction = MilterAction.CONTINUE
     reply: Decision | None = None
     headers: list[HeaderEdit | HeaderChange] = field(default_factory=list)
     quarantine_reason: str = ""
+    replace_body: bytes | IO[bytes] | None = None
 
     @classmethod
     def reject(cls, text: str, code: int = 550, enhanced: str = "5.7.1") -> MilterResult:
@@ -580,8 +584,8 @@ class _Connection(asyncio.Protocol):
     def early_reply(self, result: MilterResult | None, connection: bool) -> m.Reply:
         if result is None:
             return m.Continue()
-        if result.headers:
-            log.warning("milter: header edits before end of message are ignored")
+        if result.headers or result.replace_body is not None:
+            log.warning("milter: message edits before end of message are ignored")
         action = result.action
         if action in (MilterAction.REJECT, MilterAction.TEMPFAIL):
             return self.refusal(result)
@@ -646,6 +650,8 @@ class _Connection(asyncio.Protocol):
         if action is MilterAction.DISCARD:
             return [m.Discard()]
         out = self.header_edits(result.headers)
+        if result.replace_body is not None and self.allowed(m.SMFIF_CHGBODY, "CHGBODY"):
+            out += m.replace_body_packets(result.replace_body)
         reason = result.quarantine_reason or (
             "held by mxguard" if action is MilterAction.QUARANTINE else "")
         if reason and self.allowed(m.SMFIF_QUARANTINE, "quarantine"):

@@ -3,6 +3,7 @@ packets a real Postfix 3.7.11 sent (conformance/postfix-3.7-capture)."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from pathlib import Path
@@ -59,7 +60,7 @@ COMMANDS: list[tuple[m.Command, bytes]] = [
 ]
 
 REPLIES: list[tuple[m.Reply, bytes]] = [
-    (m.OptNegReply(6, 0x131, 0x1406A0), pkt(b"O", u32(6, 0x131, 0x1406A0))),
+    (m.OptNegReply(6, 0x133, 0x1406A0), pkt(b"O", u32(6, 0x133, 0x1406A0))),
     (m.OptNegReply(6, 0x100, 0, ((m.SMFIM_CONNECT, "j _"), (m.SMFIM_EOM, "i"))),
      pkt(b"O", u32(6, 0x100, 0) + u32(0) + b"j _\0" + u32(5) + b"i\0")),
     (m.Continue(), pkt(b"c")),
@@ -78,6 +79,9 @@ REPLIES: list[tuple[m.Reply, bytes]] = [
     (m.AddRcpt("<archive@conf.test>"), pkt(b"+", b"<archive@conf.test>\0")),
     (m.DelRcpt("<bob@conf.test>"), pkt(b"-", b"<bob@conf.test>\0")),
     (m.Quarantine("looks like spam"), pkt(b"q", b"looks like spam\0")),
+    (m.ReplaceBody(b"new body\r\n"), pkt(b"b", b"new body\r\n")),
+    (m.ReplaceBody(b"\0\xff raw"), pkt(b"b", b"\0\xff raw")),  # no NUL terminator, any byte
+    (m.ReplaceBody(b""), pkt(b"b")),
 ]
 
 
@@ -226,14 +230,36 @@ def test_wire_value(value: str, leadspc: bool, wire: str) -> None:
     assert m.wire_value(value, leadspc) == wire
 
 
+def test_replace_body_packets_split_at_64k() -> None:
+    body = bytes(range(256)) * 600  # 153600 bytes: 65535 + 65535 + 22530
+    packets = m.replace_body_packets(body)
+    assert [len(p.chunk) for p in packets] == [65535, 65535, 22530]
+    assert b"".join(p.chunk for p in packets) == body
+    wire = b"".join(p.encode() for p in packets)
+    assert m.ReplyDecoder().feed(wire) == packets
+    assert all(len(p.encode()) <= 65535 + 5 for p in packets)
+
+
+def test_replace_body_packets_from_a_file_and_small_bodies() -> None:
+    body = b"line\r\n" * 20000  # 120000 bytes
+    src = io.BytesIO(body)
+    packets = m.replace_body_packets(src)
+    assert [len(p.chunk) for p in packets] == [65535, 120000 - 65535]
+    assert b"".join(p.chunk for p in packets) == body
+    assert m.replace_body_packets(b"x\r\n") == [m.ReplaceBody(b"x\r\n")]  # control: one
+    assert m.replace_body_packets(b"") == [m.ReplaceBody(b"")]  # empty body still replaces
+    with pytest.raises(ValueError):
+        m.replace_body_packets(b"x", size=65536)
+
+
 # ---------------------------------------------------------------- negotiation
 
 
 def test_negotiate_with_postfix_37() -> None:
     reply = m.negotiate(POSTFIX_OFFER)
     assert reply.version == 6
-    assert reply.actions == (m.SMFIF_ADDHDRS | m.SMFIF_CHGHDRS | m.SMFIF_QUARANTINE
-                             | m.SMFIF_SETSYMLIST) == 0x131
+    assert reply.actions == (m.SMFIF_ADDHDRS | m.SMFIF_CHGHDRS | m.SMFIF_CHGBODY
+                             | m.SMFIF_QUARANTINE | m.SMFIF_SETSYMLIST) == 0x133
     assert reply.protocol == m.DEFAULT_PROTOCOL
     assert reply.protocol & m.SMFIP_HDR_LEADSPC
     assert not reply.protocol & (m.SMFIP_NR_CONN | m.SMFIP_NR_HELO | m.SMFIP_NR_MAIL
@@ -246,12 +272,19 @@ def test_negotiate_with_postfix_37() -> None:
 
 
 def test_negotiate_masks_with_an_old_mta_offer() -> None:
-    old = m.OptNeg(2, m.SMFIF_ADDHDRS | m.SMFIF_CHGBODY, 0x7F)  # no SETSYMLIST, no NR flags
+    old = m.OptNeg(2, m.SMFIF_ADDHDRS | m.SMFIF_CHGBODY | m.SMFIF_ADDRCPT, 0x7F)  # no SETSYMLIST
     reply = m.negotiate(old)
     assert reply.version == 2
-    assert reply.actions == m.SMFIF_ADDHDRS
+    assert reply.actions == m.SMFIF_ADDHDRS | m.SMFIF_CHGBODY  # ADDRCPT offered, not asked
     assert reply.protocol == 0
     assert reply.macros == ()
+
+
+def test_negotiate_asks_chgbody_only_when_offered() -> None:
+    without = m.negotiate(m.OptNeg(6, 0x1FF & ~m.SMFIF_CHGBODY, 0x1FFFFF))
+    assert not without.actions & m.SMFIF_CHGBODY
+    assert without.actions == 0x131  # the rest unchanged
+    assert m.negotiate(POSTFIX_OFFER).actions & m.SMFIF_CHGBODY  # control
 
 
 def test_negotiate_refuses_version_1() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -100,7 +101,7 @@ class Mta:
         """Replies up to and including the final one of an end-of-message."""
         out: list[m.Reply] = []
         while not out or isinstance(out[-1], m.Progress | m.AddHeader | m.InsertHeader
-                                    | m.ChangeHeader | m.Quarantine):
+                                    | m.ChangeHeader | m.Quarantine | m.ReplaceBody):
             out += await self.read(1)
         return out
 
@@ -164,7 +165,7 @@ async def test_full_message_flow_and_header_edits_in_order() -> None:
         await mta.envelope(rcpts=("<bob@conf.test>", "<carol@conf.test>"))
         replies = await mta.content(HEADERS, b"Hello.\r\n")
         await mta.close()
-    assert neg.actions == 0x131 and neg.protocol == m.DEFAULT_PROTOCOL
+    assert neg.actions == 0x133 and neg.protocol == m.DEFAULT_PROTOCOL
     assert replies == [
         m.InsertHeader(0, "Authentication-Results", " mx.conf.test; spf=pass"),
         m.AddHeader("X-Spam-Score", " 1.5"),
@@ -522,6 +523,52 @@ async def test_quarantine_and_discard_at_end_of_message() -> None:
             await mta.envelope()
             assert await mta.content([("From", " a@b")], b"x\r\n") == want
             await mta.close()
+
+
+async def test_replace_body_is_sent_in_packets_before_the_final_reply() -> None:
+    new = b"replaced\r\n" * 10000  # 100000 bytes: two packets
+    for body, action, final in [(new, MilterAction.CONTINUE, m.Continue()),
+                                (io.BytesIO(new), MilterAction.ACCEPT, m.Accept())]:
+        result = MilterResult(action, headers=[HeaderChange.change("Content-Type", "text/x")],
+                              replace_body=body)
+        async with running(Recorder(result)) as server:
+            mta = await Mta.open(server)
+            neg = await mta.start()
+            assert neg.actions & m.SMFIF_CHGBODY
+            await mta.envelope()
+            replies = await mta.content([("From", " a@b"), ("Content-Type", " text/plain")],
+                                        b"old\r\n")
+            await mta.close()
+        assert replies[0] == m.ChangeHeader(1, "Content-Type", " text/x")
+        assert [type(r) for r in replies[1:-1]] == [m.ReplaceBody, m.ReplaceBody]
+        assert b"".join(r.chunk for r in replies[1:-1] if isinstance(r, m.ReplaceBody)) == new
+        assert replies[-1] == final
+
+
+async def test_replace_body_without_chgbody_is_dropped(caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    rec = Recorder(MilterResult(replace_body=b"new\r\n"))
+    async with running(rec) as server:
+        mta = await Mta.open(server)
+        (neg,) = await mta.ask(m.OptNeg(6, 0x1FF & ~m.SMFIF_CHGBODY, 0x1FFFFF))
+        assert isinstance(neg, m.OptNegReply) and not neg.actions & m.SMFIF_CHGBODY
+        await mta.ask(m.Connect("h", "U"))
+        await mta.ask(m.Mail(("<a@b>",)))
+        await mta.send(m.Header("From", " a@b"), m.EndOfHeaders(), m.EndOfMessage())
+        assert await mta.until_final() == [m.Continue()]
+        await mta.close()
+    assert "did not grant CHGBODY" in caplog.text
+
+
+async def test_no_replace_body_sends_no_body_packet() -> None:  # control
+    async with running(Recorder(MilterResult(headers=[HeaderEdit("X-A", "b")]))) as server:
+        mta = await Mta.open(server)
+        await mta.start()
+        await mta.envelope()
+        replies = await mta.content([("From", " a@b")], b"x\r\n")
+        await mta.close()
+    assert not any(isinstance(r, m.ReplaceBody) for r in replies)
+    assert replies[-1] == m.Continue()
 
 
 async def test_header_edits_without_leadspc_get_no_added_space() -> None:
