@@ -26,6 +26,7 @@ or ``*.name`` / ``.name`` for its subdomains), and with
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import logging
@@ -199,14 +200,20 @@ async def receiver_name(tx: Transaction) -> str:
 
 async def _evaluate(tx: Transaction, rt: Runtime, receiver: str) -> SpfVerdict:
     cfg, resolver = rt.config.spf, rt.resolver
-    helo: SpfResult | None = None
-    if cfg.helo_check and tx.helo:
+    helo_wanted = bool(cfg.helo_check and tx.helo)
+    if not tx.sender and helo_wanted:  # the same evaluation (RFC 7208 §2.4)
         helo = await check_helo(resolver, tx.client_address, tx.helo, receiver=receiver,
                                 timeout=cfg.timeout)
-    if not tx.sender and helo is not None:  # the same evaluation (RFC 7208 §2.4)
         return SpfVerdict(None, dataclasses.replace(helo, identity="mailfrom"))
-    mailfrom = await check_mailfrom(resolver, tx.client_address, tx.sender, tx.helo,
-                                    receiver=receiver, timeout=cfg.timeout)
+    # The two identities are independent: evaluate them side by side, so a slow or
+    # dead DNS costs one timeout, not two.
+    mailfrom_eval = check_mailfrom(resolver, tx.client_address, tx.sender, tx.helo,
+                                   receiver=receiver, timeout=cfg.timeout)
+    if not helo_wanted:
+        return SpfVerdict(None, await mailfrom_eval)
+    helo, mailfrom = await asyncio.gather(
+        check_helo(resolver, tx.client_address, tx.helo, receiver=receiver,
+                   timeout=cfg.timeout), mailfrom_eval)
     return SpfVerdict(helo, mailfrom)
 
 
