@@ -104,6 +104,8 @@ class ServerConfig:
     state_dir: str = opt("", "directory for state (SQLite, keys); empty: /var/lib/mxguard "
                          "as root, else ~/.local/state/mxguard")
     shutdown_grace: float = opt(10.0, "seconds SIGTERM waits for in-flight requests", lo=0, hi=600)
+    workers: int | str = opt(1, '"auto" (one per core) or a number of worker processes '
+                             "sharing the listening sockets; 1: one process, no master")
 
 
 @dataclass(frozen=True)
@@ -507,6 +509,11 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
         return ConfigError(f"{src}: key '{where}.{key}' = {value!r} is not allowed; "
                            f"expected {allowed}")
 
+    if isinstance(obj, ServerConfig) and not (
+            obj.workers == "auto" or (isinstance(obj.workers, int)
+                                      and not isinstance(obj.workers, bool)
+                                      and 1 <= obj.workers <= 256)):
+        raise bad("workers", obj.workers, '"auto" or an integer from 1 to 256')
     if isinstance(obj, PolicyConfig | MilterConfig) and not _check_listen(obj.listen):
         raise bad("listen", obj.listen, '"host:port" or "unix:/path"')
     if isinstance(obj, DnsConfig):

@@ -39,6 +39,7 @@ import os
 import re
 import re._constants as sre_c
 import re._parser as sre_parse
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -214,12 +215,24 @@ class _Prefilter:
         self.literals = list(by_literal)
         self.targets = [by_literal[lit] for lit in self.literals]
         self.hs_db: Any = _hyperscan_db(self.literals) if use_hyperscan else None
+        # Hyperscan scratch space may serve one scan at a time: messages are scanned
+        # in several threads at once, so each thread gets its own.
+        self._local = threading.local()
+
+    def _scratch(self) -> Any:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            import hyperscan as hs
+
+            scratch = self._local.scratch = hs.Scratch(self.hs_db)
+        return scratch
 
     def present(self, text_lower: bytes) -> list[int]:
         """Indices of literals found in the (lower-cased) text."""
         if self.hs_db is not None:
             found: list[int] = []
-            self.hs_db.scan(text_lower, match_event_handler=_hs_collect, context=found)
+            self.hs_db.scan(text_lower, match_event_handler=_hs_collect, context=found,
+                            scratch=self._scratch())
             return found
         return [i for i, lit in enumerate(self.literals) if lit in text_lower]
 

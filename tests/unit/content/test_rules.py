@@ -407,3 +407,26 @@ def test_spamassassin_rules_load() -> None:
     res = rules.scan(parse_message(raw_msg(body="XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-"
                                                 "ANTI-UBE-TEST-EMAIL*C.34X")))
     assert "GTUBE" in res.counts
+
+
+def test_concurrent_scans_in_threads_never_share_scratch_space() -> None:
+    """Messages are scanned in several threads at once (asyncio.to_thread); hyperscan
+    scratch space serves one scan at a time (ScratchInUseError -> milter tempfail)."""
+    import concurrent.futures
+
+    from mxguard import config as mxconfig
+    from mxguard.content.mime import parse_message
+    from mxguard.content.rules import load_rules
+
+    ruleset = load_rules(mxconfig.Config())
+    raw = (b"From: a@b.test\r\nSubject: cheap pills\r\n\r\n"
+           + b"click here viagra casino http://192.0.2.4/x " * 200)
+    parsed = parse_message(raw, max_parts=100, max_bytes=10**7)
+
+    def scan_many(_: int) -> int:
+        return sum(len(ruleset.scan(parsed, tx=None, now=0, bayes_prob=None,
+                                    score_set=0).hits) for _ in range(100))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(scan_many, range(8)))
+    assert len(set(counts)) == 1 and counts[0] > 0  # same hits everywhere, no exception

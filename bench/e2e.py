@@ -1,0 +1,614 @@
+"""End to end through a real Postfix: bare Postfix vs Postfix + mxguard (everything on).
+
+    sudo python bench/e2e.py [--quick] [--concurrency 10] [--duration 12] [--rounds 2]
+                             [--profile FILE]
+
+Everything runs on loopback: a private Postfix (tests/support/postfix.py)
+relaying to a counting SMTP sink (its own process), a test DNS server
+(tests/support/dnsserver.py) publishing the sender domains, and an asyncio
+SMTP load generator sending real messages (generated, ~2.3 KB and ~52 KB) from
+varying source addresses 127.0.x.y with ``--concurrency`` clients.
+
+Sender mix: 80 % good.test (SPF pass, DKIM-signed, DMARC p=reject -> pass),
+10 % soft.test (SPF softfail, unsigned, DMARC p=none), 5 % bad.test (SPF
+fail -> rejected by mxguard, by design not delivered), 5 % outgoing from the
+internal host 127.0.0.1 (mxguard DKIM-signs them).
+
+Configurations, alternated in the same run (one Postfix, main.cf switched
+with ``postfix reload``):
+
+* ``bare``        Postfix alone.
+* ``mxguard``     Postfix + mxguard, ``workers = 1``: HELO (exempt_networks
+                  empty), greylisting (``delay = 0``: every triplet passes at
+                  first sight, the store is still read and written per
+                  recipient), SPF, DKIM verify and sign, DMARC, content rules
+                  and Bayes (a few messages learned first with ``mxguard
+                  learn``, ``min_spam = min_ham = 5``); wired as
+                  ``mxguard postfix setup`` / README do (policy at HELO, RCPT
+                  and DATA; milter for smtpd and non-smtpd mail).
+* ``mxguard-w2``  the same with ``[server] workers = 2``.
+* the seed's stack (postgrey + policyd-spf + OpenDKIM + SpamAssassin) is
+  not driven by this script yet (see the printed line).
+
+Per configuration and size: msgs/s (messages delivered to the sink per second,
+from the first connection to the last delivery), tx/s (completed SMTP
+transactions), p50/p99 SMTP transaction latency (connect to the reply to the
+final dot), CPU ms per message of mxguard (all its processes) and of Postfix
+(master and every child, reaped ones included), peak RSS (mxguard; mxguard +
+Postfix) sampled every 0.2 s, and ratios to bare of the same size. Timings
+are reported, never asserted. Must run as root (Postfix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+from tests.support.daemon import MxguardProcess  # noqa: E402
+from tests.support.dnsserver import DNSServer  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.postfix import PostfixInstance, postfix_available  # noqa: E402
+
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+RCPT_DOMAIN = "example.test"
+WORDS = [
+    "the", "meeting", "report", "budget", "quarter", "project", "team", "review", "schedule",
+    "invoice", "shipment", "customer", "order", "account", "update", "details", "attached",
+    "please", "find", "below", "regards", "thanks", "office", "monday", "friday", "approval",
+    "draft", "version", "change", "request", "server", "network", "release", "plan", "notes",
+    "agenda", "minutes", "summary", "contract", "offer",
+]
+SPAM_WORDS = [
+    "viagra", "cheap", "pills", "winner", "lottery", "prize", "claim", "urgent", "money",
+    "transfer", "bitcoin", "investment", "guaranteed", "free", "offer", "click", "unsubscribe",
+    "casino", "bonus", "million", "dollars", "bank", "account", "verify", "password", "limited",
+]
+
+
+# ------------------------------------------------------------------ messages
+
+def body_text(rng: random.Random, size: int, words: list[str]) -> str:
+    lines, n = [], 0
+    while n < size:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(8, 13))).capitalize() + "."
+        lines.append(line)
+        n += len(line) + 2
+    return "\r\n".join(lines) + "\r\n"
+
+
+def make_message(rng: random.Random, sender: str, size: int, n: int, *,
+                 spam: bool = False) -> bytes:
+    words = SPAM_WORDS + WORDS[:10] if spam else WORDS
+    head = (f"From: Sender {n} <{sender}>\r\nTo: <user{n % 10}@{RCPT_DOMAIN}>\r\n"
+            f"Subject: {' '.join(rng.choice(words) for _ in range(5))}\r\n"
+            f"Date: Tue, 24 Nov 2026 10:{n % 60:02d}:00 +0000\r\n"
+            f"Message-ID: <{n}.{rng.randrange(10**9)}@{sender.split('@')[1]}>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n")
+    return (head + "\r\n" + body_text(rng, size - len(head), words)).encode()
+
+
+def dkim_sign(key: Any, raw: bytes) -> bytes:
+    from mxguard.auth.dkim_keys import SigningKey
+    from mxguard.auth.dkim_sign import sign
+
+    head, _, body = raw.partition(b"\r\n\r\n")
+    headers = [tuple(line.split(b":", 1)) for line in head.split(b"\r\n")]
+    (value,) = sign(headers, body, [SigningKey("good.test", "e2e", key)])  # type: ignore[arg-type]
+    return b"DKIM-Signature: " + value.encode() + b"\r\n" + raw
+
+
+def message_pool(key: Any, size: int, rng: random.Random) -> list[tuple[str, str, bytes]]:
+    """(kind, sender, data) x 40, mixed as described in the module doc."""
+    pool: list[tuple[str, str, bytes]] = []
+    for n in range(40):
+        r = n % 20
+        if r < 16:
+            kind, sender = "good", f"alice{n % 8}@good.test"
+            data = dkim_sign(key, make_message(rng, sender, size, n))
+        elif r < 18:
+            kind, sender = "soft", f"bob{n % 4}@soft.test"
+            data = make_message(rng, sender, size, n)
+        elif r < 19:
+            kind, sender = "bad", f"eve{n % 4}@bad.test"
+            data = make_message(rng, sender, size, n)
+        else:
+            kind, sender = "out", f"staff{n % 4}@good.test"
+            data = make_message(rng, sender, size, n)
+        pool.append((kind, sender, data))
+    return pool
+
+
+def dot_stuff(data: bytes) -> bytes:
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+# ------------------------------------------------------------------ sink
+
+def _sink_main(port: int, count: Any, last: Any, ready: Any) -> None:
+    """A counting SMTP sink (its own process: it must not slow the generator)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink.test ESMTP\r\n")
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    await reader.readuntil(b"\r\n.\r\n")
+                    with count.get_lock():
+                        count.value += 1
+                    last.value = time.monotonic()
+                    writer.write(b"250 2.0.0 Ok\r\n")
+                elif verb in (b"EHLO", b"HELO"):
+                    writer.write(b"250-sink.test\r\n250-8BITMIME\r\n250 PIPELINING\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    writer.write(b"250 Ok\r\n")
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=512,
+                                            limit=1 << 22)
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ load generator
+
+class Result:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.codes: dict[str, int] = {}
+        self.accepted = 0
+        self.errors = 0
+
+
+async def smtp_one(port: int, source: str, helo: str, sender: str, rcpt: str,
+                   data: bytes) -> tuple[bool, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+    async def reply() -> str:
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if line[3:4] != b"-":
+                return line.decode("latin-1")
+
+    try:
+        r = await reply()
+        for cmd in (f"EHLO {helo}", f"MAIL FROM:<{sender}>", f"RCPT TO:<{rcpt}>", "DATA"):
+            if not r.startswith(("2", "3")):
+                break
+            writer.write(cmd.encode() + b"\r\n")
+            r = await reply()
+        else:
+            writer.write(dot_stuff(data))
+            r = await reply()
+            writer.write(b"QUIT\r\n")
+            return r.startswith("250"), r[:3]
+        writer.write(b"QUIT\r\n")
+        return False, r[:3]
+    finally:
+        writer.close()
+
+
+async def generate(port: int, pool: list[tuple[str, str, bytes]], concurrency: int,
+                   duration: float, seed: int) -> Result:
+    res = Result()
+    deadline = time.monotonic() + duration
+
+    async def client(n: int) -> None:
+        rng = random.Random(seed * 1000 + n)
+        while time.monotonic() < deadline:
+            kind, sender, data = rng.choice(pool)
+            if kind == "out":
+                source, helo = "127.0.0.1", "mx.example.test"
+            else:
+                source = f"127.0.{rng.randint(1, 8)}.{rng.randint(1, 250)}"
+                helo = f"mail.{sender.split('@')[1]}"
+            rcpt = f"user{rng.randrange(10)}@{RCPT_DOMAIN}"
+            t = time.monotonic()
+            try:
+                ok, code = await smtp_one(port, source, helo, sender, rcpt, data)
+            except (OSError, ConnectionError):
+                res.errors += 1
+                await asyncio.sleep(0.05)
+                continue
+            res.latencies.append(time.monotonic() - t)
+            res.codes[code] = res.codes.get(code, 0) + 1
+            res.accepted += ok
+
+    await asyncio.gather(*(client(n) for n in range(concurrency)))
+    return res
+
+
+# ------------------------------------------------------------------ /proc
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(name))
+    return kids
+
+
+def tree(roots: list[int]) -> list[int]:
+    kids, out, todo = _children(), [], list(roots)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """utime+stime+cutime+cstime over a process tree: reaped children stay counted."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in f[11:15])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size: pages shared after fork() counted once in all."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * PAGE
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        super().__init__(daemon=True)
+        self.groups = groups
+        self.peak = dict.fromkeys(groups, 0)
+        self.peak["mx_pss"] = 0
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            for name, pids in self.groups.items():
+                self.peak[name] = max(self.peak[name], rss_bytes(pids()))
+            self.peak["mx_pss"] = max(self.peak["mx_pss"], pss_bytes(self.groups["mx"]()))
+            self.stop_event.wait(0.2)
+
+    def stop(self) -> dict[str, int]:
+        self.stop_event.set()
+        self.join()
+        return self.peak
+
+
+# ------------------------------------------------------------------ set-up
+
+def zone(key: Any) -> dict[str, list[tuple[str, Any]]]:
+    from mxguard.auth.dkim_keys import public_key_record
+
+    z: dict[str, list[tuple[str, Any]]] = {
+        "good.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+        "_dmarc.good.test": [("TXT", "v=DMARC1; p=reject")],
+        "e2e._domainkey.good.test": [("TXT", public_key_record(key))],
+        "soft.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 ~all")],
+        "_dmarc.soft.test": [("TXT", "v=DMARC1; p=none")],
+        "bad.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+        "_dmarc.bad.test": [("TXT", "v=DMARC1; p=reject")],
+    }
+    for d in ("good.test", "soft.test", "bad.test", "example.test"):
+        z[f"mail.{d}"] = [("A", "127.0.0.1")]
+        z[f"mx.{d}"] = [("A", "127.0.0.1")]
+    return z
+
+
+def mxguard_config(dns: DNSServer, keyfile: Path, workers: int) -> str:
+    return (f"[server]\nworkers = {workers}\n"
+            f'[dns]\nnameservers = ["{dns.address}"]\n'
+            "[helo]\nexempt_networks = []\n"
+            "[greylist]\ndelay = 0\n"
+            f'[dkim]\ninternal_hosts = ["127.0.0.1/32"]\nkeys = ["good.test:e2e:{keyfile}"]\n'
+            '[log]\nlevel = "warning"\n'
+            "[bayes]\nmin_spam = 5\nmin_ham = 5\n")
+
+
+def start_mxguard(tmp: Path, dns: DNSServer, keyfile: Path, workers: int,
+                  learn_dir: Path) -> MxguardProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    mx = MxguardProcess(tmp, mxguard_config(dns, keyfile, workers))
+    mx.config.write_text(mx.config.read_text().replace(
+        "[milter]\n", '[milter]\nauthserv_id = "mx.example.test"\n'))
+    for kind in ("spam", "ham"):
+        subprocess.run([sys.executable, "-m", "mxguard", "learn", "-c", str(mx.config),
+                        f"--{kind}", "--no-progress", str(learn_dir / kind)],
+                       check=True, capture_output=True)
+    return mx.start()
+
+
+def mxguard_main_cf(mx: MxguardProcess) -> dict[str, str]:
+    milter = f"inet:127.0.0.1:{mx.milter_port}"
+    policy = f"check_policy_service inet:127.0.0.1:{mx.port}"
+    return {
+        "smtpd_helo_restrictions":
+            f"check_policy_service {{ inet:127.0.0.1:{mx.port}, policy_context=helo }}",
+        "smtpd_recipient_restrictions": f"permit_mynetworks, reject_unauth_destination, {policy}",
+        "smtpd_data_restrictions": policy,
+        "smtpd_milters": milter, "non_smtpd_milters": milter,
+        "milter_default_action": "tempfail", "milter_protocol": "6",
+    }
+
+
+BARE_CF = {"smtpd_helo_restrictions": "", "smtpd_recipient_restrictions": "",
+           "smtpd_data_restrictions": "", "smtpd_milters": "", "non_smtpd_milters": ""}
+
+
+# ------------------------------------------------------------------ one run
+
+def run_one(pf: PostfixInstance, mx: MxguardProcess | None, pool: list[tuple[str, str, bytes]],
+            args: argparse.Namespace, count: Any, last: Any, seed: int,
+            profile: Path | None = None) -> dict[str, Any]:
+    mx_pids: Callable[[], list[int]] = (
+        (lambda: tree([mx.proc.pid])) if mx is not None and mx.proc is not None else list)
+    pf_pids: Callable[[], list[int]] = lambda: tree([pf.master_pid or 0])  # noqa: E731
+    both: Callable[[], list[int]] = lambda: mx_pids() + pf_pids()  # noqa: E731
+    pf.wait_queue_empty(60)
+    count.value = 0
+    sampler = RssSampler({"mx": mx_pids, "all": both})
+    sampler.start()
+    cpu0 = (cpu_ticks(mx_pids()), cpu_ticks(pf_pids()))
+    spy = None
+    if profile is not None and mx is not None:
+        target = max(mx_pids())  # a worker, or the only process
+        spy = subprocess.Popen(["py-spy", "record", "-p", str(target), "-f", "raw", "-o",
+                                str(profile), "-d", str(int(args.duration)), "-r", "200"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    res = asyncio.run(generate(pf.smtp_port, pool, args.concurrency, args.duration, seed))
+    drain_deadline = time.monotonic() + 60
+    while count.value < res.accepted and time.monotonic() < drain_deadline:
+        time.sleep(0.05)
+    delivered = count.value
+    t_end = last.value if delivered else time.monotonic()
+    cpu1 = (cpu_ticks(mx_pids()), cpu_ticks(pf_pids()))
+    peak = sampler.stop()
+    if spy is not None:
+        spy.wait(60)
+    elapsed = max(1e-6, t_end - t0)
+    lat = sorted(res.latencies) or [0.0]
+    n = max(1, delivered)
+    return {
+        "msgs": delivered / elapsed, "tx": len(res.latencies) / elapsed,
+        "p50": statistics.median(lat) * 1000, "p99": lat[int(0.99 * (len(lat) - 1))] * 1000,
+        "mx_cpu": (cpu1[0] - cpu0[0]) * 1000 / CLK / n,
+        "pf_cpu": (cpu1[1] - cpu0[1]) * 1000 / CLK / n,
+        "mx_pss": peak["mx_pss"] / 2**20,
+        "mx_rss": peak["mx"] / 2**20, "all_rss": peak["all"] / 2**20,
+        "delivered": delivered, "accepted": res.accepted, "codes": res.codes,
+        "errors": res.errors,
+    }
+
+
+def summarise_profile(path: Path, top: int = 12) -> str:
+    """py-spy raw (collapsed) stacks: top self frames and top inclusive frames."""
+    self_n: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, num = line.rpartition(" ")
+        if not num.isdigit():
+            continue
+        k = int(num)
+        total += k
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+                  + ")" if " (" in f else f for f in stack.split(";")]
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + k
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + k
+    out = [f"profile: {total} samples"]
+    out.append("  self time:")
+    for f, k in sorted(self_n.items(), key=lambda x: -x[1])[:top]:
+        out.append(f"    {100 * k / max(1, total):5.1f}%  {f}")
+    out.append("  inclusive:")
+    skip = ("<module>", "run (", "_run_once", "run_forever", "main (", "serve (", "invoke (",
+            "_run (")
+    for f, k in sorted(incl.items(), key=lambda x: -x[1]):
+        if any(s in f for s in skip):
+            continue
+        out.append(f"    {100 * k / max(1, total):5.1f}%  {f}")
+        if len(out) > 2 * top + 4:
+            break
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ main
+
+def seed_stack_installed() -> bool:
+    return all(shutil.which(p) for p in ("postgrey", "policyd-spf", "opendkim", "spamd"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 round of 5 s per configuration")
+    ap.add_argument("--concurrency", type=int, default=10)
+    ap.add_argument("--duration", type=float, default=12.0, help="seconds of load per run")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the configurations")
+    ap.add_argument("--sizes", default="2300,52000", help="message sizes in bytes")
+    ap.add_argument("--no-workers", action="store_true", help="skip the workers=2 runs")
+    ap.add_argument("--keep", action="store_true", help="keep the work directories (logs)")
+    ap.add_argument("--profile", type=Path, help="py-spy raw profile of one mxguard worker "
+                    "(extra 2.3 KB run); its summary is printed")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.rounds = 5.0, 1
+    if not postfix_available() or os.geteuid() != 0:
+        print("e2e: needs Postfix installed and root", file=sys.stderr)
+        return 2
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    rng = random.Random(8)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    work = Path(tempfile.mkdtemp(prefix="mxge2e-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    keyfile = work / "good.test.e2e.key"
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    os.chmod(keyfile, 0o600)
+    learn = work / "learn"
+    for kind in ("spam", "ham"):
+        (learn / kind).mkdir(parents=True)
+        for i in range(8):
+            (learn / kind / f"{i}.eml").write_bytes(
+                make_message(rng, f"x{i}@soft.test", 1500, i, spam=kind == "spam"))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    pools = {s: message_pool(key, s, rng) for s in sizes}
+
+    count, last, ready = mp.Value("q", 0), mp.Value("d", 0.0), mp.Event()
+    sink_port = free_port()
+    sink = mp.Process(target=_sink_main, args=(sink_port, count, last, ready), daemon=True)
+    sink.start()
+    ready.wait(10)
+    mxs: dict[str, MxguardProcess] = {}
+    pf: PostfixInstance | None = None
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    t_start = time.monotonic()
+    try:
+        with DNSServer(zone(key)) as dns:
+            mxs["mxguard"] = start_mxguard(work / "mx1", dns, keyfile, 1, learn)
+            if not args.no_workers:
+                mxs["mxguard-w2"] = start_mxguard(work / "mx2", dns, keyfile, 2, learn)
+            pfdir = Path(tempfile.mkdtemp(prefix="mxgpf-", dir="/tmp"))
+            pf = PostfixInstance(pfdir, sink_port, {
+                **BARE_CF, "default_process_limit": "200",
+                "smtpd_client_connection_count_limit": "0",
+                "smtpd_client_connection_rate_limit": "0"})
+            pf.start()
+            configs = ["bare", *mxs]
+            seed = 0
+            for rnd in range(args.rounds):
+                for size in sizes:
+                    order = configs if rnd % 2 == 0 else configs[::-1]
+                    for name in order:
+                        mx = mxs.get(name)
+                        pf.update_main_cf(mxguard_main_cf(mx) if mx else BARE_CF)
+                        time.sleep(0.5)
+                        seed += 1
+                        r = run_one(pf, mx, pools[size], args, count, last, seed)
+                        results.setdefault((name, size), []).append(r)
+                        print(f"  [{time.monotonic() - t_start:5.0f}s] round {rnd + 1} "
+                              f"{name:<11} {size / 1000:>4.1f} KB: {r['msgs']:6.1f} msgs/s "
+                              f"codes={r['codes']} errors={r['errors']}", file=sys.stderr)
+            profile_text = ""
+            if args.profile and "mxguard" in mxs:
+                mx = mxs["mxguard"]
+                pf.update_main_cf(mxguard_main_cf(mx))
+                time.sleep(0.5)
+                run_one(pf, mx, pools[sizes[0]], args, count, last, 999, profile=args.profile)
+                if args.profile.exists():
+                    profile_text = summarise_profile(args.profile)
+    finally:
+        for mx in mxs.values():
+            mx.stop()
+        if pf is not None:
+            pf.stop()
+            if not args.keep:
+                shutil.rmtree(pf.workdir, ignore_errors=True)
+        sink.terminate()
+        if args.keep:
+            print(f"kept: {work} {pf.workdir if pf else ''}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    ncpu = len(os.sched_getaffinity(0))
+    print(f"e2e: {ncpu} cores, concurrency {args.concurrency}, {args.rounds} round(s) x "
+          f"{args.duration:g} s per configuration and size; medians over rounds")
+    print("mix: 80% good.test (SPF pass, DKIM signed, DMARC pass), 10% soft.test (softfail), "
+          "5% bad.test (SPF fail: rejected with mxguard), 5% outgoing from 127.0.0.1 (signed)")
+    hdr = (f"{'config':<12}{'size':>7}{'msgs/s':>9}{'tx/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
+           f"{'mx cpu':>8}{'pf cpu':>8}{'cpu/msg':>9}{'mx RSS':>8}{'mx PSS':>8}{'all RSS':>8}"
+           f"{'x bare':>8}")
+    print(hdr)
+    print(f"{'':<12}{'':>7}{'':>9}{'':>8}{'':>8}{'':>8}{'ms/msg':>8}{'ms/msg':>8}{'ms':>9}"
+          f"{'MB':>8}{'MB':>8}{'MB':>8}{'msgs/s':>8}")
+    for size in sizes:
+        bare = statistics.median(r["msgs"] for r in results[("bare", size)])
+        for name in ["bare", *mxs]:
+            rs = results[(name, size)]
+
+            def med(k: str, rs: list[dict[str, Any]] = rs) -> float:
+                return float(statistics.median(r[k] for r in rs))
+            print(f"{name:<12}{size / 1000:>5.1f}KB{med('msgs'):>9.1f}{med('tx'):>8.1f}"
+                  f"{med('p50'):>8.1f}{med('p99'):>8.1f}{med('mx_cpu'):>8.2f}"
+                  f"{med('pf_cpu'):>8.2f}{med('mx_cpu') + med('pf_cpu'):>9.2f}"
+                  f"{med('mx_rss'):>8.0f}{med('mx_pss'):>8.0f}{med('all_rss'):>8.0f}"
+                  f"{med('msgs') / bare if bare else 0:>8.2f}")
+    if seed_stack_installed():
+        print("seed stack: installed, but not driven by bench/e2e.py yet (policyd-spf and "
+              "spamd resolve through /etc/resolv.conf, not the loopback test DNS), skipped")
+    else:
+        print("seed stack: not installed, skipped")
+    if profile_text:
+        print(profile_text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
