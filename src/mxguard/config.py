@@ -404,7 +404,7 @@ class Config:
 
     @property
     def storage_url(self) -> str:
-        return self.storage.url or f"sqlite:///{self.state_dir}/mxguard.db"
+        return self.storage.url or f"sqlite:///{self.state_dir.lstrip('/')}/mxguard.db"
 
 
 # ---------------------------------------------------------------- loading

@@ -195,7 +195,6 @@ class Daemon:
             stage_timeout=m.stage_timeout, eom_timeout=m.eom_timeout)
         self.milter = MilterServer(settings, MxguardMilter(self))
         await self.milter.start()
-        log.info("milter: listening on %s", m.listen)
 
     async def reload(self) -> None:
         """Load config and lists anew; keep the old ones if anything is wrong."""
