@@ -77,6 +77,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src"), str(ROOT / "bench")]
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 from milter_client import Client, Message, MilterClient, MilterError, Outcome  # noqa: E402
+from policy_bench import cpu_seconds, free_port, peak_rss_mb  # noqa: E402
 
 from mxguard.auth.dkim_canon import parse_message  # noqa: E402
 from mxguard.auth.dkim_keys import SigningKey, public_key_record  # noqa: E402
@@ -192,26 +193,6 @@ def make_corpus(key: SigningKey, sizes: dict[str, int]) -> Corpus:
 # ---------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime (all threads) + reaped children's, of one process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def wait_listening(target: str, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
