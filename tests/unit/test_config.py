@@ -105,3 +105,32 @@ def test_readme_documents_every_key() -> None:
     readme = (_P(__file__).resolve().parents[2] / "README.md").read_text()
     for key, _default, _doc in config.iter_keys():
         assert f"| `{key}` |" in readme, f"{key} missing: run scripts/gen_config_reference.py"
+
+
+@pytest.mark.parametrize(("euid", "expected"), [
+    (1000, "{home}/.local/state/mxguard"),
+    (0, "/var/lib/mxguard"),  # control: root keeps the system location
+])
+def test_default_state_dir_works_as_root_and_as_a_user(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path, euid: int,
+                                                       expected: str) -> None:
+    monkeypatch.setattr(config.os, "geteuid", lambda: euid)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    cfg = config.load(None)
+    assert cfg.state_dir == expected.format(home=tmp_path)
+    assert cfg.storage_url.endswith(f"{cfg.state_dir}/mxguard.db")
+
+
+async def test_the_store_creates_the_default_state_dir(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    from mxguard.checks.greylist import open_greylister
+
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    greylister = await open_greylister(config.load(None))
+    try:
+        assert (tmp_path / ".local/state/mxguard/mxguard.db").exists()
+    finally:
+        await greylister.close()
