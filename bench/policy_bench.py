@@ -89,14 +89,19 @@ async def drive(port: int, kind: str, seconds: float, conns: int, offset: int,
     return sum(counts) / (time.perf_counter() - t0), replies
 
 
-def peak_rss_mb(pid: int) -> float:
+def status_mb(pid: int, key: str) -> float:
+    """A memory line of /proc/PID/status (VmHWM, VmRSS, ...) in MB; NaN when gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    return status_mb(pid, "VmHWM")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -51,7 +51,7 @@ from milter_bench import (  # noqa: E402
     make_corpus,
 )
 from milter_client import Client, MilterClient  # noqa: E402
-from policy_bench import request  # noqa: E402
+from policy_bench import request, status_mb  # noqa: E402
 from tests.support.daemon import MxguardProcess  # noqa: E402
 
 from mxguard.auth.dkim_keys import SigningKey, public_key_record  # noqa: E402
@@ -62,13 +62,7 @@ HELOS = ("[198.51.100.9]", "localhost", "mailhost", "mx.nowhere.invalid",
 
 
 def vmrss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return status_mb(pid, "VmRSS")
 
 
 class Progress:

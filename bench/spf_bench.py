@@ -48,6 +48,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
+
+from policy_bench import free_port, wait_port  # noqa: E402
 
 CACHED_DOMAINS = 200
 STATS_NAME = "stats.bench-control"
@@ -240,24 +244,6 @@ async def first_answer(port: int, tag: str) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------ processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    for _ in range(400):
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited early with status {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.025)
-    sys.exit(f"{what} did not start listening on {port}")
 
 
 def proc_stat(pid: int) -> list[str]:
