@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.postfix import PostfixInstance, postfix_available
+from tests.support.daemon import MxguardProcess
+from tests.support.dnsserver import DNSServer
+from tests.support.postfix import PostfixInstance, policy_wiring, postfix_available
 from tests.support.sink import Sink
 
 _HERE = Path(__file__).resolve().parent
@@ -101,3 +103,25 @@ def postfix_factory(sink: Sink, tmp_path: Path) -> Iterator[PostfixFactory]:
 @pytest.fixture
 def postfix(postfix_factory: PostfixFactory) -> PostfixInstance:
     return postfix_factory()
+
+
+Stack = tuple[MxguardProcess, PostfixInstance]
+
+
+@pytest.fixture
+def stack(tmp_path: Path, dns: DNSServer, sink: Sink,
+          postfix_factory: PostfixFactory) -> Iterator[Callable[..., Stack]]:
+    """``make(extra="", top="")``: a real ``mxguard serve`` using the test module's
+    ``dns`` fixture, and a private Postfix wired to its policy door."""
+    started: list[MxguardProcess] = []
+
+    def make(extra: str = "", top: str = "") -> Stack:
+        mx = MxguardProcess(tmp_path, top + f'[dns]\nnameservers = ["{dns.address}"]\n'
+                                            "timeout = 2\n[helo]\nexempt_networks = []\n" + extra)
+        mx.start()
+        started.append(mx)
+        return mx, postfix_factory(policy_wiring(mx.port))
+
+    yield make
+    for mx in started:
+        assert mx.stop() == 0

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from tests.support.daemon import MxguardProcess
 from tests.support.dnsserver import DNSServer
-from tests.support.postfix import PostfixInstance, send
+from tests.support.postfix import PostfixInstance, policy_wiring, send
 from tests.support.sink import Sink
 
 from mxguard.auth.dkim_keys import SigningKey, public_key_record
@@ -78,12 +78,8 @@ def stack(tmp_path: Path, dns: DNSServer, sink: Sink,
         "[milter]\n", f'[milter]\nauthserv_id = "{AUTHSERV}"\n'))
     mx.start()
     milter = f"inet:127.0.0.1:{mx.milter_port}"
-    policy = f"check_policy_service inet:127.0.0.1:{mx.port}"
     pf = postfix_factory({
-        "smtpd_helo_restrictions":
-            f"check_policy_service {{ inet:127.0.0.1:{mx.port}, policy_context=helo }}",
-        "smtpd_recipient_restrictions": f"permit_mynetworks, reject_unauth_destination, {policy}",
-        "smtpd_data_restrictions": policy,
+        **policy_wiring(mx.port),
         "smtpd_milters": milter, "non_smtpd_milters": milter,
         "milter_default_action": "tempfail", "milter_protocol": "6",
     })

@@ -33,33 +33,7 @@ def dns() -> Iterator[DNSServer]:
         yield srv
 
 
-Stack = tuple[MxguardProcess, PostfixInstance]
-
-
-@pytest.fixture
-def stack(tmp_path: Path, dns: DNSServer, sink: Sink,
-          postfix_factory: Callable[..., PostfixInstance]) -> Iterator[Callable[..., Stack]]:
-    started: list[MxguardProcess] = []
-
-    def make(extra: str = "", top: str = "") -> Stack:
-        mx = MxguardProcess(tmp_path, top + f'[dns]\nnameservers = ["{dns.address}"]\ntimeout = 2\n'
-                                      "[helo]\nexempt_networks = []\n" + extra)
-        mx.start()
-        started.append(mx)
-        policy = f"check_policy_service inet:127.0.0.1:{mx.port}"
-        pf = postfix_factory({
-            "smtpd_helo_restrictions":
-                f"check_policy_service {{ inet:127.0.0.1:{mx.port}, policy_context=helo }}",
-            "smtpd_recipient_restrictions":
-                f"permit_mynetworks, reject_unauth_destination, {policy}",
-            "smtpd_data_restrictions": policy,
-            "smtpd_policy_service_default_action": "DUNNO",
-        })
-        return mx, pf
-
-    yield make
-    for mx in started:
-        assert mx.stop() == 0
+Stack = tuple[MxguardProcess, PostfixInstance]  # what the conftest `stack` fixture makes
 
 
 def deliver(pf: PostfixInstance, *, helo: str = "mail.sender.test",

@@ -732,3 +732,15 @@ def send(
             except (smtplib.SMTPServerDisconnected, OSError):
                 t.disconnected = True
         s.close()
+
+
+def policy_wiring(port: int) -> dict[str, str]:
+    """main.cf lines that wire Postfix to mxguard's policy door, as README says."""
+    policy = f"check_policy_service inet:127.0.0.1:{port}"
+    return {
+        "smtpd_helo_restrictions":
+            f"check_policy_service {{ inet:127.0.0.1:{port}, policy_context=helo }}",
+        "smtpd_recipient_restrictions": f"permit_mynetworks, reject_unauth_destination, {policy}",
+        "smtpd_data_restrictions": policy,
+        "smtpd_policy_service_default_action": "DUNNO",
+    }
