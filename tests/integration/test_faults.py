@@ -35,7 +35,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from tests.support.daemon import MxguardProcess, PolicyClient
 from tests.support.dnsserver import DNSServer
-from tests.support.postfix import PostfixInstance, Transcript, send
+from tests.support.postfix import PostfixInstance, Transcript, policy_wiring, send
 from tests.support.sink import Sink
 
 from mxguard.auth.dkim_keys import SigningKey
@@ -73,14 +73,9 @@ def write_config(mx: MxguardProcess, *, dns: str, db: Path | None = None,
 
 def wire_postfix(factory: Callable[..., PostfixInstance], mx: MxguardProcess) -> PostfixInstance:
     """Postfix wired to both doors as README / ``mxguard postfix setup`` do."""
-    policy = f"check_policy_service inet:127.0.0.1:{mx.port}"
     milter = f"inet:127.0.0.1:{mx.milter_port}"
     return factory({
-        "smtpd_helo_restrictions":
-            f"check_policy_service {{ inet:127.0.0.1:{mx.port}, policy_context=helo }}",
-        "smtpd_recipient_restrictions": f"permit_mynetworks, reject_unauth_destination, {policy}",
-        "smtpd_data_restrictions": policy,
-        "smtpd_policy_service_default_action": "DUNNO",
+        **policy_wiring(mx.port),
         "smtpd_milters": milter,
         "milter_default_action": "tempfail",
         "milter_protocol": "6",
