@@ -1,7 +1,7 @@
 """End to end through a real Postfix: bare Postfix vs Postfix + mxguard (everything on).
 
     sudo python bench/e2e.py [--quick] [--concurrency 10] [--duration 12] [--rounds 2]
-                             [--profile FILE]
+                             [--no-seed] [--no-workers] [--keep] [--profile FILE]
 
 Everything runs on loopback: a private Postfix (tests/support/postfix.py)
 relaying to a counting SMTP sink (its own process), a test DNS server
@@ -9,8 +9,8 @@ relaying to a counting SMTP sink (its own process), a test DNS server
 SMTP load generator sending real messages (generated, ~2.3 KB and ~52 KB) from
 varying source addresses 127.0.x.y with ``--concurrency`` clients.
 
-Sender mix: 80 % good.test (SPF pass, DKIM-signed, DMARC p=reject -> pass),
-10 % soft.test (SPF softfail, unsigned, DMARC p=none), 5 % bad.test (SPF
+Sender mix: 80 % good.example (SPF pass, DKIM-signed, DMARC p=reject -> pass),
+10 % soft.example (SPF softfail, unsigned, DMARC p=none), 5 % bad.example (SPF
 fail -> rejected by mxguard, by design not delivered), 5 % outgoing from the
 internal host 127.0.0.1 (mxguard DKIM-signs them).
 
@@ -27,8 +27,18 @@ with ``postfix reload``):
                   ``mxguard postfix setup`` / README do (policy at HELO, RCPT
                   and DATA; milter for smtpd and non-smtpd mail).
 * ``mxguard-w2``  the same with ``[server] workers = 2``.
-* the seed's stack (postgrey + policyd-spf + OpenDKIM + SpamAssassin) is
-  not driven by this script yet (see the printed line).
+* ``seed``        the seed's stack (../shared/seed/spam-resistant-postfix.txt),
+                  when its Debian packages are installed: Postfix's HELO
+                  restrictions, postgrey (``--delay=1``, senders pre-passed),
+                  policyd-spf spawned by Postfix, OpenDKIM (sign + verify,
+                  smtpd and non-smtpd milter) and spamd via the
+                  ``content_filter`` pipe re-injecting with sendmail. It runs in
+                  a private mount namespace (unshare -m) where /etc/resolv.conf
+                  says ``nameserver 127.0.0.1`` (the bench DNS also answers on
+                  127.0.0.1:53) and /etc/postfix is the private instance's
+                  config (so the pipe's sendmail/postdrop queue into it): the
+                  host's resolver and Postfix are never touched. ``--no-seed``
+                  skips it.
 
 Per configuration and size: msgs/s (messages delivered to the sink per second,
 from the first connection to the last delivery), tx/s (completed SMTP
@@ -111,7 +121,7 @@ def dkim_sign(key: Any, raw: bytes) -> bytes:
 
     head, _, body = raw.partition(b"\r\n\r\n")
     headers = [tuple(line.split(b":", 1)) for line in head.split(b"\r\n")]
-    (value,) = sign(headers, body, [SigningKey("good.test", "e2e", key)])  # type: ignore[arg-type]
+    (value,) = sign(headers, body, [SigningKey("good.example", "e2e", key)])  # type: ignore[arg-type]
     return b"DKIM-Signature: " + value.encode() + b"\r\n" + raw
 
 
@@ -121,16 +131,16 @@ def message_pool(key: Any, size: int, rng: random.Random) -> list[tuple[str, str
     for n in range(40):
         r = n % 20
         if r < 16:
-            kind, sender = "good", f"alice{n % 8}@good.test"
+            kind, sender = "good", f"alice{n % 8}@good.example"
             data = dkim_sign(key, make_message(rng, sender, size, n))
         elif r < 18:
-            kind, sender = "soft", f"bob{n % 4}@soft.test"
+            kind, sender = "soft", f"bob{n % 4}@soft.example"
             data = make_message(rng, sender, size, n)
         elif r < 19:
-            kind, sender = "bad", f"eve{n % 4}@bad.test"
+            kind, sender = "bad", f"eve{n % 4}@bad.example"
             data = make_message(rng, sender, size, n)
         else:
-            kind, sender = "out", f"staff{n % 4}@good.test"
+            kind, sender = "out", f"staff{n % 4}@good.example"
             data = make_message(rng, sender, size, n)
         pool.append((kind, sender, data))
     return pool
@@ -144,11 +154,14 @@ def dot_stuff(data: bytes) -> bytes:
 
 # ------------------------------------------------------------------ sink
 
-def _sink_main(port: int, count: Any, last: Any, ready: Any) -> None:
-    """A counting SMTP sink (its own process: it must not slow the generator)."""
+def _sink_main(port: int, count: Any, last: Any, ready: Any, keep: str = "") -> None:
+    """A counting SMTP sink (its own process: it must not slow the generator).
+    With ``keep`` (a directory), each message's headers overwrite ``keep/last-<from
+    domain>.txt``, to see what each configuration added."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 sink.test ESMTP\r\n")
+        mail_from = ""
         try:
             while True:
                 line = await reader.readline()
@@ -157,11 +170,18 @@ def _sink_main(port: int, count: Any, last: Any, ready: Any) -> None:
                 verb = line[:4].upper()
                 if verb == b"DATA":
                     writer.write(b"354 go\r\n")
-                    await reader.readuntil(b"\r\n.\r\n")
+                    msg = await reader.readuntil(b"\r\n.\r\n")
+                    if keep:
+                        head = msg.partition(b"\r\n\r\n")[0]
+                        dom = mail_from.rpartition("@")[2].strip("<> \r\n") or "null"
+                        Path(keep, f"last-{dom}.txt").write_bytes(head + b"\r\n")
                     with count.get_lock():
                         count.value += 1
                     last.value = time.monotonic()
                     writer.write(b"250 2.0.0 Ok\r\n")
+                elif verb == b"MAIL":
+                    mail_from = line.decode("latin-1").split(":", 1)[-1].split()[0]
+                    writer.write(b"250 Ok\r\n")
                 elif verb in (b"EHLO", b"HELO"):
                     writer.write(b"250-sink.test\r\n250-8BITMIME\r\n250 PIPELINING\r\n")
                 elif verb == b"QUIT":
@@ -346,15 +366,15 @@ def zone(key: Any) -> dict[str, list[tuple[str, Any]]]:
     from mxguard.auth.dkim_keys import public_key_record
 
     z: dict[str, list[tuple[str, Any]]] = {
-        "good.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
-        "_dmarc.good.test": [("TXT", "v=DMARC1; p=reject")],
-        "e2e._domainkey.good.test": [("TXT", public_key_record(key))],
-        "soft.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 ~all")],
-        "_dmarc.soft.test": [("TXT", "v=DMARC1; p=none")],
-        "bad.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
-        "_dmarc.bad.test": [("TXT", "v=DMARC1; p=reject")],
+        "good.example": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")],
+        "_dmarc.good.example": [("TXT", "v=DMARC1; p=reject")],
+        "e2e._domainkey.good.example": [("TXT", public_key_record(key))],
+        "soft.example": [("TXT", "v=spf1 ip4:192.0.2.0/24 ~all")],
+        "_dmarc.soft.example": [("TXT", "v=DMARC1; p=none")],
+        "bad.example": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+        "_dmarc.bad.example": [("TXT", "v=DMARC1; p=reject")],
     }
-    for d in ("good.test", "soft.test", "bad.test", "example.test"):
+    for d in ("good.example", "soft.example", "bad.example", "example.test"):
         z[f"mail.{d}"] = [("A", "127.0.0.1")]
         z[f"mx.{d}"] = [("A", "127.0.0.1")]
     return z
@@ -365,7 +385,7 @@ def mxguard_config(dns: DNSServer, keyfile: Path, workers: int) -> str:
             f'[dns]\nnameservers = ["{dns.address}"]\n'
             "[helo]\nexempt_networks = []\n"
             "[greylist]\ndelay = 0\n"
-            f'[dkim]\ninternal_hosts = ["127.0.0.1/32"]\nkeys = ["good.test:e2e:{keyfile}"]\n'
+            f'[dkim]\ninternal_hosts = ["127.0.0.1/32"]\nkeys = ["good.example:e2e:{keyfile}"]\n'
             '[log]\nlevel = "warning"\n'
             "[bayes]\nmin_spam = 5\nmin_ham = 5\n")
 
@@ -438,6 +458,8 @@ class SeedStack:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.grey_port, self.dkim_port, self.spamd_port = free_port(), free_port(), free_port()
         self.keyfile = keyfile
+        self.postfix_config = Path("/etc/postfix")
+        self.spf_conf = work / "policyd-spf.conf"
 
     def start(self) -> SeedStack:
         w = self.work
@@ -447,9 +469,16 @@ class SeedStack:
         shutil.chown(grey, "nobody", "nogroup")
         self.procs.append(subprocess.Popen(
             ["postgrey", f"--inet=127.0.0.1:{self.grey_port}", f"--dbdir={grey}",
-             "--delay=0", "--user=nobody", "--group=nogroup",
+             "--delay=1", "--user=nobody", "--group=nogroup",
              "--whitelist-clients=/dev/null", "--whitelist-recipients=/dev/null"],
             stdout=log, stderr=log))
+        # Debian's policyd-spf.conf with skip_addresses narrowed from 127.0.0.0/8
+        # (the bench's clients) to the internal host, as mxguard's SPF sees them.
+        self.spf_conf.write_text(
+            "debugLevel = 1\nTestOnly = 1\nHELO_reject = Fail\nMail_From_reject = Fail\n"
+            "PermError_reject = False\nTempError_Defer = False\n"
+            "skip_addresses = 127.0.0.1/32,::1\n")
+        os.chmod(self.spf_conf, 0o644)
         dk = w / "opendkim"
         dk.mkdir()
         key = dk / "key.pem"
@@ -458,7 +487,7 @@ class SeedStack:
         conf = dk / "opendkim.conf"
         conf.write_text("\n".join([
             "Mode sv", f"Socket inet:{self.dkim_port}@127.0.0.1", "Background no",
-            f"PidFile {dk}/opendkim.pid", "Domain good.test", "Selector e2e",
+            f"PidFile {dk}/opendkim.pid", "Domain good.example", "Selector e2e",
             f"KeyFile {key}", "InternalHosts 127.0.0.1", "Canonicalization relaxed/relaxed",
             "Nameservers 127.0.0.1", "QueryCache yes", "RequireSafeKeys no", "Syslog no",
             "DNSTimeout 5", "UserID opendkim" if _user("opendkim") else ""]) + "\n")
@@ -501,13 +530,47 @@ class SeedStack:
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    def master_cf_extra(self, pf_config: str) -> list[str]:
+    def master_cf_extra(self) -> list[str]:
         return [
-            "policy-spf unix - n n - 0 spawn user=nobody argv=/usr/bin/policyd-spf",
+            "policy-spf unix - n n - 0 spawn user=nobody argv=/usr/bin/policyd-spf "
+            f"{self.spf_conf}",
             "spamassassin unix - n n - - pipe user=nobody argv=/usr/bin/spamc -d 127.0.0.1 "
-            f"-p {self.spamd_port} -f -e /usr/sbin/sendmail -C {pf_config} -oi "
+            f"-p {self.spamd_port} -f -e /usr/sbin/sendmail -oi "
             "-f ${sender} ${recipient}",
         ]
+
+    def use_postfix_config(self, config_dir: Path) -> None:
+        """The pipe's ``sendmail`` (and its setgid ``postdrop``) read /etc/postfix:
+        bind-mount the private instance's config there, in this private mount
+        namespace only, so re-injected mail lands in the private queue."""
+        subprocess.run(["mount", "--bind", str(config_dir), "/etc/postfix"], check=True,
+                       capture_output=True)
+        self.postfix_config = config_dir
+
+    def prepass(self, pool: list[tuple[str, str, bytes]]) -> int:
+        """postgrey defers every unseen triplet (and reads --delay=0 as the default
+        300 s, hence --delay=1): ask it for every (client /24, sender, recipient)
+        the load generator can send, wait past the delay and ask again, so its
+        senders are pre-passed as mxguard's are by ``delay = 0``."""
+        senders = sorted({s for kind, s, _ in pool if kind != "out"})
+        reqs: list[bytes] = []
+        for net in range(1, 9):
+            for sender in senders:
+                for r in range(10):
+                    text = (f"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                            f"client_address=127.0.{net}.1\nclient_name=unknown\n"
+                            f"sender={sender}\nrecipient=user{r}@{RCPT_DOMAIN}\n\n")
+                    reqs.append(text.encode())
+        with socket.create_connection(("127.0.0.1", self.grey_port), 10) as s:
+            f = s.makefile("rb")
+            for rnd in range(2):
+                if rnd:
+                    time.sleep(1.2)
+                for req in reqs:
+                    s.sendall(req)
+                    while f.readline() not in (b"\n", b""):
+                        pass
+        return len(reqs)
 
     def main_cf(self) -> dict[str, str]:
         milter = f"inet:127.0.0.1:{self.dkim_port}"
@@ -521,6 +584,8 @@ class SeedStack:
             "smtpd_milters": milter, "non_smtpd_milters": milter,
             "milter_default_action": "accept", "milter_protocol": "6",
             "seed_content_filter": "spamassassin:dummy",
+            # the pipe exports MAIL_CONFIG=<private dir>; postdrop checks it here
+            "alternate_config_directories": str(self.postfix_config),
         }
 
 
@@ -539,8 +604,9 @@ def run_one(pf: PostfixInstance, mx: MxguardProcess | None, pool: list[tuple[str
             args: argparse.Namespace, count: Any, last: Any, seed: int,
             profile: Path | None = None,
             filter_pids: Callable[[], list[int]] | None = None) -> dict[str, Any]:
+    mx_proc = mx.proc if mx is not None else None
     mx_pids: Callable[[], list[int]] = filter_pids or (
-        (lambda: tree([mx.proc.pid])) if mx is not None and mx.proc is not None else list)
+        (lambda: tree([mx_proc.pid])) if mx_proc is not None else list)
     pf_pids: Callable[[], list[int]] = lambda: tree([pf.master_pid or 0])  # noqa: E731
     both: Callable[[], list[int]] = lambda: mx_pids() + pf_pids()  # noqa: E731
     pf.wait_queue_empty(60)
@@ -626,11 +692,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the configurations")
     ap.add_argument("--sizes", default="2300,52000", help="message sizes in bytes")
     ap.add_argument("--no-workers", action="store_true", help="skip the workers=2 runs")
-    ap.add_argument("--seed", action="store_true",
-                    help="also drive the seed's stack (experimental: its sendmail "
-                         "re-injection from the content_filter pipe does not work yet, "
-                         "so it delivers nothing)")
-    ap.add_argument("--keep", action="store_true", help="keep the work directories (logs)")
+    ap.add_argument("--no-seed", action="store_true",
+                    help="skip the seed's stack (postgrey, policyd-spf, OpenDKIM, spamd)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work directories (logs, and the sink's last message "
+                         "headers per sender domain)")
     ap.add_argument("--profile", type=Path, help="py-spy raw profile of one mxguard worker "
                     "(extra 2.3 KB run); its summary is printed")
     args = ap.parse_args()
@@ -640,7 +706,7 @@ def main() -> int:
         print("e2e: needs Postfix installed and root", file=sys.stderr)
         return 2
     seed_note = "not installed, skipped"
-    if seed_stack_installed() and args.seed:
+    if seed_stack_installed() and not args.no_seed:
         if os.environ.get("MXG_E2E_RESOLV") is None:
             # Re-run in a private mount namespace whose /etc/resolv.conf says
             # "nameserver 127.0.0.1": policyd-spf, spamd, postgrey, opendkim and
@@ -666,9 +732,8 @@ def main() -> int:
                              f"/etc/resolv.conf ({res.stderr.strip()[:120]})")
             else:
                 seed_note = ""
-    elif not args.seed:
-        seed_note = ("skipped (experimental, --seed to try it: the content_filter pipe's "
-                     "re-injection does not work yet)")
+    elif args.no_seed:
+        seed_note = "skipped (--no-seed)"
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -676,7 +741,7 @@ def main() -> int:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     work = Path(tempfile.mkdtemp(prefix="mxge2e-", dir="/tmp"))
     os.chmod(work, 0o755)
-    keyfile = work / "good.test.e2e.key"
+    keyfile = work / "good.example.e2e.key"
     keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                           serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
@@ -686,13 +751,15 @@ def main() -> int:
         (learn / kind).mkdir(parents=True)
         for i in range(8):
             (learn / kind / f"{i}.eml").write_bytes(
-                make_message(rng, f"x{i}@soft.test", 1500, i, spam=kind == "spam"))
+                make_message(rng, f"x{i}@soft.example", 1500, i, spam=kind == "spam"))
     sizes = [int(s) for s in args.sizes.split(",")]
     pools = {s: message_pool(key, s, rng) for s in sizes}
 
     count, last, ready = mp.Value("q", 0), mp.Value("d", 0.0), mp.Event()
     sink_port = free_port()
-    sink = mp.Process(target=_sink_main, args=(sink_port, count, last, ready), daemon=True)
+    sink = mp.Process(target=_sink_main, args=(sink_port, count, last, ready,
+                                                   str(work) if args.keep else ""),
+                    daemon=True)
     sink.start()
     ready.wait(10)
     mxs: dict[str, MxguardProcess] = {}
@@ -719,9 +786,13 @@ def main() -> int:
                 "smtpd_client_connection_count_limit": "0",
                 "smtpd_client_connection_rate_limit": "0",
                 "policy-spf_time_limit": "3600s"},
-                master_cf_extra=seed_stack.master_cf_extra(str(pfdir / "etc"))
+                master_cf_extra=seed_stack.master_cf_extra()
                 if seed_stack else ())
             pf.start()
+            if seed_stack is not None:
+                seed_stack.use_postfix_config(pf.config_dir)
+                for size in sizes:
+                    seed_stack.prepass(pools[size])
             configs = ["bare", *mxs] + (["seed"] if seed_stack else [])
             seed = 0
             for rnd in range(args.rounds):
@@ -770,8 +841,8 @@ def main() -> int:
     ncpu = len(os.sched_getaffinity(0))
     print(f"e2e: {ncpu} cores, concurrency {args.concurrency}, {args.rounds} round(s) x "
           f"{args.duration:g} s per configuration and size; medians over rounds")
-    print("mix: 80% good.test (SPF pass, DKIM signed, DMARC pass), 10% soft.test (softfail), "
-          "5% bad.test (SPF fail: rejected with mxguard), 5% outgoing from 127.0.0.1 (signed)")
+    print("mix: 80% good.example (SPF pass, DKIM signed, DMARC pass), 10% soft.example (softfail), "
+          "5% bad.example (SPF fail: rejected with mxguard), 5% outgoing from 127.0.0.1 (signed)")
     hdr = (f"{'config':<12}{'size':>7}{'msgs/s':>9}{'tx/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
            f"{'mx cpu':>8}{'pf cpu':>8}{'cpu/msg':>9}{'mx RSS':>8}{'mx PSS':>8}{'all RSS':>8}"
            f"{'x bare':>8}")
