@@ -313,6 +313,30 @@ def cpu_ticks(pids: list[int]) -> int:
     return total
 
 
+def thread_ticks(pids: list[int]) -> tuple[int, int, int]:
+    """(event-loop threads user, all threads system, other threads user) CPU ticks:
+    each process's main thread runs the event loop, the others are the
+    to_thread pool (SQLite, RSA, hyperscan)."""
+    loop = other = system = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                    f = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(tid) == pid:
+                loop += int(f[11])
+            else:
+                other += int(f[11])
+            system += int(f[12])
+    return loop, system, other
+
+
 def pss_bytes(pids: list[int]) -> int:
     """Proportional set size: pages shared after fork() counted once in all."""
     total = 0
@@ -614,11 +638,15 @@ def run_one(pf: PostfixInstance, mx: MxguardProcess | None, pool: list[tuple[str
     sampler = RssSampler({"mx": mx_pids, "all": both})
     sampler.start()
     cpu0 = (cpu_ticks(mx_pids()), cpu_ticks(pf_pids()))
+    threads0 = thread_ticks(mx_pids())
     spy = None
     if profile is not None and mx is not None:
         target = max(mx_pids())  # a worker, or the only process
-        spy = subprocess.Popen(["py-spy", "record", "-p", str(target), "-f", "raw", "-o",
-                                str(profile), "-d", str(int(args.duration)), "-r", "200"],
+        # --gil: only the thread holding the GIL (where Python time goes);
+        # --native: C frames too (syscalls made with the GIL held show up)
+        spy = subprocess.Popen(["py-spy", "record", "--gil", "--native", "-p", str(target),
+                                "-f", "raw", "-o", str(profile), "-d", str(int(args.duration)),
+                                "-r", "200"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
     res = asyncio.run(generate(pf.smtp_port, pool, args.concurrency, args.duration, seed))
@@ -628,6 +656,7 @@ def run_one(pf: PostfixInstance, mx: MxguardProcess | None, pool: list[tuple[str
     delivered = count.value
     t_end = last.value if delivered else time.monotonic()
     cpu1 = (cpu_ticks(mx_pids()), cpu_ticks(pf_pids()))
+    threads1 = thread_ticks(mx_pids())
     peak = sampler.stop()
     if spy is not None:
         spy.wait(60)
@@ -639,6 +668,8 @@ def run_one(pf: PostfixInstance, mx: MxguardProcess | None, pool: list[tuple[str
         "p50": statistics.median(lat) * 1000, "p99": lat[int(0.99 * (len(lat) - 1))] * 1000,
         "mx_cpu": (cpu1[0] - cpu0[0]) * 1000 / CLK / n,
         "pf_cpu": (cpu1[1] - cpu0[1]) * 1000 / CLK / n,
+        "mx_split": tuple((b - a) * 1000 / CLK / n for a, b in zip(threads0, threads1,
+                                                                  strict=True)),
         "mx_pss": peak["mx_pss"] / 2**20,
         "mx_rss": peak["mx"] / 2**20, "all_rss": peak["all"] / 2**20,
         "delivered": delivered, "accepted": res.accepted, "codes": res.codes,
@@ -849,6 +880,7 @@ def main() -> int:
     print(hdr)
     print(f"{'':<12}{'':>7}{'':>9}{'':>8}{'':>8}{'':>8}{'ms/msg':>8}{'ms/msg':>8}{'ms':>9}"
           f"{'MB':>8}{'MB':>8}{'MB':>8}{'msgs/s':>8}")
+    splits: list[str] = []
     for size in sizes:
         bare = statistics.median(r["msgs"] for r in results[("bare", size)])
         for name in ["bare", *mxs, *(["seed"] if seed_stack else [])]:
@@ -856,11 +888,18 @@ def main() -> int:
 
             def med(k: str, rs: list[dict[str, Any]] = rs) -> float:
                 return float(statistics.median(r[k] for r in rs))
+            split = rs[len(rs) // 2]["mx_split"]
+            if name.startswith("mxguard"):
+                splits.append(f"  {name} {size / 1000:.1f} KB: event loop {split[0]:.2f} + "
+                              f"system {split[1]:.2f} + thread pool {split[2]:.2f} ms/msg")
             print(f"{name:<12}{size / 1000:>5.1f}KB{med('msgs'):>9.1f}{med('tx'):>8.1f}"
                   f"{med('p50'):>8.1f}{med('p99'):>8.1f}{med('mx_cpu'):>8.2f}"
                   f"{med('pf_cpu'):>8.2f}{med('mx_cpu') + med('pf_cpu'):>9.2f}"
                   f"{med('mx_rss'):>8.0f}{med('mx_pss'):>8.0f}{med('all_rss'):>8.0f}"
                   f"{med('msgs') / bare if bare else 0:>8.2f}")
+    if splits:
+        print("mxguard CPU per message by thread (one round's figures):")
+        print("\n".join(splits))
     if seed_stack is not None:
         print("seed = postgrey + policyd-spf (spawned) + OpenDKIM + spamd -L via content_filter "
               "pipe, in a private mount namespace (/etc/resolv.conf -> nameserver 127.0.0.1, "
