@@ -133,28 +133,50 @@ def _word_token(word: str) -> str | None:
     return word.lower()
 
 
+# Raw body word -> its token (or None). Mail is Zipf-distributed: a few thousand
+# words make most of it, so this saves the strip/regex/lower work for nearly
+# every word. Bounded: emptied when full (a cheap, deterministic policy).
+_WORD_CACHE: dict[str, str | None] = {}
+WORD_CACHE_MAX = 200_000
+_MISS = object()
+
+
 def _text_tokens(text: str, bag: _Bag, urls: list[str], pairs: _Bag) -> None:
-    if _URL_IN_TEXT.search(text):
+    # the URL pattern needs "://" or (any case) "www.": test that first, in C
+    if ("://" in text or "www." in text.lower()) and _URL_IN_TEXT.search(text):
         urls.extend(m.group(0) for m in _URL_IN_TEXT.finditer(text))
         text = _URL_IN_TEXT.sub(" ", text)
+    cache = _WORD_CACHE
+    toks, limit = bag.tokens, bag.limit
+    ptoks, plimit = pairs.tokens, pairs.limit
     prev = ""
-    for m in _WORD_SPLIT.finditer(text):
-        tok = _word_token(m.group(0))
-        if tok is None or tok.startswith(_NOT_WORDS):
+    # str.split() and the regex \S+ split on the same (Unicode) whitespace
+    for word in text.split():
+        tok = cache.get(word, _MISS)
+        if tok is _MISS:
+            tok = _word_token(word)
+            if len(cache) >= WORD_CACHE_MAX:
+                cache.clear()
+            cache[word] = tok
+        if tok is None:
+            prev = ""
+            continue
+        if tok.startswith(_NOT_WORDS):
             prev = ""
         else:
-            if prev and not pairs.full:
-                pairs.add(f"bi:{prev} {tok}")
+            if prev and len(ptoks) < plimit:
+                ptoks[f"bi:{prev} {tok}"] = None
             prev = tok
-        if tok is not None:
-            bag.add(tok)
-            if bag.full:
-                return
-    letters = len(_LETTERS.findall(text))
-    if letters >= 20:
-        high = len(_8BIT.findall(text))
-        if high:
-            bag.add(f"8bit:{min(100, (high * 100 // letters) // 10 * 10)}%")
+        if len(toks) < limit:
+            toks[tok] = None  # type: ignore[index]
+        if len(toks) >= limit:
+            return
+    if not text.isascii():  # an ASCII text has no 8-bit share to report
+        letters = len(_LETTERS.findall(text))
+        if letters >= 20:
+            high = len(_8BIT.findall(text))
+            if high:
+                bag.add(f"8bit:{min(100, (high * 100 // letters) // 10 * 10)}%")
 
 
 def _domain_of(addr: str) -> str:

@@ -413,6 +413,24 @@ class _Connection(asyncio.Protocol):
             self.protocol_error(str(exc))
             return
         for cmd in commands:
+            if not self.busy and not self.queue:
+                # fast path: answer in place what needs no handler hook (macros,
+                # headers, body, stages nobody hooks); a task only for the rest
+                if self.closed:
+                    return
+                try:
+                    replies = self.handle_now(cmd)
+                except m.MilterProtocolError as exc:
+                    self.protocol_error(str(exc))
+                    return
+                except Exception:
+                    log.exception("milter: internal error on connection from %s; closing it",
+                                  self.peer)
+                    self.close()
+                    return
+                if replies is not None:
+                    self.send(replies)
+                    continue
             self.queue.append(cmd)
             self.queued_bytes += _weight(cmd)
         if self.transport is not None and (len(self.queue) > MAX_QUEUED
@@ -486,36 +504,42 @@ class _Connection(asyncio.Protocol):
         """Whether protocol flag ``flag`` was negotiated."""
         return self.negotiated is not None and bool(self.negotiated.protocol & flag)
 
-    async def handle(self, cmd: m.Command) -> list[m.Reply]:
+    def handle_now(self, cmd: m.Command) -> list[m.Reply] | None:
+        """The replies to ``cmd`` when no handler hook has to run (state updated,
+        no task, no await); None when it needs :meth:`handle`. Stage commands
+        whose hook the handler does not override are answered here."""
         if self.negotiated is None and not isinstance(cmd, m.OptNeg):
             raise m.MilterProtocolError(f"{type(cmd).__name__} before option negotiation")
-        s, h = self.session, self.server.handler
+        s, hooks = self.session, self.server.hooks
         match cmd:
-            case m.OptNeg():
-                return self.optneg(cmd)
             case m.Macro():
                 s.set_macros(cmd.for_command, cmd.macros)
-            case m.Connect():
-                s.client_hostname, s.client_family = cmd.hostname, cmd.family
-                s.client_address, s.client_port = cmd.address, cmd.port
-                s.stage = Stage.CONNECT
-                return await self.stage(h.on_connect, m.SMFIP_NR_CONN, connection=True)
-            case m.Helo():
-                s.helo, s.stage = cmd.name, Stage.HELO
-                return await self.stage(h.on_helo, m.SMFIP_NR_HELO, connection=True)
-            case m.Mail():
-                s.start_message(cmd.address, cmd.esmtp_args)
-                return await self.stage(h.on_mail, m.SMFIP_NR_MAIL)
-            case m.Rcpt():
-                return await self.rcpt(cmd)
             case m.Header():
                 s.stage = Stage.DATA
                 s.add_header(cmd.name, cmd.value)
                 return self.simple(m.SMFIP_NR_HDR)
             case m.Body():
                 return self.body(cmd.chunk)
+            case m.Rcpt():
+                s.stage = Stage.RCPT
+                s.rcpts.append(cmd.address)
+                s.rcpt_args.append(list(cmd.esmtp_args))
+                return None if "on_rcpt" in hooks else self.simple(m.SMFIP_NR_RCPT)
+            case m.Mail():
+                s.start_message(cmd.address, cmd.esmtp_args)
+                return None if "on_mail" in hooks else self.simple(m.SMFIP_NR_MAIL)
             case m.EndOfMessage():
-                return await self.end_of_message(cmd.chunk)
+                return None
+            case m.Connect():
+                s.client_hostname, s.client_family = cmd.hostname, cmd.family
+                s.client_address, s.client_port = cmd.address, cmd.port
+                s.stage = Stage.CONNECT
+                return None if "on_connect" in hooks else self.simple(m.SMFIP_NR_CONN)
+            case m.Helo():
+                s.helo, s.stage = cmd.name, Stage.HELO
+                return None if "on_helo" in hooks else self.simple(m.SMFIP_NR_HELO)
+            case m.OptNeg():
+                return self.optneg(cmd)
             case m.Abort():
                 s.reset_message()
             case m.Quit():
@@ -526,8 +550,28 @@ class _Connection(asyncio.Protocol):
                 return self.simple(_NO_REPLY_FLAG[type(cmd)])
         return []
 
+    async def handle(self, cmd: m.Command) -> list[m.Reply]:
+        replies = self.handle_now(cmd)
+        if replies is not None:
+            return replies
+        h = self.server.handler
+        match cmd:
+            case m.Connect():
+                return await self.stage(h.on_connect, m.SMFIP_NR_CONN, connection=True)
+            case m.Helo():
+                return await self.stage(h.on_helo, m.SMFIP_NR_HELO, connection=True)
+            case m.Mail():
+                return await self.stage(h.on_mail, m.SMFIP_NR_MAIL)
+            case m.Rcpt():
+                return await self.rcpt()
+            case m.EndOfMessage():
+                return await self.end_of_message(cmd.chunk)
+        raise AssertionError(f"{type(cmd).__name__} has no handler stage")  # pragma: no cover
+
     def optneg(self, cmd: m.OptNeg) -> list[m.Reply]:
-        reply = m.negotiate(cmd)
+        # no reply wanted for the stages whose hook is the base class's no-op:
+        # Postfix then streams them without waiting (fewer round trips)
+        reply = m.negotiate(cmd, protocol=m.DEFAULT_PROTOCOL | self.server.no_reply)
         self.negotiated = reply
         self.session.headers_exact = bool(reply.protocol & m.SMFIP_HDR_LEADSPC)
         log.debug("milter: %s negotiated version %d actions 0x%x protocol 0x%x", self.peer,
@@ -545,10 +589,8 @@ class _Connection(asyncio.Protocol):
             return [m.Skip()]
         return [m.Continue()]
 
-    async def rcpt(self, cmd: m.Rcpt) -> list[m.Reply]:
-        self.session.stage = Stage.RCPT
-        self.session.rcpts.append(cmd.address)
-        self.session.rcpt_args.append(list(cmd.esmtp_args))
+    async def rcpt(self) -> list[m.Reply]:
+        """The on_rcpt hook for the recipient :meth:`handle_now` just added."""
         replies = await self.stage(self.server.handler.on_rcpt, m.SMFIP_NR_RCPT)
         if replies and not isinstance(replies[0], m.Continue | m.Accept):
             self.session.rcpts.pop()  # refused: it will not get the message
@@ -564,8 +606,8 @@ class _Connection(asyncio.Protocol):
     async def run_hook(self, hook: Hook) -> MilterResult | None:
         name = getattr(hook, "__name__", "hook")
         try:
-            result = await asyncio.wait_for(hook(self.session),
-                                            self.server.settings.stage_timeout)
+            async with asyncio.timeout(self.server.settings.stage_timeout):  # no extra task
+                result = await hook(self.session)
             return _checked(name, result)
         except Exception as exc:
             return self.failed(name, exc)
@@ -701,6 +743,11 @@ class _Connection(asyncio.Protocol):
         raise ValueError(f"unknown header edit {c.op!r}")
 
 
+_STAGE_FLAGS: dict[str, int] = {
+    "on_connect": m.SMFIP_NR_CONN, "on_helo": m.SMFIP_NR_HELO, "on_mail": m.SMFIP_NR_MAIL,
+    "on_rcpt": m.SMFIP_NR_RCPT,
+}
+
 _NO_REPLY_FLAG: dict[type, int] = {
     m.Data: m.SMFIP_NR_DATA, m.EndOfHeaders: m.SMFIP_NR_EOH, m.Unknown: m.SMFIP_NR_UNKN,
 }
@@ -710,6 +757,15 @@ class MilterServer:
     def __init__(self, settings: MilterServerSettings, handler: MilterHandler) -> None:
         self.settings = settings
         self.handler = handler
+        # the stage hooks the handler really implements (others are skipped and
+        # negotiated as no-reply stages)
+        self.hooks = frozenset(name for name in _STAGE_FLAGS
+                               if getattr(type(handler), name, None)
+                               is not getattr(BaseMilterHandler, name))
+        self.no_reply = 0
+        for name, flag in _STAGE_FLAGS.items():
+            if name not in self.hooks:
+                self.no_reply |= flag
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.closing = False

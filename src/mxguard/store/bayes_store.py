@@ -52,8 +52,21 @@ T = TypeVar("T")
 
 def token_hash(token: str) -> int:
     """A stable 63-bit integer for a token (fits SQLite's signed INTEGER)."""
-    digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
+    h = _HASH_CACHE.get(token)
+    if h is None:
+        digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        h = int.from_bytes(digest, "big") >> 1
+        if len(_HASH_CACHE) >= HASH_CACHE_MAX:
+            _HASH_CACHE.clear()
+        _HASH_CACHE[token] = h
+    return h
+
+
+# Token -> hash: the same tokens recur in mail all day; a dict lookup is several
+# times cheaper than blake2b plus the bytes/int conversions. Bounded (emptied
+# when full).
+_HASH_CACHE: dict[str, int] = {}
+HASH_CACHE_MAX = 300_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,7 +567,12 @@ def open_bayes_store(cfg: Config) -> BayesStore:
 
 def hashes(tokens: Iterable[str]) -> list[int]:
     """Unique token hashes in first-seen order."""
-    return list(dict.fromkeys(token_hash(t) for t in tokens))
+    cache = _HASH_CACHE
+    out: dict[int, None] = {}
+    for t in tokens:
+        h = cache.get(t)
+        out[token_hash(t) if h is None else h] = None
+    return list(out)
 
 
 __all__ = ["FORGOTTEN", "KNOWN", "LEARNED", "RELEARNED", "UNKNOWN", "BayesStats", "BayesStore",
