@@ -339,7 +339,7 @@ def learn(config_path: str | None, kind: str | None, forget: bool, progress: boo
     if kind is None and not forget:
         _fail("learn: give --spam or --ham (or --forget)", 2)
     show = sys.stderr.isatty() if progress is None else progress
-    stream = click.get_text_stream("stderr") if show else None
+    stream = sys.stderr if show else None
 
     async def action(classifier: BayesClassifier, cfg: config.Config) -> Summary:
         summary = Summary(forget=forget)

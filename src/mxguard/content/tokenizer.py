@@ -138,7 +138,7 @@ def _word_token(word: str) -> str | None:
 # every word. Bounded: emptied when full (a cheap, deterministic policy).
 _WORD_CACHE: dict[str, str | None] = {}
 WORD_CACHE_MAX = 200_000
-_MISS = object()
+_MISS = "\0miss"  # compared by identity: an equal word token is still a hit
 
 
 def _text_tokens(text: str, bag: _Bag, urls: list[str], pairs: _Bag) -> None:
@@ -168,7 +168,7 @@ def _text_tokens(text: str, bag: _Bag, urls: list[str], pairs: _Bag) -> None:
                 ptoks[f"bi:{prev} {tok}"] = None
             prev = tok
         if len(toks) < limit:
-            toks[tok] = None  # type: ignore[index]
+            toks[tok] = None
         if len(toks) >= limit:
             return
     if not text.isascii():  # an ASCII text has no 8-bit share to report
