@@ -36,6 +36,7 @@ from mxguard.protocols.milter_server import (
     MilterResult,
     MilterSession,
 )
+from mxguard.store.bayes_store import hashes
 from mxguard.transaction import Action, CheckResult, HeaderEdit, Mode, Stage, Transaction, Verdict
 
 if TYPE_CHECKING:
@@ -159,12 +160,12 @@ class MxguardMilter(BaseMilterHandler):
         clf = rt.services.get(BAYES_SERVICE)
         if clf is None or not rt.config.bayes.enabled:
             return None
-        tokens = tokenize_message(parsed)
-        result = await clf.classify(tokens)
+        hs = hashes(tokenize_message(parsed))  # hashed once: classify, then autolearn
+        result = await clf.classify_hashes(hs)
         symbols = result.symbols(rt.config.scores)
         checked = CheckResult("bayes", symbols, reason=f"prob={result.prob:.3f}"
                               if result.ready else "not-ready",
-                              data=(message_key_of(parsed), tokens))
+                              data=(message_key_of(parsed), hs))
         tx.results["bayes"] = checked
         verdict.add(checked, mode)
         return result
@@ -181,8 +182,8 @@ class MxguardMilter(BaseMilterHandler):
         rejected = verdict.decision is not None and verdict.decision.action is Action.REJECT
         if decision.spam is None or tx.authenticated or (rejected and not decision.spam):
             return decision.status
-        key, tokens = tx.results["bayes"].data
-        task = asyncio.get_running_loop().create_task(clf.learn(key, tokens, decision.spam))
+        key, hs = tx.results["bayes"].data
+        task = asyncio.get_running_loop().create_task(clf.learn_hashes(key, hs, decision.spam))
         self._learning.add(task)
         task.add_done_callback(self._learned)
         return decision.status

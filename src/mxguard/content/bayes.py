@@ -123,6 +123,16 @@ def token_probability(spam: int, ham: int, nspam: int, nham: int,
     return (params.s * params.x + n * p) / (params.s + n)
 
 
+_LOG_FACTORIALS: list[float] = [0.0]  # ln(i!) for i < len, grown on demand
+
+
+def _log_factorials(n: int) -> list[float]:
+    table = _LOG_FACTORIALS
+    while len(table) < n:
+        table.append(math.lgamma(len(table) + 1))
+    return table
+
+
 def chi2_survival(x2: float, dof: int) -> float:
     """P(chi-square with ``dof`` (even) degrees of freedom >= x2), in log space."""
     m = x2 / 2.0
@@ -130,9 +140,11 @@ def chi2_survival(x2: float, dof: int) -> float:
         return 1.0
     logm = math.log(m)
     # sum_{i < dof/2} e^-m m^i / i!  (a Poisson CDF), summed as logs to avoid underflow
-    terms = [-m + i * logm - math.lgamma(i + 1) for i in range(dof // 2)]
+    lf = _log_factorials(dof // 2)
+    terms = [-m + i * logm - lf[i] for i in range(dof // 2)]
     top = max(terms)
-    total = top + math.log(sum(math.exp(t - top) for t in terms))
+    exp = math.exp
+    total = top + math.log(sum([exp(t - top) for t in terms]))
     return min(1.0, math.exp(total))
 
 
@@ -154,21 +166,33 @@ def combine(probs: Sequence[float]) -> float:
 
 def significant(counts: TokenCounts, tokens: Sequence[int],
                 params: BayesParams = DEFAULT_PARAMS) -> list[tuple[float, int]]:
-    """The strongest (f, hash) pairs of ``tokens``, strongest first, deterministic."""
+    """The strongest (f, hash) pairs of ``tokens``, strongest first, deterministic.
+
+    :func:`token_probability` inlined (the same arithmetic): this loop runs for
+    every token of every message."""
     cands: list[tuple[float, int, float]] = []
     known = counts.counts
     ns, nh = counts.nspam, counts.nham
-    unknown_f = params.x
-    unknown_strong = abs(unknown_f - 0.5) >= params.min_strength
+    px, ps, min_strength = params.x, params.s, params.min_strength
+    psx = ps * px
+    if abs(px - 0.5) >= min_strength:  # unknown tokens count too (unusual params)
+        strength_x = abs(px - 0.5)
+        cands = [(strength_x, h, px) for h in tokens if h not in known]
+    get = known.get
     for h in tokens:
-        row = known.get(h)
+        row = get(h)
         if row is None:
-            if unknown_strong:
-                cands.append((abs(unknown_f - 0.5), h, unknown_f))
             continue
-        f = token_probability(row[0], row[1], ns, nh, params)
+        spam, ham = row[0], row[1]
+        n = spam + ham
+        if n == 0 or ns <= 0 or nh <= 0:
+            f = px
+        else:
+            sr = spam / ns
+            hr = ham / nh
+            f = (psx + n * (sr / (sr + hr))) / (ps + n)
         strength = abs(f - 0.5)
-        if strength >= params.min_strength:
+        if strength >= min_strength:
             cands.append((strength, h, f))
     best = heapq.nlargest(params.max_tokens, cands)
     return [(f, h) for _, h, f in best]
@@ -281,7 +305,10 @@ class BayesClassifier:
         return nspam >= self.cfg.min_spam and nham >= self.cfg.min_ham
 
     async def classify(self, tokens: Sequence[str]) -> BayesResult:
-        hs = hashes(tokens)
+        return await self.classify_hashes(hashes(tokens))
+
+    async def classify_hashes(self, hs: Sequence[int]) -> BayesResult:
+        """:meth:`classify` of tokens already hashed (:func:`hashes`)."""
         counts = await self.store.lookup(hs)
         if not self.ready(counts.nspam, counts.nham):
             return BayesResult(False, 0.5, "", len(hs), 0, counts.nspam, counts.nham)
@@ -304,6 +331,11 @@ class BayesClassifier:
     async def learn(self, key: str, tokens: Sequence[str], spam: bool) -> str:
         """Learn one message; returns ``learned``, ``relearned`` or ``known``."""
         return (await self.learn_many([(key, tokens, spam)]))[0]
+
+    async def learn_hashes(self, key: str, hs: Sequence[int], spam: bool) -> str:
+        """:meth:`learn` of tokens already hashed (:func:`hashes`)."""
+        return (await self.store.learn([LearnItem(key, list(hs), spam)],
+                                       int(self.clock())))[0]
 
     async def learn_many(self, items: Sequence[tuple[str, Sequence[str], bool]]) -> list[str]:
         """Learn several messages in one store transaction."""
