@@ -644,7 +644,7 @@ def run_one(pf: PostfixInstance, mx: MxguardProcess | None, pool: list[tuple[str
         target = max(mx_pids())  # a worker, or the only process
         # --gil: only the thread holding the GIL (where Python time goes);
         # --native: C frames too (syscalls made with the GIL held show up)
-        spy = subprocess.Popen(["py-spy", "record", "--gil", "--native", "-p", str(target),
+        spy = subprocess.Popen([*(["py-spy", "record", "--native", "-p", str(target)] if os.environ.get("MXG_E2E_ALL_THREADS") else ["py-spy", "record", "--gil", "--native", "-p", str(target)]),
                                 "-f", "raw", "-o", str(profile), "-d", str(int(args.duration)),
                                 "-r", "200"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

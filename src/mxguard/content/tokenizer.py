@@ -46,6 +46,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from email.utils import getaddresses
+from itertools import pairwise, repeat
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -137,6 +138,7 @@ def _word_token(word: str) -> str | None:
 # words make most of it, so this saves the strip/regex/lower work for nearly
 # every word. Bounded: emptied when full (a cheap, deterministic policy).
 _WORD_CACHE: dict[str, str | None] = {}
+_MARK_CACHE: dict[str, str] = {}  # raw word -> its token if a word token (pairs), else ""
 WORD_CACHE_MAX = 200_000
 _MISS = "\0miss"  # compared by identity: an equal word token is still a hit
 
@@ -146,31 +148,49 @@ def _text_tokens(text: str, bag: _Bag, urls: list[str], pairs: _Bag) -> None:
     if ("://" in text or "www." in text.lower()) and _URL_IN_TEXT.search(text):
         urls.extend(m.group(0) for m in _URL_IN_TEXT.finditer(text))
         text = _URL_IN_TEXT.sub(" ", text)
+    words = text.split()  # str.split() and the regex \S+ split on the same whitespace
     cache = _WORD_CACHE
     toks, limit = bag.tokens, bag.limit
     ptoks, plimit = pairs.tokens, pairs.limit
-    prev = ""
-    # str.split() and the regex \S+ split on the same (Unicode) whitespace
-    for word in text.split():
-        tok = cache.get(word, _MISS)
-        if tok is _MISS:
-            tok = _word_token(word)
-            if len(cache) >= WORD_CACHE_MAX:
-                cache.clear()
-            cache[word] = tok
-        if tok is None:
-            prev = ""
-            continue
-        if tok.startswith(_NOT_WORDS):
-            prev = ""
-        else:
-            if prev and len(ptoks) < plimit:
-                ptoks[f"bi:{prev} {tok}"] = None
-            prev = tok
-        if len(toks) < limit:
+    seq = list(map(cache.get, words, repeat(_MISS)))  # raw word -> token, in C
+    if _MISS in seq:
+        if len(cache) + len(words) > WORD_CACHE_MAX:
+            cache.clear()
+            _MARK_CACHE.clear()
+        for i, tok in enumerate(seq):
+            if tok is _MISS:
+                word = words[i]
+                seq[i] = cache[word] = tok = _word_token(word)
+                _MARK_CACHE[word] = tok if tok is not None and not tok.startswith(
+                    _NOT_WORDS) else ""
+    # word tokens (not num:/email:/skip:) pair with their neighbours; others break pairs
+    marks = list(map(_MARK_CACHE.__getitem__, words))
+    new = dict.fromkeys(filter(None, seq))
+    if len(toks) + len(new) < limit:  # all fits: the whole text in a few C calls
+        toks.update(new)
+        if len(ptoks) < plimit:
+            adjacent = dict.fromkeys(pairwise(marks))
+            adjacent.pop(("", ""), None)
+            pair_list = [f"bi:{a} {b}" for a, b in adjacent if a and b]
+            for pair in pair_list:
+                if len(ptoks) >= plimit:
+                    break
+                ptoks[pair] = None
+    else:  # the bag fills up inside this text: word by word, stop when full
+        prev = ""
+        for tok, mark in zip(seq, marks, strict=True):
+            if tok is None:
+                prev = ""
+                continue
+            if mark:
+                if prev and len(ptoks) < plimit:
+                    ptoks[f"bi:{prev} {tok}"] = None
+                prev = tok
+            else:
+                prev = ""
             toks[tok] = None
-        if len(toks) >= limit:
-            return
+            if len(toks) >= limit:
+                return
     if not text.isascii():  # an ASCII text has no 8-bit share to report
         letters = len(_LETTERS.findall(text))
         if letters >= 20:
