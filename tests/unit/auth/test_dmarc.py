@@ -189,6 +189,28 @@ def test_from_domains(values: list[str], domains: tuple[str, ...]) -> None:
     assert from_domains(values).domains == domains
 
 
+PLAIN_FROM_CASES = [
+    "Test User <test@example.com>", "test@example.com", "  <a.b+c@mail.Example.COM>  ",
+    '"Doe, John" <j@example.org>', "O'Brien - Sales <ob@example.net>", "x_y@a-b.example",
+    "\tJane\t<jane@example.com>",
+]
+SLOW_FROM_CASES = [  # control: not a plain mailbox, both parsers decide
+    "a@example.com, b@example.org", "attacker@evil.example <victim@bank.example>",
+    "Jane (work) <jane@example.com>", '"a\\"b" <x@example.com>',
+    "=?utf-8?q?J=C3=A9?= <j@example.com>", ".<a@example.com>", " .@example.com",
+    "Group: a@example.com;", "<a@example.com> trailing", "a@[192.0.2.1]",
+]
+
+
+@pytest.mark.parametrize("value", PLAIN_FROM_CASES + SLOW_FROM_CASES)
+def test_plain_from_fast_path_agrees_with_both_parsers(value: str) -> None:
+    from mxguard.auth import dmarc
+
+    fast = dmarc._PLAIN_FROM.fullmatch(value) is not None
+    assert fast == (value in PLAIN_FROM_CASES)
+    assert sorted(dmarc._domains_of(value)) == sorted(dmarc._domains_by_parsers(value))
+
+
 def test_from_domains_never_raises_on_garbage() -> None:
     for junk in ["\x00@\x00", "<" * 500, "a@" + "b." * 300, "=?utf-8?b?////?= <@>",
                  '"unterminated <a@b.example', "(((((", "a@\udcff.example", "@,@,@;;"]:
