@@ -139,7 +139,7 @@ def _word_token(word: str) -> str | None:
 # every word. Bounded: emptied when full (a cheap, deterministic policy).
 _WORD_CACHE: dict[str, str | None] = {}
 _MARK_CACHE: dict[str, str] = {}  # raw word -> its token if a word token (pairs), else ""
-WORD_CACHE_MAX = 200_000
+WORD_CACHE_MAX = 50_000
 _MISS = "\0miss"  # compared by identity: an equal word token is still a hit
 
 
@@ -154,15 +154,19 @@ def _text_tokens(text: str, bag: _Bag, urls: list[str], pairs: _Bag) -> None:
     ptoks, plimit = pairs.tokens, pairs.limit
     seq = list(map(cache.get, words, repeat(_MISS)))  # raw word -> token, in C
     if _MISS in seq:
-        if len(cache) + len(words) > WORD_CACHE_MAX:
+        if len(cache) + len(words) > WORD_CACHE_MAX:  # full: start again (both caches)
             cache.clear()
             _MARK_CACHE.clear()
+            seq = [_MISS] * len(words)
         for i, tok in enumerate(seq):
             if tok is _MISS:
                 word = words[i]
-                seq[i] = cache[word] = tok = _word_token(word)
-                _MARK_CACHE[word] = tok if tok is not None and not tok.startswith(
-                    _NOT_WORDS) else ""
+                tok = cache.get(word, _MISS)
+                if tok is _MISS:
+                    tok = cache[word] = _word_token(word)
+                    _MARK_CACHE[word] = tok if tok is not None and not tok.startswith(
+                        _NOT_WORDS) else ""
+                seq[i] = tok
     # word tokens (not num:/email:/skip:) pair with their neighbours; others break pairs
     marks = list(map(_MARK_CACHE.__getitem__, words))
     new = dict.fromkeys(filter(None, seq))

@@ -66,7 +66,7 @@ def token_hash(token: str) -> int:
 # times cheaper than blake2b plus the bytes/int conversions. Bounded (emptied
 # when full).
 _HASH_CACHE: dict[str, int] = {}
-HASH_CACHE_MAX = 300_000
+HASH_CACHE_MAX = 80_000
 
 
 @dataclass(frozen=True, slots=True)
