@@ -178,3 +178,30 @@ def test_tokenize_parsed_message() -> None:
               "attach:magic:pe", "from:dom:shop.example"):
         assert t in toks, t
     assert "html" not in toks  # tags are not words: HTML was rendered to text
+
+
+CACHE_TEXTS = [
+    "the cheap pills the cheap pills 555-1234 bob@example.com " * 3,
+    "Free money FREE money, call $99 now! " + "x" * 30,
+    "plain words only here",  # control: short, nothing special
+]
+
+
+@pytest.mark.parametrize("limit", [1, 3, 50_000])
+def test_word_cache_size_never_changes_the_tokens(monkeypatch: pytest.MonkeyPatch,
+                                                  limit: int) -> None:
+    """The word cache is emptied when full, also in the middle of a text: the
+    tokens must be the same as computed without it."""
+    want = [tokenize(texts=[t], max_tokens=10_000) for t in CACHE_TEXTS]
+    monkeypatch.setattr(tokenizer, "WORD_CACHE_MAX", limit)
+    tokenizer._WORD_CACHE.clear()
+    tokenizer._MARK_CACHE.clear()
+    for _ in range(2):  # cold, then warm
+        assert [tokenize(texts=[t], max_tokens=10_000) for t in CACHE_TEXTS] == want
+
+
+def test_bag_filling_inside_a_text_stops_there() -> None:
+    toks = tokenize(texts=["alpha beta gamma delta epsilon"], max_tokens=3)
+    assert toks == ["msgid:none", "alpha", "beta"]  # no room left for pairs either
+    assert tokenize(texts=["alpha beta"], max_tokens=10) == [  # control
+        "msgid:none", "alpha", "beta", "bi:alpha beta"]
