@@ -138,6 +138,12 @@ def chi2_survival(x2: float, dof: int) -> float:
     m = x2 / 2.0
     if m <= 0:
         return 1.0
+    if m < 700.0:  # e^-m is a normal float: the series by recurrence, no logs
+        term = total = math.exp(-m)
+        for i in range(1, dof // 2):
+            term *= m / i
+            total += term
+        return min(1.0, total)
     logm = math.log(m)
     # sum_{i < dof/2} e^-m m^i / i!  (a Poisson CDF), summed as logs to avoid underflow
     lf = _log_factorials(dof // 2)

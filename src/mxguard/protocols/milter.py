@@ -161,10 +161,14 @@ class _Reader:
         return text
 
     def strings(self) -> list[str]:
-        out: list[str] = []
-        while not self.done:
-            out.append(self.string())
-        return out
+        """NUL-terminated strings up to the end of the packet (one split in C)."""
+        if self.done:
+            return []
+        rest = self.data[self.pos:]
+        if not rest.endswith(b"\0"):
+            raise MilterProtocolError("string without NUL terminator")
+        self.pos = len(self.data)
+        return [_dec(item) for item in rest[:-1].split(b"\0")]
 
     def u32(self) -> int:
         return int(self._unpack(_U32))
