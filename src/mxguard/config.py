@@ -352,6 +352,9 @@ class BayesConfig:
                           lo=1000, hi=10**9)
     token_ttl: int = opt(180 * DAY, "seconds a token not seen again is kept", lo=DAY,
                          hi=3650 * DAY)
+    sqlite_cache_mb: int = opt(32, "page cache of the SQLite Bayes store, MiB per process "
+                               "(more: faster learning of big mailboxes; less: smaller RSS)",
+                               lo=1, hi=65536)
 
 
 @dataclass(frozen=True)

@@ -274,9 +274,10 @@ class SqliteBayesStore(BayesStore):
     ``count(*)`` over a million rows.
     """
 
-    def __init__(self, path: str, busy_timeout: float = 2.0) -> None:
+    def __init__(self, path: str, busy_timeout: float = 2.0, cache_mb: int = 32) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
+        self.cache_mb = cache_mb
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bayes-sqlite")
@@ -306,7 +307,7 @@ class SqliteBayesStore(BayesStore):
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA cache_size=-65536")
+            conn.execute(f"PRAGMA cache_size=-{int(self.cache_mb) * 1024}")
             conn.execute("BEGIN IMMEDIATE")
             for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():
@@ -552,7 +553,8 @@ def open_bayes_store(cfg: Config) -> BayesStore:
     url = cfg.storage_url
     if url.startswith("sqlite:///"):
         return SqliteBayesStore(bayes_sqlite_path(sqlite_path(url)),
-                                busy_timeout=cfg.storage.busy_timeout)
+                                busy_timeout=cfg.storage.busy_timeout,
+                                cache_mb=cfg.bayes.sqlite_cache_mb)
     if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
         try:
             from mxguard.store.redis_bayes import RedisBayesStore

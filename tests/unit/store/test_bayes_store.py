@@ -238,6 +238,18 @@ async def test_sqlite_file_next_to_the_main_state_file(backend: str, tmp_path: P
     assert bayes_sqlite_path(":memory:") == ":memory:"
 
 
+@pytest.mark.parametrize(("cache_mb", "pragma"), [(None, -32 * 1024), (8, -8 * 1024)])
+def test_sqlite_page_cache_from_config(tmp_path: Path, cache_mb: int | None,
+                                       pragma: int) -> None:
+    bayes = BayesConfig() if cache_mb is None else BayesConfig(sqlite_cache_mb=cache_mb)
+    cfg = Config(server=ServerConfig(state_dir=str(tmp_path)), bayes=bayes)
+    s = open_bayes_store(cfg)
+    assert isinstance(s, SqliteBayesStore)
+    conn = s._connection()
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == pragma
+    conn.close()
+
+
 def test_unsupported_url_is_a_clear_error() -> None:
     cfg = Config(storage=StorageConfig(url="mysql://127.0.0.1:3306/mx"))
     with pytest.raises(StoreError, match="no Bayes store"):
