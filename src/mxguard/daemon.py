@@ -192,7 +192,8 @@ class Daemon:
             listen=m.listen, max_body_memory=m.max_body_memory, max_message_size=m.max_scan_size,
             idle_timeout=m.idle_timeout, max_connections=m.max_connections,
             progress_interval=m.progress_interval, fail_action=m.fail_action,
-            stage_timeout=m.stage_timeout, eom_timeout=m.eom_timeout)
+            stage_timeout=m.stage_timeout, eom_timeout=m.eom_timeout,
+            skip_large_bodies=False)  # no body replies: one round trip less per message
         self.milter = MilterServer(settings, MxguardMilter(self))
         await self.milter.start()
 

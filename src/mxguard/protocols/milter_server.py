@@ -70,6 +70,12 @@ class MilterServerSettings:
     eom_timeout: float = 240.0  # end-of-message handler, keep-alives meanwhile
     max_packet: int = m.DEFAULT_MAX_PACKET
     spool_dir: str = ""  # where big bodies go; empty: the system temp dir
+    # Reply to body chunks, so a body past max_message_size can be answered with
+    # SMFIR_SKIP (Postfix stops sending it). Off: no body replies are asked for
+    # (SMFIP_NR_BODY), one round trip less per message; the excess is read and
+    # dropped. With Postfix's default message_size_limit (10240000) below the
+    # default max_message_size nothing is ever skipped, hence off in the daemon.
+    skip_large_bodies: bool = True
 
     def __post_init__(self) -> None:
         if self.fail_action not in FAIL_ACTIONS:
@@ -762,7 +768,7 @@ class MilterServer:
         self.hooks = frozenset(name for name in _STAGE_FLAGS
                                if getattr(type(handler), name, None)
                                is not getattr(BaseMilterHandler, name))
-        self.no_reply = 0
+        self.no_reply = 0 if settings.skip_large_bodies else m.SMFIP_NR_BODY
         for name, flag in _STAGE_FLAGS.items():
             if name not in self.hooks:
                 self.no_reply |= flag

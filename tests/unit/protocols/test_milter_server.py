@@ -67,7 +67,8 @@ async def running(handler: Any, **settings: Any) -> AsyncIterator[MilterServer]:
 
 
 NO_REPLY_FLAGS: dict[type, int] = {m.Connect: m.SMFIP_NR_CONN, m.Helo: m.SMFIP_NR_HELO,
-                                   m.Mail: m.SMFIP_NR_MAIL, m.Rcpt: m.SMFIP_NR_RCPT}
+                                   m.Mail: m.SMFIP_NR_MAIL, m.Rcpt: m.SMFIP_NR_RCPT,
+                                   m.Body: m.SMFIP_NR_BODY}
 
 
 class Mta:
@@ -182,6 +183,7 @@ async def test_full_message_flow_and_header_edits_in_order() -> None:
     async with running(rec) as server:
         mta = await Mta.open(server)
         neg = await mta.start()
+        assert not neg.protocol & m.SMFIP_NR_BODY  # control: skip_large_bodies by default
         await mta.envelope(rcpts=("<bob@conf.test>", "<carol@conf.test>"))
         replies = await mta.content(HEADERS, b"Hello.\r\n")
         await mta.close()
@@ -495,6 +497,21 @@ async def test_body_past_max_message_size_is_skipped_and_marked() -> None:
         assert await mta.ask(m.EndOfMessage()) == [m.Continue()]
         await mta.close()
     assert probe.facts["truncated"] is True
+    assert probe.facts["size"] == 100_000 - len("From") - len(" a@b") - 3
+
+
+async def test_without_skip_no_body_replies_are_asked_for() -> None:
+    probe = BodyProbe()
+    async with running(probe, max_message_size=100_000, skip_large_bodies=False) as server:
+        mta = await Mta.open(server)
+        neg = await mta.start()
+        assert neg.protocol & m.SMFIP_NR_BODY
+        await mta.envelope()
+        await mta.send(m.Data(), m.Header("From", " a@b"), m.EndOfHeaders(),
+                       m.Body(b"x" * 65535), m.Body(b"x" * 65535))  # no replies to wait for
+        assert await mta.ask(m.EndOfMessage()) == [m.Continue()]
+        await mta.close()
+    assert probe.facts["truncated"] is True  # the excess was read and dropped
     assert probe.facts["size"] == 100_000 - len("From") - len(" a@b") - 3
 
 
