@@ -23,7 +23,9 @@ adds to an SMTP transaction through Postfix, with OpenDKIM measured side by side
    mxguard verifies with everything it does at that door: DKIM, SPF (taken
    from its per-(client, HELO, sender) result memory after the first message,
    as when the policy door computed it), DMARC (p=reject, result stored for
-   reports) and one Authentication-Results. OpenDKIM does DKIM only. Both use
+   reports) and one Authentication-Results; content scoring and Bayes are off
+   here (bench/e2e.py measures the whole end of message). OpenDKIM does DKIM
+   only. Both use
    one RSA-2048 key, relaxed/relaxed, rsa-sha256, and resolve through the same
    loopback DNS server (mxguard via ``[dns] nameservers``; OpenDKIM, built with
    libunbound, via ``Nameservers 127.0.0.1@PORT``), both with a key cache
