@@ -23,7 +23,13 @@ from mxguard.auth.dmarc import SpfAuth
 from mxguard.checks import dkim as dkim_check
 from mxguard.checks import dmarc as dm
 from mxguard.checks import spf as spf_check
-from mxguard.checks.content import evaluate_content, is_spam, parse_tx_message, spam_headers
+from mxguard.checks.content import (
+    evaluate_content,
+    is_spam,
+    off_loop,
+    parse_tx_message,
+    spam_headers,
+)
 from mxguard.content import dnsbl
 from mxguard.content.bayes import autolearn_decision, message_key_of
 from mxguard.content.report import build_report_safe
@@ -116,7 +122,7 @@ class MxguardMilter(BaseMilterHandler):
         mode = cfg.mode("content")
         if mode is Mode.OFF:
             return [], None
-        parsed = await asyncio.to_thread(parse_tx_message, tx, rt)
+        parsed = await off_loop(tx.size, parse_tx_message, tx, rt)
         if cfg.mode("dnsbl") is not Mode.OFF:
             listed = await dnsbl.check(tx, rt, parsed)
             if listed is not None:

@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from mxguard import __version__
 from mxguard.content.mime import ParsedMessage, parse_message
@@ -64,6 +65,25 @@ NO_ACTION = "no action"
 ACTIONS = ("reject", "greylist", "rewrite_subject", "add_header")  # strongest first
 
 log = logging.getLogger("mxguard")
+T = TypeVar("T")
+
+# Messages up to this size are parsed and scanned on the event loop itself.
+# Both are mostly Python (they hold the GIL), so a worker thread gains no
+# parallelism for them, only two thread hops and GIL hand-overs that the loop
+# waits through (up to the 5 ms switch interval) while other mail is in flight.
+# Bigger messages still go to a thread, so a big message never stalls the loop
+# for long. Measured with bench/e2e.py (2 cores, 10 clients): at 2.3 KB inline
+# gave +7-23% msgs/s and -0.4 ms CPU per message; at 52 KB it was a wash
+# (worse with one worker, better with two), hence the bound.
+INLINE_BYTES = 32 * 1024
+
+
+async def off_loop(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in place for a message of ``size`` bytes up to
+    :data:`INLINE_BYTES`, else in a worker thread."""
+    if size <= INLINE_BYTES:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 @dataclass(slots=True)
@@ -236,8 +256,9 @@ async def scan(tx: Transaction, rt: Runtime, parsed: ParsedMessage, *,
     """The content check: one symbol per rule hit; ``data`` is the ScanResult."""
     ruleset = _ruleset(rt)
     sset = score_set(rt.config, bayes_ready)
-    result: ScanResult = await asyncio.to_thread(
-        ruleset.scan, parsed, tx=tx, now=rt.clock(), bayes_prob=bayes_prob, score_set=sset)
+    result: ScanResult = await off_loop(
+        tx.size, ruleset.scan, parsed, tx=tx, now=rt.clock(), bayes_prob=bayes_prob,
+        score_set=sset)
     symbols = [Symbol(h.name, h.score, h.description) for h in result.hits]
     reason = f"score={result.score:g}:rules={len(result.hits)}"
     return CheckResult(NAME, symbols, reason=reason, data=result,
@@ -259,7 +280,7 @@ async def evaluate_content(tx: Transaction, rt: Runtime, *, base_score: float = 
     """
     cfg = rt.config
     if parsed is None:
-        parsed = await asyncio.to_thread(parse_tx_message, tx, rt)
+        parsed = await off_loop(tx.size, parse_tx_message, tx, rt)
     result = await scan(tx, rt, parsed, bayes_prob=bayes_prob, bayes_ready=bayes_ready)
     data: ScanResult = result.data
     total = round(base_score + data.score, 3)

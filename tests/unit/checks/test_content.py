@@ -217,3 +217,15 @@ async def test_ruleset_loaded_once_and_report_safe_supported(caplog: pytest.LogC
 async def test_missing_message_is_an_empty_scan() -> None:
     out = await evaluate_content(Transaction(), runtime(Config()))
     assert out.action == NO_ACTION
+
+
+@pytest.mark.parametrize(("size", "inline"), [
+    (0, True), (content.INLINE_BYTES, True),  # small mail: parsed and scanned in place
+    (content.INLINE_BYTES + 1, False), (10 * 1024 * 1024, False),  # big: a worker thread
+])
+async def test_off_loop_runs_small_messages_in_place(size: int, inline: bool) -> None:
+    import threading
+
+    here = threading.get_ident()
+    where = await content.off_loop(size, threading.get_ident)
+    assert (where == here) is inline
