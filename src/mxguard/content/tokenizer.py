@@ -168,7 +168,9 @@ def _text_tokens(text: str, bag: _Bag, urls: list[str], pairs: _Bag) -> None:
                         _NOT_WORDS) else ""
                 seq[i] = tok
     # word tokens (not num:/email:/skip:) pair with their neighbours; others break pairs
-    marks = list(map(_MARK_CACHE.__getitem__, words))
+    marks: list[str | None] = list(map(_MARK_CACHE.get, words))
+    if None in marks:  # only if another thread emptied the caches meanwhile
+        marks = [t if t is not None and not t.startswith(_NOT_WORDS) else "" for t in seq]
     new = dict.fromkeys(filter(None, seq))
     if len(toks) + len(new) < limit:  # all fits: the whole text in a few C calls
         toks.update(new)
