@@ -205,3 +205,11 @@ def test_bag_filling_inside_a_text_stops_there() -> None:
     assert toks == ["msgid:none", "alpha", "beta"]  # no room left for pairs either
     assert tokenize(texts=["alpha beta"], max_tokens=10) == [  # control
         "msgid:none", "alpha", "beta", "bi:alpha beta"]
+
+
+def test_marks_lost_meanwhile_fall_back_to_the_tokens() -> None:
+    text = CACHE_TEXTS[0]
+    want = tokenize(texts=[text], max_tokens=10_000)  # warms both caches
+    tokenizer._MARK_CACHE.clear()  # as if another thread emptied it in between
+    assert tokenize(texts=[text], max_tokens=10_000) == want
+    assert any(t.startswith("bi:") for t in want)  # control: pairs were there to lose
