@@ -506,3 +506,20 @@ def test_dmarc_plain_from_fast_path_agrees(value: str) -> None:
     if dmarc._PLAIN_FROM.fullmatch(value) is not None:
         TRIED["dmarc from (fast path)"] += 1
         assert sorted(dmarc._domains_of(value)) == sorted(dmarc._domains_by_parsers(value))
+
+
+# ------------------------------------------------------------------ Bayes message keys
+
+@FUZZ
+@given(st.lists(st.sampled_from([b"a", b" ", b"\t", b"\r", b"\n", b"\r\n", b"x ", b" \r\n",
+                                 b"\xff", b"\x00"]), max_size=40))
+def test_message_key_normalisation_matches_the_regex(parts: list[bytes]) -> None:
+    """Learned message keys are stored: the line-based normalisation must give
+    exactly what the original regex gave."""
+    import re
+
+    from mxguard.content.bayes import normalise_body
+
+    TRIED["bayes key normalise"] += 1
+    body = b"".join(parts)
+    assert normalise_body(body) == re.sub(rb"[ \t]*\r?\n", b"\n", body).rstrip()

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -241,12 +240,25 @@ def message_key(message_id: str, body: bytes) -> str:
     it), so a message autolearned at the MX and later learned by hand from a
     mailbox has the same key. Line ends and trailing whitespace are normalised.
     """
-    norm = re.sub(rb"[ \t]*\r?\n", b"\n", body).rstrip()
+    norm = normalise_body(body)
     digest = hashlib.sha256()
     digest.update(message_id.strip().encode("utf-8", "surrogateescape"))
     digest.update(b"\0")
     digest.update(norm)
     return digest.hexdigest()[:40]
+
+
+def normalise_body(body: bytes) -> bytes:
+    """``re.sub(rb"[ \\t]*\\r?\\n", b"\\n", body).rstrip()``, line by line in C: every
+    line end loses one CR before it and the spaces and tabs before that; the
+    end of the body loses all trailing whitespace. (The regex took ~1 ms on a
+    52 KB body; keys are stored, so the result must stay byte-identical.)"""
+    lines = body.split(b"\n")
+    last = lines.pop()
+    out = [line[:-1].rstrip(b" \t") if line.endswith(b"\r") else line.rstrip(b" \t")
+           for line in lines]
+    out.append(last)
+    return b"\n".join(out).rstrip()
 
 
 def message_key_of(msg: ParsedMessage) -> str:
@@ -373,5 +385,6 @@ class BayesClassifier:
 
 __all__ = ["BAYES_DESCRIPTIONS", "BAYES_SCORES", "DEFAULT_PARAMS", "RANGES", "Autolearn",
            "BayesClassifier", "BayesParams", "BayesResult", "autolearn_decision",
-           "chi2_survival", "combine", "message_key", "message_key_of", "probability", "symbol_for",
+           "chi2_survival", "combine", "message_key", "message_key_of", "normalise_body",
+           "probability", "symbol_for",
            "token_probability"]
