@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import IO, Protocol
 
 from mxguard.protocols import milter as m
-from mxguard.protocols.policy_server import listen
+from mxguard.protocols.policy_server import admit, listen
 from mxguard.transaction import Action, Decision, HeaderEdit, Stage, Transaction
 
 log = logging.getLogger("mxguard")
@@ -391,16 +391,9 @@ class _Connection(asyncio.Protocol):
     # -- transport events -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        self.last = self.server.loop.time()
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        if len(self.server.connections) >= self.server.settings.max_connections:
-            log.warning("milter: refusing connection from %s: %d connections open "
-                        "(milter.max_connections)", self.peer, len(self.server.connections))
-            self.transport.abort()
+        if not admit(self, transport, self.server.connections,
+                     self.server.settings.max_connections, "milter"):
             return
-        self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
         if _QUICKACK is not None and sock is not None and sock.family in (
                 socket.AF_INET, socket.AF_INET6):

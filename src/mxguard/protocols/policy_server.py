@@ -27,6 +27,24 @@ Handler = Callable[[PolicyRequest], Awaitable[bytes]]
 MAX_QUEUED = 64  # requests buffered per connection before we stop reading
 
 
+def admit(conn: typing.Any, transport: asyncio.BaseTransport, connections: set[typing.Any],
+          limit: int, door: str) -> bool:
+    """The start every door's connection shares: remember the transport, the time
+    and the peer's name, then join ``connections``, or, when ``limit`` are open
+    already, log the refusal (naming ``<door>.max_connections``) and abort."""
+    conn.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
+    conn.last = asyncio.get_running_loop().time()
+    peer = transport.get_extra_info("peername")
+    conn.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+    if len(connections) >= limit:
+        log.warning("%s: refusing connection from %s: %d connections open "
+                    "(%s.max_connections)", door, conn.peer, len(connections), door)
+        conn.transport.abort()
+        return False
+    connections.add(conn)
+    return True
+
+
 async def listen(spec: str, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
     """Listen on ``"host:port"`` or ``"unix:/path"`` (a stale socket file is replaced)."""
     loop = asyncio.get_running_loop()
@@ -54,16 +72,8 @@ class _Connection(asyncio.Protocol):
         self.last = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        self.last = self.server.loop.time()
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        if len(self.server.connections) >= self.server.cfg.max_connections:
-            log.warning("policy: refusing connection from %s: %d connections open "
-                        "(policy.max_connections)", self.peer, len(self.server.connections))
-            self.transport.abort()
-            return
-        self.server.connections.add(self)
+        admit(self, transport, self.server.connections, self.server.cfg.max_connections,
+              "policy")
 
     def data_received(self, data: bytes) -> None:
         self.last = self.server.loop.time()
