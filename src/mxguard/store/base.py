@@ -16,6 +16,8 @@ Every storage failure (locked, disk full, corrupt or read-only file) raises
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -161,6 +163,29 @@ class GreylistStore(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Commit what is pending and release the store."""
+
+
+def connect_sqlite(path: str, busy_timeout: float, *, synchronous: str = "NORMAL",
+                   cache_kib: int = 0, any_thread: bool = False) -> sqlite3.Connection:
+    """A connection as every SQLite store wants it: parent directory made (0750),
+    autocommit mode (stores open their own transactions), ``busy_timeout``, WAL
+    (the CLI reads while the daemon writes), ``synchronous`` and, when given, a
+    page cache of ``cache_kib``. Closed again if a PRAGMA fails; errors raise
+    (sqlite3.Error, OSError) for the store to word."""
+    if path != ":memory:" and os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                           check_same_thread=not any_thread, cached_statements=64)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        if cache_kib:
+            conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
 
 
 def sqlite_path(url: str) -> str:

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from mxguard.store.base import StoreError, sqlite_path
+from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
 
 if TYPE_CHECKING:
     from mxguard.config import Config
@@ -297,17 +297,9 @@ class SqliteBayesStore(BayesStore):
         return self._conn
 
     def _open(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            parent = os.path.dirname(self.path)
-            if parent:
-                os.makedirs(parent, mode=0o750, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                               check_same_thread=False, cached_statements=64)
+        conn = connect_sqlite(self.path, self.busy_timeout, cache_kib=self.cache_mb * 1024,
+                              any_thread=True)  # used from the store's own worker thread
         try:
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA cache_size=-{int(self.cache_mb) * 1024}")
             conn.execute("BEGIN IMMEDIATE")
             for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sqlite3
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mxguard.store.base import StoreError, sqlite_path
+from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
 
 if TYPE_CHECKING:
     from mxguard.config import Config
@@ -98,12 +97,7 @@ class SqliteRateStore(RateStore):
         self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         try:
-            if path != ":memory:" and os.path.dirname(path):
-                os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=OFF")
+            conn = connect_sqlite(path, busy_timeout, synchronous="OFF")
             conn.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"sqlite {path}: cannot open rate store: {exc}") from None

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -40,7 +39,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mxguard.store.base import StoreError, sqlite_path
+from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
 
 if TYPE_CHECKING:
     from mxguard.config import Config
@@ -188,12 +187,7 @@ class SqliteResultsStore(ResultsStore):
 
     def _open(self) -> sqlite3.Connection:
         try:
-            if self.path != ":memory:" and os.path.dirname(self.path):
-                os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = connect_sqlite(self.path, self.busy_timeout)
             conn.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"sqlite {self.path}: cannot open results store: {exc}") from None

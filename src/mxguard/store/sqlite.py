@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import sqlite3
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from mxguard.store.base import (
     StoreStats,
     TripletRecord,
     WhitelistEntry,
+    connect_sqlite,
 )
 
 SCHEMA = """
@@ -121,17 +121,8 @@ class SqliteGreylistStore(GreylistStore):
         return self._conn
 
     def _open(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            parent = os.path.dirname(self.path)
-            if parent:
-                os.makedirs(parent, mode=0o750, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                               cached_statements=64)
+        conn = connect_sqlite(self.path, self.busy_timeout, cache_kib=CACHE_KIB)
         try:
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             conn.executescript(SCHEMA)
         except sqlite3.Error:
             conn.close()
