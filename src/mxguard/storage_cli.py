@@ -23,8 +23,8 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -70,6 +70,9 @@ def _shown(url: str) -> str:
     return f"{scheme}{sep}{auth.split(':', 1)[0]}:***@{tail}"
 
 
+R = TypeVar("R")
+
+
 class Progress:
     """Counts printed as they grow: one line per ``every`` records, and a total."""
 
@@ -89,6 +92,28 @@ class Progress:
     def done(self, note: str = "") -> None:
         extra = f" ({self.skipped} expired, skipped)" if self.skipped else ""
         click.echo(f"  {self.what}: {self.count} copied{extra}{note}")
+
+
+async def copy_batches(what: str, source: AsyncIterator[list[R]],
+                       put: Callable[[list[R]], Awaitable[int]], batch: int, *,
+                       skips: bool = False) -> None:
+    """Re-batch ``source``'s rows into writes of ``batch`` through ``put`` (which
+    returns how many it wrote), with progress; ``skips``: rows ``put`` did not
+    write are counted as skipped (expired)."""
+    prog = Progress(what, batch)
+    pending: list[R] = []
+
+    async def write(chunk: list[R]) -> None:
+        n = await put(chunk)
+        prog.add(n, len(chunk) - n if skips else 0)
+
+    async for rows in source:
+        pending.extend(rows)
+        while len(pending) >= batch:
+            chunk, pending = pending[:batch], pending[batch:]
+            await write(chunk)
+    await write(pending)
+    prog.done()
 
 
 # ------------------------------------------------------------------ sources
@@ -429,25 +454,8 @@ async def migrate_bayes(src_url: str, dst_url: str, batch: int, timeout: float) 
         await src.close()
         raise
     try:
-        prog = Progress("bayes tokens", batch)
-        tokens: list[TokenRow] = []
-        async for rows in src.tokens(batch):
-            tokens.extend(rows)
-            while len(tokens) >= batch:
-                chunk, tokens = tokens[:batch], tokens[batch:]
-                prog.add(await dst.put_tokens(chunk))
-        prog.add(await dst.put_tokens(tokens))
-        prog.done()
-
-        prog = Progress("bayes learned messages", batch)
-        seen: list[SeenRow] = []
-        async for srows in src.seen(batch):
-            seen.extend(srows)
-            while len(seen) >= batch:
-                schunk, seen = seen[:batch], seen[batch:]
-                prog.add(await dst.put_seen(schunk))
-        prog.add(await dst.put_seen(seen))
-        prog.done()
+        await copy_batches("bayes tokens", src.tokens(batch), dst.put_tokens, batch)
+        await copy_batches("bayes learned messages", src.seen(batch), dst.put_seen, batch)
 
         nspam, nham = await src.totals()
         had = await dst.totals()
@@ -475,29 +483,18 @@ async def migrate_greylist(src_url: str, dst_url: str, batch: int, timeout: floa
         raise
     try:
         now = time.time()
-        prog = Progress("greylist triplets", batch)
-        pending: list[TripletRecord] = []
-        async for records in src.triplets(batch):
-            pending.extend(records)
-            while len(pending) >= batch:
-                chunk, pending = pending[:batch], pending[batch:]
-                n = await dst.put(chunk, [], now)
-                prog.add(n, len(chunk) - n)
-        n = await dst.put(pending, [], now)
-        prog.add(n, len(pending) - n)
-        prog.done()
 
-        prog = Progress("auto-whitelist clients", batch)
-        cpending: list[ClientRecord] = []
-        async for crecords in src.clients(batch):
-            cpending.extend(crecords)
-            while len(cpending) >= batch:
-                cchunk, cpending = cpending[:batch], cpending[batch:]
-                n = await dst.put([], cchunk, now)
-                prog.add(n, len(cchunk) - n)
-        n = await dst.put([], cpending, now)
-        prog.add(n, len(cpending) - n)
-        prog.done()
+        async def put_triplets(chunk: list[TripletRecord]) -> int:
+            return await dst.put(chunk, [], now)
+
+        async def put_clients(chunk: list[ClientRecord]) -> int:
+            return await dst.put([], chunk, now)
+
+        # what the target does not take has expired meanwhile: counted as skipped
+        await copy_batches("greylist triplets", src.triplets(batch), put_triplets, batch,
+                           skips=True)
+        await copy_batches("auto-whitelist clients", src.clients(batch), put_clients, batch,
+                           skips=True)
 
         entries = await src.whitelist()
         added = 0
