@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mxguard.cli.learn import Item, learn_items
 from mxguard.config import Config
 from mxguard.content import bayes as bayes_mod
 from mxguard.content.bayes import BAYES_SCORES, BayesClassifier, probability, symbol_for
 from mxguard.content.mime import parse_message
 from mxguard.content.tokenizer import tokenize_message
-from mxguard.learn_cli import Item, learn_items
 from mxguard.store.bayes_store import LearnItem, MemoryBayesStore, SqliteBayesStore, hashes
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

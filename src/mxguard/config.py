@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mxguard.transaction import Mode
+from mxguard.core.transaction import Mode
 
 DAY = 86400
 

@@ -20,7 +20,7 @@ import sys
 import time
 
 from mxguard.config import LogConfig, split_hostport
-from mxguard.transaction import Transaction, Verdict
+from mxguard.core.transaction import Transaction, Verdict
 
 log = logging.getLogger("mxguard")
 

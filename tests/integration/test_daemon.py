@@ -225,7 +225,7 @@ def test_readable_dkim_key_stops_start_up_with_the_fix(tmp_path: Path, mode: int
                                                        starts: bool) -> None:
     from click.testing import CliRunner
 
-    from mxguard.dkim_cli import dkim
+    from mxguard.cli.dkim import dkim
 
     out = CliRunner().invoke(dkim, ["genkey", "-d", "example.test", "-s", "sel",
                                     "--type", "ed25519", "--dir", str(tmp_path)])

@@ -222,7 +222,7 @@ def test_bayes_learned_with_the_cli_scores_mail_through_postfix(
         postfix_factory: Callable[..., PostfixInstance]) -> None:
     from click.testing import CliRunner
 
-    from mxguard.learn_cli import learn
+    from mxguard.cli.learn import learn
 
     mx = MxguardProcess(tmp_path, (f'[dns]\nnameservers = ["{dns.address}"]\n'
                                    '[greylist]\nmode = "off"\n[dkim]\ninternal_hosts = []\n'

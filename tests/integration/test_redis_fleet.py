@@ -33,7 +33,8 @@ from tests.support.redis import (  # noqa: F401
 
 from mxguard.checks.greylist import open_greylister
 from mxguard.config import Config, GreylistConfig, Mode, ServerConfig, StorageConfig
-from mxguard.pipeline import Runtime, evaluate
+from mxguard.core.runner import Runtime, evaluate
+from mxguard.core.transaction import Stage, Transaction
 from mxguard.store.base import StoreError, open_store
 from mxguard.store.redis import (
     RETRY_AFTER,
@@ -42,7 +43,6 @@ from mxguard.store.redis import (
     describe_url,
     parse_sentinel_url,
 )
-from mxguard.transaction import Stage, Transaction
 
 DELAY = 2  # greylist delay of the fleet daemons (seconds)
 REDIS_TIMEOUT = 0.5  # [storage] redis_timeout of the fleet daemons
@@ -270,7 +270,7 @@ def test_bayes_learned_through_one_host_is_used_by_the_other(
         tmp_path: Path, redis_server: RedisServer) -> None:  # noqa: F811
     from click.testing import CliRunner
 
-    from mxguard.learn_cli import learn
+    from mxguard.cli.learn import learn
 
     a = bayes_daemon(tmp_path, "mx1", redis_server.url(0))
     try:

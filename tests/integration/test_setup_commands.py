@@ -39,10 +39,10 @@ from tests.support.sink import Sink
 
 from mxguard import config
 from mxguard.auth.dkim_keys import KeyTable, public_key_record, read_private_key
-from mxguard.dkim_rotate import active_keys, rotate
-from mxguard.dns_cli import dns as dns_group
-from mxguard.doctor import doctor
-from mxguard.postfix_setup import postfix
+from mxguard.cli.dkim_rotate import active_keys, rotate
+from mxguard.cli.dns import dns as dns_group
+from mxguard.cli.doctor import doctor
+from mxguard.cli.postfix import postfix
 
 _RUNNER_KW: dict[str, Any] = ({"mix_stderr": False}
                               if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters
@@ -458,7 +458,7 @@ def test_demo_runs_to_completion() -> None:
     if not postfix_available() or os.geteuid() != 0:
         pytest.skip("the demo needs Debian's postfix and root")
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", "from mxguard.demo import demo; demo()"],
+    res = subprocess.run([sys.executable, "-c", "from mxguard.cli.demo import demo; demo()"],
                          capture_output=True, text=True, timeout=90, check=False)
     out = res.stdout
     assert res.returncode == 0, out + res.stderr

@@ -16,8 +16,9 @@ from click.testing import CliRunner
 from tests.support.redis import RedisServer, redis_server, redis_url  # noqa: F401
 
 from mxguard.checks.greylist import open_greylister
+from mxguard.cli.storage import storage
 from mxguard.config import Config, GreylistConfig, ServerConfig, StorageConfig
-from mxguard.storage_cli import storage
+from mxguard.core.transaction import Stage, Transaction
 from mxguard.store.base import ClientRecord, TripletRecord, WhitelistEntry
 from mxguard.store.bayes_store import (
     FORGOTTEN,
@@ -31,7 +32,6 @@ from mxguard.store.redis import RedisGreylistStore
 from mxguard.store.redis_results import RedisResultsStore
 from mxguard.store.results import ResultRecord, SqliteResultsStore, results_path
 from mxguard.store.sqlite import SqliteGreylistStore
-from mxguard.transaction import Stage, Transaction
 
 _RUNNER_KW: dict[str, Any] = ({"mix_stderr": False}
                               if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mxguard import config
-from mxguard.transaction import Mode
+from mxguard.core.transaction import Mode
 
 
 def write(tmp_path: Path, text: str) -> Path:

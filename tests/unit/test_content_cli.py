@@ -8,7 +8,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from mxguard.content_cli import rules, scan
+from mxguard.cli.scan import rules, scan
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 HAM = (b"From: Ann <ann@example.com>\nTo: bob@example.org\nSubject: Lunch\n"

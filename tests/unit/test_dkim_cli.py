@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from mxguard.auth.dkim_keys import parse_key_record, read_private_key
-from mxguard.dkim_cli import dkim, zone_line
+from mxguard.cli.dkim import dkim, zone_line
 from tests.support.dnsserver import DNSServer
 
 _RUNNER_KW: dict[str, Any] = ({"mix_stderr": False}

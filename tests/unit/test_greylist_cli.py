@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from mxguard.greylist_cli import greylist
+from mxguard.cli.greylist import greylist
 from mxguard.store.base import WhitelistEntry
 from mxguard.store.sqlite import SqliteGreylistStore
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from mxguard.learn_cli import bayes, learn, path_messages
+from mxguard.cli.learn import bayes, learn, path_messages
 from mxguard.store.bayes_store import SqliteBayesStore
 
 _RUNNER_KW: dict[str, Any] = ({"mix_stderr": False}

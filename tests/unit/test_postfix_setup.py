@@ -28,7 +28,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from mxguard import config
-from mxguard.postfix_setup import (
+from mxguard.cli.postfix import (
     Endpoint,
     Options,
     apply,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from mxguard.spf_cli import spf
+from mxguard.cli.spf import spf
 from tests.support.dnsserver import DNSServer, Zone
 from tests.support.ports import free_port
 

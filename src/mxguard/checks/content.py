@@ -50,9 +50,9 @@ from typing import Any, TypeVar
 from mxguard import __version__
 from mxguard.content.mime import ParsedMessage, parse_message
 from mxguard.content.rules import RuleSet, ScanResult, load_rules, score_set
-from mxguard.pipeline import Runtime
-from mxguard.protocols.milter_server import HeaderChange
-from mxguard.transaction import Action, CheckResult, Decision, HeaderEdit, Symbol, Transaction
+from mxguard.core.runner import Runtime
+from mxguard.core.transaction import Action, CheckResult, Decision, HeaderEdit, Symbol, Transaction
+from mxguard.server.milter import HeaderChange
 
 NAME = "content"
 RULES_SERVICE = "content_rules"  # rt.services key of the loaded RuleSet

@@ -24,8 +24,8 @@ from mxguard.auth import dkim as dkimlib
 from mxguard.auth.dkim_keys import KeyTable, SigningKey
 from mxguard.auth.dkim_sign import sign
 from mxguard.config import DkimConfig
-from mxguard.pipeline import Runtime, symbol
-from mxguard.transaction import CheckResult, HeaderEdit, Symbol, Transaction
+from mxguard.core.runner import Runtime, symbol
+from mxguard.core.transaction import CheckResult, HeaderEdit, Symbol, Transaction
 
 NAME = "dkim"
 KEYTABLE_SERVICE = "dkim_keys"

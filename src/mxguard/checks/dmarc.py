@@ -34,10 +34,10 @@ from mxguard.auth import authresults
 from mxguard.auth.dmarc import DkimAuth, DmarcResult, OrgDomains, SampleFn, SpfAuth, evaluate
 from mxguard.auth.spf import SpfResult
 from mxguard.config import DmarcConfig
-from mxguard.pipeline import Runtime, symbol
+from mxguard.core.runner import Runtime, symbol
+from mxguard.core.transaction import Action, CheckResult, Decision, HeaderEdit, Mode, Transaction
 from mxguard.store.base import StoreError
 from mxguard.store.results import ResultRecord, ResultsStore
-from mxguard.transaction import Action, CheckResult, Decision, HeaderEdit, Mode, Transaction
 
 NAME = "dmarc"
 RESULTS_SERVICE = "dmarc_results"  # rt.services key of the ResultsStore

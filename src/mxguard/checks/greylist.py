@@ -32,8 +32,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from mxguard import __version__
-from mxguard.config import Config, GreylistConfig
-from mxguard.greylist_lists import (
+from mxguard.checks.greylist_lists import (
     DomainSet,
     WhitelistError,
     Whitelists,
@@ -46,7 +45,9 @@ from mxguard.greylist_lists import (
     triplet_text,
     validate_entry,
 )
-from mxguard.pipeline import FAIL_ACTIONS, Runtime, symbol
+from mxguard.config import Config, GreylistConfig
+from mxguard.core.runner import FAIL_ACTIONS, Runtime, symbol
+from mxguard.core.transaction import Action, CheckResult, Decision, HeaderEdit, Transaction
 from mxguard.store.base import (
     ClientRecord,
     GreylistStore,
@@ -55,7 +56,6 @@ from mxguard.store.base import (
     WhitelistEntry,
     open_store,
 )
-from mxguard.transaction import Action, CheckResult, Decision, HeaderEdit, Transaction
 
 NAME = "greylist"
 log = logging.getLogger("mxguard")

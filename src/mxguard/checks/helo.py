@@ -22,9 +22,9 @@ import fnmatch
 import ipaddress
 
 from mxguard.config import HeloConfig
+from mxguard.core.runner import Runtime, symbol
+from mxguard.core.transaction import Action, CheckResult, Decision, Transaction
 from mxguard.dns import DnsTempError, Resolver
-from mxguard.pipeline import Runtime, symbol
-from mxguard.transaction import Action, CheckResult, Decision, Transaction
 
 NAME = "helo"
 

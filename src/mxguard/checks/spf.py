@@ -44,9 +44,8 @@ from mxguard.auth.spf import (
     spf_comment,
 )
 from mxguard.config import SpfConfig
-from mxguard.dns import DnsTempError
-from mxguard.pipeline import Runtime, symbol
-from mxguard.transaction import (
+from mxguard.core.runner import Runtime, symbol
+from mxguard.core.transaction import (
     ACTION_RANK,
     Action,
     CheckResult,
@@ -55,6 +54,7 @@ from mxguard.transaction import (
     Symbol,
     Transaction,
 )
+from mxguard.dns import DnsTempError
 
 NAME = "spf"
 MEMORY_KEY = "spf_memory"

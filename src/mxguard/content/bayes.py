@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mxguard.config import SYMBOL_SCORES
+from mxguard.core.transaction import Symbol
 from mxguard.store.bayes_store import (
     BayesStats,
     BayesStore,
@@ -49,7 +50,6 @@ from mxguard.store.bayes_store import (
     TokenCounts,
     hashes,
 )
-from mxguard.transaction import Symbol
 
 if TYPE_CHECKING:
     from mxguard.config import BayesConfig

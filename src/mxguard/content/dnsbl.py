@@ -34,14 +34,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mxguard.core.transaction import CheckResult, Symbol
 from mxguard.dns import DnsTempError, Resolver
-from mxguard.transaction import CheckResult, Symbol
 
 if TYPE_CHECKING:
     from mxguard.config import DnsblConfig
     from mxguard.content.mime import ParsedMessage
-    from mxguard.pipeline import Runtime
-    from mxguard.transaction import Transaction
+    from mxguard.core.runner import Runtime
+    from mxguard.core.transaction import Transaction
 
 log = logging.getLogger("mxguard")
 

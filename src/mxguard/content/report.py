@@ -26,8 +26,8 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO
 
-from mxguard.protocols.milter_server import HeaderChange
-from mxguard.transaction import Symbol
+from mxguard.core.transaction import Symbol
+from mxguard.server.milter import HeaderChange
 
 CRLF = b"\r\n"
 READ_CHUNK = 64 * 1024

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mxguard.transaction import Action, Stage, Transaction, Verdict
+from mxguard.core.transaction import Action, Stage, Transaction, Verdict
 
 # Every attribute Postfix 3.7 sends (SMTPD_POLICY_README, checked against
 # conformance/postfix-3.7-capture/policy.jsonl). Others are kept but logged.

@@ -20,9 +20,9 @@ from mxguard.checks.content import (
     subject_change,
 )
 from mxguard.config import ActionsConfig, Config, ContentConfig, MilterConfig
-from mxguard.pipeline import Runtime
-from mxguard.protocols.milter_server import HeaderChange, MilterSession
-from mxguard.transaction import Action, Symbol, Transaction
+from mxguard.core.runner import Runtime
+from mxguard.core.transaction import Action, Symbol, Transaction
+from mxguard.server.milter import HeaderChange, MilterSession
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 

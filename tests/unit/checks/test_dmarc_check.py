@@ -13,10 +13,10 @@ from mxguard.auth.dmarc import DkimAuth, OrgDomains, SpfAuth
 from mxguard.auth.spf import SpfResult
 from mxguard.checks import dmarc
 from mxguard.config import Config, DmarcConfig, DnsConfig, MilterConfig
+from mxguard.core.runner import Runtime
+from mxguard.core.transaction import Action, Mode, Transaction
 from mxguard.dns import Resolver
-from mxguard.pipeline import Runtime
 from mxguard.store.results import ResultRecord, SqliteResultsStore
-from mxguard.transaction import Action, Mode, Transaction
 from tests.support.dnsserver import DNSServer, Zone
 
 PSL_FILE = "/work/shared/conformance/psl/public_suffix_list.dat"

@@ -18,18 +18,18 @@ from typing import Any
 import pytest
 
 from mxguard.checks.greylist import Greylister, check, open_greylister
-from mxguard.config import Config, GreylistConfig, ServerConfig, StorageConfig
-from mxguard.greylist_lists import (
+from mxguard.checks.greylist_lists import (
     DEFAULT_CLIENT_FILE,
     WhitelistError,
     client_network,
     load_whitelists,
     normalize_sender,
 )
-from mxguard.pipeline import Runtime, evaluate
+from mxguard.config import Config, GreylistConfig, ServerConfig, StorageConfig
+from mxguard.core.runner import Runtime, evaluate
+from mxguard.core.transaction import Action, CheckResult, Decision, Mode, Stage, Transaction
 from mxguard.store.base import StoreError, open_store
 from mxguard.store.sqlite import SqliteGreylistStore
-from mxguard.transaction import Action, CheckResult, Decision, Mode, Stage, Transaction
 from tests.support.redis import shared_server
 
 T0 = 1_795_000_000.0  # a fixed "now" (Nov 2026)

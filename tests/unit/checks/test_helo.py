@@ -8,9 +8,9 @@ import pytest
 
 from mxguard.checks import helo
 from mxguard.config import Config, DnsConfig, HeloConfig
+from mxguard.core.runner import Runtime, evaluate
+from mxguard.core.transaction import Action, Mode, Stage, Transaction
 from mxguard.dns import Resolver
-from mxguard.pipeline import Runtime, evaluate
-from mxguard.transaction import Action, Mode, Stage, Transaction
 from tests.support.dnsserver import DNSServer
 
 ZONE = {

@@ -14,9 +14,9 @@ import pytest
 from mxguard.auth.spf import SpfResult
 from mxguard.checks import spf
 from mxguard.config import Config, DnsConfig, SpfConfig
+from mxguard.core.runner import Runtime
+from mxguard.core.transaction import Action, CheckResult, Transaction
 from mxguard.dns import Resolver
-from mxguard.pipeline import Runtime
-from mxguard.transaction import Action, CheckResult, Transaction
 from tests.support.dnsserver import DNSServer, Zone
 
 CLIENT = "192.0.2.10"

@@ -13,7 +13,7 @@ import pytest
 
 from mxguard.content.mime import parse_message
 from mxguard.content.rules import BUILTIN_RULES, RuleSet, build_ruleset
-from mxguard.transaction import CheckResult, Symbol
+from mxguard.core.transaction import CheckResult, Symbol
 
 NOW = 1704067200.0  # 2024-01-01 00:00:00 UTC
 GOOD_HEADERS = {

@@ -21,8 +21,8 @@ from mxguard.content.dnsbl import (
     symbol_name,
     uri_domains,
 )
+from mxguard.core.transaction import CheckResult, Transaction
 from mxguard.dns import Resolver
-from mxguard.transaction import CheckResult, Transaction
 from tests.support.dnsserver import DNSServer
 
 LISTED_V4 = "203.0.113.7"  # TEST-NET-3 addresses are not "global": see listable_ip

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mxguard.protocols.headers import HeaderMemory
-from mxguard.transaction import HeaderEdit
+from mxguard.core.transaction import HeaderEdit
+from mxguard.server.policy_headers import HeaderMemory
 
 SPF = HeaderEdit("Received-SPF", "pass (x)")
 GREY = HeaderEdit("X-Greylist", "delayed 300 seconds")

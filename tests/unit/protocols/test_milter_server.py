@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from mxguard.core.transaction import Action, Decision, HeaderEdit, Stage
 from mxguard.protocols import milter as m
-from mxguard.protocols.milter_server import (
+from mxguard.server.milter import (
     BaseMilterHandler,
     HeaderChange,
     MilterAction,
@@ -25,7 +26,6 @@ from mxguard.protocols.milter_server import (
     MilterServerSettings,
     MilterSession,
 )
-from mxguard.transaction import Action, Decision, HeaderEdit, Stage
 from tests.unit.protocols.test_milter_codec import POSTFIX_OFFER, capture_stream
 
 TIMEOUT = 10.0  # generous bound for a reply that must come; never asserted as a figure

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from mxguard.core.transaction import Action, Decision, HeaderEdit, Stage, Verdict
 from mxguard.protocols.policy import (
     PolicyDecoder,
     PolicyProtocolError,
     encode_action,
     encode_reply,
 )
-from mxguard.transaction import Action, Decision, HeaderEdit, Stage, Verdict
 
 CAPTURE = Path(__file__).resolve().parents[4] / "shared/conformance/postfix-3.7-capture"
 

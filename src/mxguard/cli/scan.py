@@ -31,7 +31,7 @@ from mxguard import config
 from mxguard.checks.content import choose_action, is_spam, spam_headers
 from mxguard.content.mime import parse_message
 from mxguard.content.rules import BUILTIN_RULES, RuleSet, build_ruleset, rule_paths
-from mxguard.transaction import Symbol
+from mxguard.core.transaction import Symbol
 
 _CONFIG = click.option("--config", "-c", "config_path", metavar="FILE",
                        type=click.Path(dir_okay=False),

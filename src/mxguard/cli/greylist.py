@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from mxguard import config
-from mxguard.greylist_lists import WhitelistError, classify_entry, validate_entry
+from mxguard.checks.greylist_lists import WhitelistError, classify_entry, validate_entry
 from mxguard.store.base import GreylistStore, StoreError, WhitelistEntry, open_store
 
 T = TypeVar("T")

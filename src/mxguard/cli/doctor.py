@@ -39,17 +39,17 @@ from mxguard.auth.dkim_keys import (
     parse_key_entry,
     read_private_key,
 )
-from mxguard.dkim_rotate import RotationError, active_keys
-from mxguard.dns_cli import Section, check_domain, print_sections
-from mxguard.postfix_setup import (
+from mxguard.cli.dkim_rotate import RotationError, active_keys
+from mxguard.cli.dns import Section, check_domain, print_sections
+from mxguard.cli.postfix import (
     DEFAULT_CONFIG_DIR,
     SetupError,
     make_plan,
     postconf_value,
     postfix_running,
 )
+from mxguard.cli.spf import Lint, _ip_option
 from mxguard.protocols import milter as m
-from mxguard.spf_cli import Lint, _ip_option
 
 DOCTOR_INSTANCE = "mxguard-doctor"
 

@@ -35,8 +35,8 @@ def main() -> None:
 @CONFIG_OPTION
 def serve(config_path: str | None) -> None:
     """Run the daemon (policy door on [policy] listen) until SIGTERM."""
-    from mxguard.daemon import StartupError
-    from mxguard.daemon import serve as run
+    from mxguard.server.daemon import StartupError
+    from mxguard.server.daemon import serve as run
 
     cfg = load_or_exit(config_path)
     try:
@@ -74,17 +74,17 @@ def config_show(file: str | None, no_docs: bool) -> None:
 
 
 def _register() -> None:
-    from mxguard.content_cli import rules, scan
-    from mxguard.demo import demo
-    from mxguard.dkim_cli import dkim
-    from mxguard.dkim_rotate import rotate
-    from mxguard.dns_cli import dns
-    from mxguard.doctor import doctor
-    from mxguard.greylist_cli import greylist
-    from mxguard.learn_cli import bayes, learn
-    from mxguard.postfix_setup import postfix
-    from mxguard.spf_cli import spf
-    from mxguard.storage_cli import storage
+    from mxguard.cli.demo import demo
+    from mxguard.cli.dkim import dkim
+    from mxguard.cli.dkim_rotate import rotate
+    from mxguard.cli.dns import dns
+    from mxguard.cli.doctor import doctor
+    from mxguard.cli.greylist import greylist
+    from mxguard.cli.learn import bayes, learn
+    from mxguard.cli.postfix import postfix
+    from mxguard.cli.scan import rules, scan
+    from mxguard.cli.spf import spf
+    from mxguard.cli.storage import storage
 
     dkim.add_command(rotate)
     for command in (greylist, spf, dkim, scan, rules, learn, bayes, storage, postfix, dns,

@@ -33,8 +33,8 @@ import click
 from mxguard import config
 from mxguard.auth import spf as engine
 from mxguard.auth.spf import Macro, PermError, Record, SpfResult, Token
+from mxguard.core.transaction import Mode
 from mxguard.dns import Answer, DnsTempError, Resolver
-from mxguard.transaction import Mode
 
 RECOMMENDED = "v=spf1 mx -all"  # the recommended policy: only the domain's MX hosts send
 LINT_IP = "192.0.2.1"  # stands in for the client when a lint expands a macro

@@ -34,8 +34,17 @@ from mxguard.content import dnsbl
 from mxguard.content.bayes import autolearn_decision, message_key_of
 from mxguard.content.report import build_report_safe
 from mxguard.content.tokenizer import tokenize_message
-from mxguard.pipeline import Runtime
-from mxguard.protocols.milter_server import (
+from mxguard.core.runner import Runtime
+from mxguard.core.transaction import (
+    Action,
+    CheckResult,
+    HeaderEdit,
+    Mode,
+    Stage,
+    Transaction,
+    Verdict,
+)
+from mxguard.server.milter import (
     BaseMilterHandler,
     HeaderChange,
     MilterAction,
@@ -43,10 +52,9 @@ from mxguard.protocols.milter_server import (
     MilterSession,
 )
 from mxguard.store.bayes_store import hashes
-from mxguard.transaction import Action, CheckResult, HeaderEdit, Mode, Stage, Transaction, Verdict
 
 if TYPE_CHECKING:
-    from mxguard.daemon import Daemon
+    from mxguard.server.daemon import Daemon
 
 log = logging.getLogger("mxguard")
 BAYES_SERVICE = "bayes"

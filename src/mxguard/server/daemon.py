@@ -19,12 +19,12 @@ from typing import Any
 
 from mxguard import __version__, config, logs
 from mxguard.checks.content import RULES_SERVICE
+from mxguard.core.runner import Runtime, evaluate
+from mxguard.core.transaction import Mode, Stage, Verdict
 from mxguard.dns import Resolver
-from mxguard.pipeline import Runtime, evaluate
-from mxguard.protocols.headers import HeaderMemory
 from mxguard.protocols.policy import PolicyRequest, encode_action, encode_reply
-from mxguard.protocols.policy_server import PolicyServer
-from mxguard.transaction import Mode, Stage, Verdict
+from mxguard.server.policy import PolicyServer
+from mxguard.server.policy_headers import HeaderMemory
 
 log = logging.getLogger("mxguard")
 
@@ -39,7 +39,7 @@ class StartupError(Exception):
 def load_keys(cfg: config.Config) -> Any:
     """The DKIM KeyTable; a bad or too-readable key file is one clear message."""
     from mxguard.auth.dkim_keys import DkimKeyError, KeyTable
-    from mxguard.dkim_rotate import active_keys
+    from mxguard.cli.dkim_rotate import active_keys
 
     try:  # [dkim] keys as `mxguard dkim rotate` has advanced them
         return KeyTable.from_config(dataclasses.replace(cfg.dkim, keys=active_keys(cfg)))
@@ -72,7 +72,7 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
         services[dm.RESULTS_SERVICE] = open_results_store(cfg)
     if cfg.milter.enabled and cfg.bayes.enabled and cfg.mode("content") is not Mode.OFF:
         from mxguard.content.bayes import BayesClassifier
-        from mxguard.milter_handler import BAYES_SERVICE
+        from mxguard.server.milter_door import BAYES_SERVICE
         from mxguard.store.base import StoreError
         from mxguard.store.bayes_store import open_bayes_store
 
@@ -184,8 +184,8 @@ class Daemon:
                     log.warning("bayes: maintenance failed: %s", exc)
 
     async def start_milter(self, cfg: config.Config) -> None:
-        from mxguard.milter_handler import MxguardMilter
-        from mxguard.protocols.milter_server import MilterServer, MilterServerSettings
+        from mxguard.server.milter import MilterServer, MilterServerSettings
+        from mxguard.server.milter_door import MxguardMilter
 
         m = cfg.milter
         settings = MilterServerSettings(
@@ -276,7 +276,7 @@ def raise_fd_limit() -> None:
 def serve(cfg: config.Config, config_path: str | None) -> int:
     logs.setup(cfg.log)
     raise_fd_limit()
-    from mxguard import workers
+    from mxguard.server import workers
 
     count = workers.worker_count(cfg.server.workers)
     if count > 1:  # a master binding the sockets and forking the workers

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mxguard import config
 from mxguard.auth.dkim_keys import public_key_record
-from mxguard.demo_postfix import (
+from mxguard.testing.postfix import (
     DemoDNS,
     PrivatePostfix,
     Sink,
@@ -193,7 +193,7 @@ internal_hosts = ["127.0.0.1/32"]
                  f"127.0.0.1:{self.milter_port} (pid {self.mxguard.pid}, config {cfg_path})")
 
     def start_postfix(self, cfg_path: Path) -> None:
-        from mxguard.postfix_setup import apply, make_plan
+        from mxguard.cli.postfix import apply, make_plan
 
         assert self.sink is not None
         pf = PrivatePostfix(self.workdir / "pf", self.sink.port,

@@ -2,7 +2,7 @@
 
 The master (the ``mxguard serve`` process) binds the policy and milter sockets
 once -- TCP or UNIX -- and forks N workers. Each worker runs the ordinary
-asyncio daemon (:class:`mxguard.daemon.Daemon`) on the inherited sockets; the
+asyncio daemon (:class:`mxguard.server.daemon.Daemon`) on the inherited sockets; the
 kernel hands each new connection to whichever worker accepts it first. The
 master runs no event loop and opens no storage: SQLite is opened by each worker
 after the fork (WAL works across processes), Redis likewise.
@@ -118,7 +118,8 @@ def use_inherited(sockets: dict[str, socket.socket]) -> None:
     it by name), so both module attributes are replaced in this process only.
     A spec not in ``sockets`` (changed by a reload) falls back to binding.
     """
-    from mxguard.protocols import milter_server, policy_server
+    from mxguard.server import milter as milter_server
+    from mxguard.server import policy as policy_server
 
     original = policy_server.listen
 
@@ -318,7 +319,7 @@ class Master:
 
     def child(self, slot: int) -> int:
         """Runs in the forked worker: the ordinary daemon on the inherited sockets."""
-        from mxguard.daemon import Daemon, StartupError
+        from mxguard.server.daemon import Daemon, StartupError
 
         master = os.getppid()
         _die_with_parent()

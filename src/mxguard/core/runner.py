@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mxguard.config import Config
-from mxguard.transaction import (
+from mxguard.core.transaction import (
     Action,
     CheckResult,
     Decision,

@@ -320,7 +320,7 @@ def _date(ts: float | None) -> str:
 
 
 def _record_lines(domain: str, k: KeyState) -> list[str]:
-    from mxguard.dkim_cli import zone_line
+    from mxguard.cli.dkim import zone_line
 
     try:
         return [zone_line(domain, k.selector, public_key_record(read_private_key(k.path)))]
@@ -330,7 +330,7 @@ def _record_lines(domain: str, k: KeyState) -> list[str]:
 
 def _new_key(cfg: Config, state: RotationState, domain: str, sdir: Path, selector: str | None,
              kind: str | None, bits: int) -> KeyState:
-    from mxguard.dkim_cli import _new_key as generate
+    from mxguard.cli.dkim import _new_key as generate
 
     keys = state.keys(domain)
     taken = {k.selector for k in keys}

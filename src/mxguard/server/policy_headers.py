@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from mxguard.transaction import HeaderEdit
+from mxguard.core.transaction import HeaderEdit
 
 
 @dataclass

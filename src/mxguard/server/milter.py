@@ -38,9 +38,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
+from mxguard.core.transaction import Action, Decision, HeaderEdit, Stage, Transaction
 from mxguard.protocols import milter as m
-from mxguard.protocols.policy_server import admit, listen
-from mxguard.transaction import Action, Decision, HeaderEdit, Stage, Transaction
+from mxguard.server.policy import admit, listen
 
 log = logging.getLogger("mxguard")
 

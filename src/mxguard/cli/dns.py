@@ -31,11 +31,11 @@ from mxguard import config
 from mxguard.auth import dmarc
 from mxguard.auth import spf as engine
 from mxguard.auth.dkim_keys import DkimKeyError, public_key_record, read_private_key
-from mxguard.dkim_cli import zone_line
-from mxguard.dkim_rotate import ACTIVE, PENDING, DomainKey, RotationError, check_record
-from mxguard.dkim_rotate import published_keys as _published_keys
+from mxguard.cli.dkim import zone_line
+from mxguard.cli.dkim_rotate import ACTIVE, PENDING, DomainKey, RotationError, check_record
+from mxguard.cli.dkim_rotate import published_keys as _published_keys
+from mxguard.cli.spf import RECOMMENDED, Lint, _ip_option, _lint, _suggestion
 from mxguard.dns import DnsTempError, Resolver, reverse_name
-from mxguard.spf_cli import RECOMMENDED, Lint, _ip_option, _lint, _suggestion
 
 REPORT_LOCAL_PART = "dmarc-reports"
 
