@@ -19,7 +19,7 @@
    throughput in one process and in ``--workers`` processes, and peak RSS.
 
 The score of a message is its Bayes symbol's score plus, when the rule engine
-is importable (``mxguard.checks.content`` or ``mxguard.content.rules``), its
+is importable (``mxguard.content.rules``), its
 rule score; otherwise Bayes alone (said in the output). Prints figures;
 asserts nothing.
 """
@@ -103,7 +103,7 @@ def load_rule_engine(cfg: Config, no_rules: bool) -> tuple[Any, str]:
     engine is another part of the project and may be absent."""
     if no_rules:
         return None, "rules off (--no-rules): Bayes alone"
-    for modname in ("mxguard.checks.content", "mxguard.content.rules"):
+    for modname in ("mxguard.content.rules",):
         try:
             mod = importlib.import_module(modname)
         except ImportError:
@@ -117,7 +117,7 @@ def load_rule_engine(cfg: Config, no_rules: bool) -> tuple[Any, str]:
             return None, f"rule engine {modname} failed to load ({exc}): Bayes alone"
         active = sum(ruleset.stats.active.values()) if hasattr(ruleset, "stats") else "?"
         return ruleset, f"rules from {modname}.load_rules ({active} active rules)"
-    return None, "NOTE: no rule engine importable (mxguard.checks.content): Bayes alone"
+    return None, "NOTE: no rule engine importable (mxguard.content.rules): Bayes alone"
 
 
 def rule_score(ruleset: Any, parsed: Any, prob: float | None, ready: bool) -> float:

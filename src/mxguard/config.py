@@ -123,6 +123,17 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    check_timeout: float = opt(30.0, "seconds one check may take (SPF and blocklists: their own "
+                               "timeout); beyond it the check ends as NAME_TIMEOUT and its "
+                               "error behaviour applies", lo=0.05, hi=600)
+    tempfail_on_error: list[str] = opt([], "end-of-message checks whose error or timeout "
+                                       "tempfails the message (451 4.3.0); the others are "
+                                       "skipped with a NAME_ERROR symbol and a log line; "
+                                       "policy-stage checks answer [policy] fail_action")
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     nameservers: list[str] = opt([], 'resolvers as "host" or "host:port"; empty: '
                                  "/etc/resolv.conf")
@@ -375,6 +386,7 @@ class Config:
                         "change nothing")
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -532,6 +544,13 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
             ("sqlite:///", "redis://", "rediss://", "redis+sentinel://")):
         raise bad("url", obj.url, '"sqlite:///path/to/mxguard.db", "redis://host:port/db", '
                   '"rediss://..." or "redis+sentinel://host:port/mastername/db"')
+    if isinstance(obj, PipelineConfig):
+        from mxguard.checks import PIPELINE  # the table names the checks
+
+        names = sorted({r.name for r in PIPELINE.rows})
+        for name in obj.tempfail_on_error:
+            if name not in names:
+                raise bad("tempfail_on_error", name, "check names: " + ", ".join(names))
     if isinstance(obj, HeloConfig):
         for net in obj.exempt_networks:
             try:
@@ -578,7 +597,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 # ---------------------------------------------------------------- showing
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, enum.Enum):
         value = value.value
     if isinstance(value, bool):
@@ -586,7 +605,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -605,7 +624,7 @@ def dump(cfg: Config, *, docs: bool = True) -> str:
         else:
             if docs:
                 lines.append(f"# {f.metadata['doc']}")
-            lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append(f"{f.name} = {toml_value(value)}")
     resolved = {("server", "state_dir"): cfg.state_dir, ("storage", "url"): cfg.storage_url}
     for name, section in sections:
         lines.append("")
@@ -614,7 +633,7 @@ def dump(cfg: Config, *, docs: bool = True) -> str:
             value = resolved.get((name, f.name), getattr(section, f.name))
             if docs:
                 lines.append(f"# {f.metadata['doc']}")
-            lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append(f"{f.name} = {toml_value(value)}")
     lines.append("")
     lines.append("[scores]")
     for sym in sorted(SYMBOL_SCORES):

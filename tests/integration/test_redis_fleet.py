@@ -31,9 +31,10 @@ from tests.support.redis import (  # noqa: F401
     redis_url,
 )
 
+from mxguard.checks import evaluate
 from mxguard.checks.greylist import open_greylister
 from mxguard.config import Config, GreylistConfig, Mode, ServerConfig, StorageConfig
-from mxguard.core.runner import Runtime, evaluate
+from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Stage, Transaction
 from mxguard.store.base import StoreError, open_store
 from mxguard.store.redis import (

@@ -1,4 +1,4 @@
-"""DMARC at end of message: the milter calls :func:`evaluate_message`.
+"""DMARC at end of message: the pipeline row :func:`check` (after SPF and DKIM).
 
 Inputs: the message's headers (its From fields are read), the SPF result
 DMARC uses (:func:`spf_auth` converts the policy door's remembered
@@ -34,12 +34,14 @@ from mxguard.auth import authresults
 from mxguard.auth.dmarc import DkimAuth, DmarcResult, OrgDomains, SampleFn, SpfAuth, evaluate
 from mxguard.auth.spf import SpfResult
 from mxguard.config import DmarcConfig
-from mxguard.core.runner import Runtime, symbol
+from mxguard.core.runtime import Runtime, symbol
 from mxguard.core.transaction import Action, CheckResult, Decision, HeaderEdit, Mode, Transaction
 from mxguard.store.base import StoreError
 from mxguard.store.results import ResultRecord, ResultsStore
 
 NAME = "dmarc"
+SYMBOLS = ("DMARC_PASS", "DMARC_REJECT", "DMARC_QUARANTINE", "DMARC_NONE_FAIL",
+           "DMARC_NO_POLICY", "DMARC_PERMERROR", "DMARC_TEMPERROR")
 RESULTS_SERVICE = "dmarc_results"  # rt.services key of the ResultsStore
 ORG_SERVICE = "dmarc_org"  # rt.services key of an OrgDomains (default: bundled PSL)
 MAX_TEXT = 400
@@ -224,13 +226,25 @@ async def evaluate_message(headers: Iterable[tuple[str, str]], spf: SpfAuth | No
     return DmarcOutcome(res, check, action)
 
 
-async def evaluate_dmarc(headers: Iterable[tuple[str, str]], spf: SpfAuth | None,
-                         dkim: Sequence[DkimAuth], rt: Runtime, *,
-                         tx: Transaction | None = None,
-                         sample: SampleFn | None = None) -> CheckResult:
-    """:func:`evaluate_message` when only the CheckResult is wanted."""
-    outcome = await evaluate_message(headers, spf, dkim, rt, tx=tx, sample=sample)
-    return outcome.check
+async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
+    """The DMARC row (end of message, after SPF and DKIM): the From domain's
+    policy on the SPF and DKIM results already in ``tx.results``. A failing
+    message of a quarantine domain with ``quarantine_action = "quarantine"``
+    gets a quarantine decision (the milter answers SMFIR_QUARANTINE)."""
+    if tx.message is None:
+        return None
+    spf_result = tx.results.get("spf")
+    spf = spf_result.data if spf_result is not None and isinstance(spf_result.data, SpfAuth) \
+        else None
+    dkim_result = tx.results.get("dkim_verify")
+    dkim = dkim_auths(dkim_result.data or []) if dkim_result is not None else []
+    outcome = await evaluate_message(tx.message.headers, spf, dkim, rt, tx=tx)
+    check = outcome.check
+    if outcome.action == "quarantine" and check.decision is None:
+        check.decision = Decision(Action.QUARANTINE, 0, "",
+                                  f"DMARC policy of {outcome.result.from_domain}")
+    check.data = outcome
+    return check
 
 
 def authentication_results(rt: Runtime, *, spf: SpfAuth | None = None,
@@ -248,5 +262,5 @@ def authentication_results(rt: Runtime, *, spf: SpfAuth | None = None,
 
 
 __all__ = ["DkimLike", "DmarcOutcome", "action_for", "authentication_results", "build_result",
-           "dkim_auths", "evaluate_dmarc", "evaluate_message", "from_values", "report_record",
+           "check", "dkim_auths", "evaluate_message", "from_values", "report_record",
            "spf_auth"]

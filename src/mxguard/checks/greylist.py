@@ -46,7 +46,8 @@ from mxguard.checks.greylist_lists import (
     validate_entry,
 )
 from mxguard.config import Config, GreylistConfig
-from mxguard.core.runner import FAIL_ACTIONS, Runtime, symbol
+from mxguard.core.runner import FAIL_ACTIONS
+from mxguard.core.runtime import Runtime, symbol
 from mxguard.core.transaction import Action, CheckResult, Decision, HeaderEdit, Transaction
 from mxguard.store.base import (
     ClientRecord,

@@ -22,7 +22,7 @@ import fnmatch
 import ipaddress
 
 from mxguard.config import HeloConfig
-from mxguard.core.runner import Runtime, symbol
+from mxguard.core.runtime import Runtime, symbol
 from mxguard.core.transaction import Action, CheckResult, Decision, Transaction
 from mxguard.dns import DnsTempError, Resolver
 

@@ -44,7 +44,7 @@ from mxguard.auth.spf import (
     spf_comment,
 )
 from mxguard.config import SpfConfig
-from mxguard.core.runner import Runtime, symbol
+from mxguard.core.runtime import Runtime, symbol
 from mxguard.core.transaction import (
     ACTION_RANK,
     Action,
@@ -325,3 +325,21 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
     receiver = await receiver_name(tx)
     verdict = await evaluate_once(tx, rt, receiver)
     return build_result(rt, verdict, receiver)
+
+
+async def at_end_of_message(tx: Transaction, rt: Runtime) -> CheckResult | None:
+    """The milter's SPF (Stage.EOM): the verdict the policy door remembered for
+    this (client, HELO, sender), or computed now when the policy door is not
+    wired. Adds no symbol (the policy door scored it); ``data`` is the
+    :class:`~mxguard.auth.dmarc.SpfAuth` DMARC and Authentication-Results use."""
+    from mxguard.checks.dmarc import spf_auth
+
+    found = remembered(rt, tx.client_address, tx.helo, tx.sender)
+    if found is None:
+        if await check(tx, rt) is None:
+            return None
+        found = remembered(rt, tx.client_address, tx.helo, tx.sender)
+        if found is None:
+            return None
+    auth = spf_auth(found.mailfrom, null_sender=not tx.sender)
+    return CheckResult(NAME, extra={"spf": found.result}, data=auth)

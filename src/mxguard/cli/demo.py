@@ -294,11 +294,6 @@ internal_hosts = ["127.0.0.1/32"]
 
     def step_gtube(self) -> None:
         self.say("\n5. The GTUBE test string (content scoring)")
-        try:
-            import mxguard.checks.content  # noqa: F401
-        except ImportError:
-            self.say("   skipped: content scoring not available")
-            return
         count = len(self.sink.messages) if self.sink else 0
         ok, last = self.deliver(helo=GOOD_HELO, sender="alice@good.test",
                                 rcpt=f"bob@{OUR_DOMAIN}",

@@ -1,13 +1,16 @@
 """``mxguard scan`` and ``mxguard rules check``: content scoring without a daemon.
 
-* ``mxguard scan [FILE|-] [--json] [--config FILE]`` parses one message (a
-  file, or standard input), runs the rules ``[content]`` names (built-in
-  ``mxguard.cf``, ``rules_dirs``, ``local_rules``) and prints the score, the
-  action ``[actions]`` would take and every rule hit with its points and
-  description, like ``spamassassin -t``, followed by the X-Spam-* headers
-  mxguard would add. SPF, DKIM, DMARC and HELO results do not exist outside
-  the daemon, so rules that use them do not fire; Bayes is not consulted.
-  Exit code 0 for ham and spam alike, 2 for an unreadable file or bad config.
+* ``mxguard scan [FILE|-] [--json] [--network] [--config FILE]`` runs one
+  message (a file, or standard input) through the same pipeline the milter
+  door runs at end of message: the rules ``[content]`` names, Bayes from the
+  configured store (read only: nothing is learned), blocklists when
+  ``[dnsbl]`` is on, and with ``--network`` DKIM and DMARC through the
+  configured DNS; then the same ``[actions]``. It prints every symbol with its
+  points and description, like ``spamassassin -t``, the score and the action,
+  and the headers the milter would add -- its X-Spam-Status equals the
+  milter's for the same message and config. There is no SMTP client here, so
+  SPF and HELO do not run. Exit code 0 for ham and spam alike, 2 for an
+  unreadable file or bad config.
 * ``mxguard rules check [PATH...] [--config FILE] [--no-builtin]`` loads the
   given rule files/directories (default: those of the config) and reports the
   files read, rules by type (defined and active), ``eval:`` functions the
@@ -20,6 +23,8 @@ Both commands are registered by ``mxguard.cli``.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,10 +33,14 @@ from typing import Any
 import click
 
 from mxguard import config
-from mxguard.checks.content import choose_action, is_spam, spam_headers
-from mxguard.content.mime import parse_message
+from mxguard.checks import run_message
+from mxguard.checks.rules import RULES_SERVICE
 from mxguard.content.rules import BUILTIN_RULES, RuleSet, build_ruleset, rule_paths
-from mxguard.core.transaction import Symbol
+from mxguard.core.runtime import Runtime
+from mxguard.core.transaction import HeaderChange, Message, Mode, Stage, Transaction
+from mxguard.core.verdict import NO_ACTION, is_spam
+from mxguard.dns import Resolver
+from mxguard.server.daemon import StartupError, open_content_services
 
 _CONFIG = click.option("--config", "-c", "config_path", metavar="FILE",
                        type=click.Path(dir_okay=False),
@@ -57,28 +66,59 @@ def _read(source: str, limit: int) -> bytes:
         sys.exit(2)
 
 
-def scan_message(raw: bytes, cfg: config.Config, ruleset: RuleSet) -> dict[str, Any]:
+def offline(cfg: config.Config) -> config.Config:
+    """The config without the checks that need the network or an SMTP client."""
+    off = Mode.OFF
+    return dataclasses.replace(cfg, spf=dataclasses.replace(cfg.spf, mode=off),
+                               dkim=dataclasses.replace(cfg.dkim, mode=off),
+                               dmarc=dataclasses.replace(cfg.dmarc, mode=off))
+
+
+async def scan_async(raw: bytes, cfg: config.Config, services: dict[str, Any], *,
+                     network: bool = False) -> dict[str, Any]:
     """Everything ``mxguard scan`` prints, as a dict (the ``--json`` output)."""
-    parsed = parse_message(raw, max_parts=cfg.content.max_parts,
-                           max_bytes=cfg.milter.max_scan_size)
-    result = ruleset.scan(parsed)
-    action = choose_action(result.score, cfg.actions)
-    symbols = [Symbol(h.name, h.score, h.description) for h in result.hits]
-    headers = spam_headers(result.score, symbols, cfg,
-                           descriptions={h.name: h.description for h in result.hits})
+    run_cfg = cfg if network else offline(cfg)
+    rt = Runtime(config=run_cfg, resolver=Resolver(run_cfg.dns), services=services,
+                 dry_run=True)
+    message = Message.from_bytes(raw[:cfg.milter.max_scan_size + 1])
+    message.truncated = len(raw) > cfg.milter.max_scan_size
+    tx = Transaction(stage=Stage.EOM, size=message.size, message=message)
+    verdict = await run_message(tx, rt)
+    parsed = tx.parsed
+    rules = tx.results.get("rules")
+    descriptions = {h.name: h.description for h in rules.data.hits} if rules else {}
+    counts = {h.name: h.count for h in rules.data.hits} if rules else {}
+    score = round(verdict.score, 3)
     return {
-        "score": result.score,
+        "score": score,
         "required": cfg.actions.add_header,
-        "spam": is_spam(result.score, cfg.actions),
-        "action": action,
-        "symbols": [{"name": h.name, "score": h.score, "count": h.count,
-                     "description": h.description} for h in result.hits],
-        "headers": [[h.name, h.value] for h in headers],
-        "truncated": parsed.truncated,
-        "problems": parsed.problems,
-        "uris": len(parsed.uris),
-        "attachments": [a.filename or a.content_type for a in parsed.attachments],
+        "spam": is_spam(score, cfg.actions),
+        "action": verdict.extra.get("spam_action", NO_ACTION),
+        "verdict": verdict.action.value,
+        "decided_by": verdict.decided_by,
+        "reply": verdict.decision.reply() if verdict.decision is not None else "",
+        "symbols": [{"name": s.name, "score": s.score, "count": counts.get(s.name, 1),
+                     "description": descriptions.get(s.name) or s.detail}
+                    for s in verdict.symbols],
+        "headers": [[h.name, h.value] for h in verdict.headers
+                    if not isinstance(h, HeaderChange) or h.op != "delete"],
+        "timings_ms": {k: round(v, 3) for k, v in verdict.timings.items()},
+        "truncated": bool(parsed is not None and parsed.truncated),
+        "problems": list(parsed.problems) if parsed is not None else [],
+        "uris": len(parsed.uris) if parsed is not None else 0,
+        "attachments": [a.filename or a.content_type for a in parsed.attachments]
+        if parsed is not None else [],
     }
+
+
+def scan_message(raw: bytes, cfg: config.Config, ruleset: RuleSet | None = None, *,
+                 services: dict[str, Any] | None = None,
+                 network: bool = False) -> dict[str, Any]:
+    """:func:`scan_async` in a fresh event loop; ``ruleset`` overrides the config's."""
+    svc = dict(services) if services is not None else {}
+    if ruleset is not None:
+        svc[RULES_SERVICE] = ruleset
+    return asyncio.run(scan_async(raw, cfg, svc, network=network))
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -93,6 +133,8 @@ def _print_report(report: dict[str, Any]) -> None:
     click.echo("")
     click.echo(f"score={report['score']:.1f} required={report['required']:.1f} "
                f"action={report['action'].replace(' ', '_')}")
+    if report["reply"]:
+        click.echo(f"reply: {report['reply']} (by {report['decided_by']})")
     for name, value in report["headers"]:
         click.echo(f"{name}: {value}".replace("\r\n", "\n"))
     for problem in report["problems"]:
@@ -102,15 +144,30 @@ def _print_report(report: dict[str, Any]) -> None:
 @click.command("scan")
 @click.argument("file", default="-", metavar="[FILE|-]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--network", is_flag=True,
+              help="also verify DKIM and DMARC through the configured DNS")
 @_CONFIG
-def scan(file: str, as_json: bool, config_path: str | None) -> None:
-    """Score one message (FILE, or - for standard input) with the content rules."""
+def scan(file: str, as_json: bool, network: bool, config_path: str | None) -> None:
+    """Score one message (FILE, or - for standard input) as the milter door would."""
     cfg = _config(config_path)
     raw = _read(file, cfg.milter.max_scan_size * 4)
-    ruleset = build_ruleset(rule_paths(cfg))
-    for err in ruleset.stats.errors[:5]:
+    try:
+        services = open_content_services(cfg)
+    except StartupError as exc:
+        click.echo(f"mxguard: {exc}", err=True)
+        sys.exit(2)
+    ruleset = services.get(RULES_SERVICE)
+    for err in (ruleset.stats.errors[:5] if isinstance(ruleset, RuleSet) else []):
         click.echo(f"mxguard: rules: {err}", err=True)
-    report = scan_message(raw, cfg, ruleset)
+    try:
+        report = scan_message(raw, cfg, services=services, network=network)
+    finally:
+        store = services.get("bayes_store")
+        close = getattr(store, "close", None)
+        if close is not None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                asyncio.run(result)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:

@@ -40,7 +40,7 @@ from mxguard.dns import DnsTempError, Resolver
 if TYPE_CHECKING:
     from mxguard.config import DnsblConfig
     from mxguard.content.mime import ParsedMessage
-    from mxguard.core.runner import Runtime
+    from mxguard.core.runtime import Runtime
     from mxguard.core.transaction import Transaction
 
 log = logging.getLogger("mxguard")

@@ -628,14 +628,14 @@ def mxg_spf(ctx: ScanContext, *wanted: str) -> bool:
 
 
 def _dkim_results(ctx: ScanContext) -> list[Any]:
-    res = ctx.result("dkim")
+    res = ctx.result("dkim_verify")
     data = getattr(res, "data", None)
     return list(data) if isinstance(data, list | tuple) else []
 
 
 @register("check_dkim_signed")
 def dkim_signed(ctx: ScanContext, *domains: str) -> bool:
-    if ctx.result("dkim") is not None:
+    if ctx.result("dkim_verify") is not None:
         found = _dkim_results(ctx)
         return bool(found) and (not domains or any(r.domain in domains for r in found))
     return bool(ctx.msg.get("DKIM-Signature")) and not domains
@@ -656,7 +656,7 @@ def dkim_valid_author(ctx: ScanContext, *domains: str) -> bool:
 @register("mxg_dkim_result")
 def mxg_dkim(ctx: ScanContext, *wanted: str) -> bool:
     """'pass', 'fail' (any signature failed and none passed), 'none' (unsigned)."""
-    if ctx.result("dkim") is None:
+    if ctx.result("dkim_verify") is None:
         return False
     found = {r.result for r in _dkim_results(ctx)}
     state = "pass" if "pass" in found else "fail" if found else "none"
@@ -688,7 +688,7 @@ _register_dmarc()
 @register("mxg_auth_known")
 def mxg_auth_known(ctx: ScanContext) -> bool:
     """SPF or DKIM results exist for this message (false in ``mxguard scan``)."""
-    return ctx.result("spf") is not None or ctx.result("dkim") is not None
+    return ctx.result("spf") is not None or ctx.result("dkim_verify") is not None
 
 
 @register("mxg_mid_rcpt_domain")

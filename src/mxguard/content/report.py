@@ -26,8 +26,7 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO
 
-from mxguard.core.transaction import Symbol
-from mxguard.server.milter import HeaderChange
+from mxguard.core.transaction import HeaderChange, Symbol
 
 CRLF = b"\r\n"
 READ_CHUNK = 64 * 1024

@@ -1,25 +1,31 @@
-"""Which checks run at which SMTP stage, and how their results become a Verdict.
+"""The one runner: walks a pipeline table for a door (policy, milter) or for
+``mxguard scan``, and owns what every check needs and none should write.
 
-The table :data:`PIPELINE` is the whole registry (read it like Haraka's
-``config/plugins``): order in a stage is execution order. A request at stage S
-runs the checks of every stage up to S that the door has not run yet (Postfix
-evaluates HELO restrictions at RCPT time with ``smtpd_delay_reject = yes``).
+A check is ``async def check(tx, rt) -> CheckResult | None``. The runner, per
+row: skips it in mode ``off`` (or when its ``enabled`` predicate says so, or
+the mail's direction does not match), gives it a time budget, captures what it
+raises or a timeout as an error symbol (``<NAME>_ERROR`` / ``<NAME>_TIMEOUT``)
+plus that check's fail behaviour, times it (``Verdict.timings``), and merges
+its result under its mode. At end of message, once every check ran, the core
+applies the score -> action policy (:mod:`mxguard.core.verdict`), then runs
+the rows of stage ``DONE``: checks that need the verdict (spam headers,
+autolearn, report_safe).
 
-A check is ``async def check(tx, rt) -> CheckResult | None``; ``rt`` is the
-:class:`Runtime` (config plus shared services). It never decides the final
-action itself: it returns symbols and, optionally, a hard decision that counts
-only in ``enforce`` mode.
+This module names no check: the table is handed in (:mod:`mxguard.checks`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
+from mxguard import logs
 from mxguard.config import Config
+from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import (
     Action,
     CheckResult,
@@ -30,102 +36,150 @@ from mxguard.core.transaction import (
     Transaction,
     Verdict,
 )
-
-if TYPE_CHECKING:
-    from mxguard.dns import Resolver
+from mxguard.core.verdict import apply_actions
 
 log = logging.getLogger("mxguard")
 
-
-@dataclass
-class Runtime:
-    """Everything a check may use; swapped as one object on reload (SIGHUP)."""
-
-    config: Config
-    resolver: Resolver
-    services: dict[str, Any] = field(default_factory=dict)  # e.g. "greylist" -> Greylister
-    clock: Callable[[], float] = time.time
-
-
 CheckFn = Callable[[Transaction, Runtime], Awaitable[CheckResult | None]]
 
-
-@dataclass(frozen=True)
-class CheckSpec:
-    name: str  # also the config section holding its `mode`
-    stage: Stage
-    fn: CheckFn
-
-
-def _registry() -> dict[Stage, tuple[CheckSpec, ...]]:
-    # Imported here so that importing the pipeline has no import-order traps.
-    from mxguard.checks import greylist, helo
-
-    table: dict[Stage, list[CheckSpec]] = {stage: [] for stage in Stage}
-    table[Stage.HELO].append(CheckSpec("helo", Stage.HELO, helo.check))
-    try:
-        from mxguard.checks import spf
-    except ImportError:  # pragma: no cover - SPF check not built yet
-        spf = None  # type: ignore[assignment]
-    if spf is not None:
-        table[Stage.RCPT].append(CheckSpec("spf", Stage.RCPT, spf.check))
-    # Greylisting runs after SPF so an SPF fail is rejected without greylisting
-    # and an SPF pass can shorten it.
-    table[Stage.RCPT].append(CheckSpec("greylist", Stage.RCPT, greylist.check))
-    return {stage: tuple(specs) for stage, specs in table.items()}
-
-
-_PIPELINE: dict[Stage, tuple[CheckSpec, ...]] | None = None
-
-
-def pipeline() -> dict[Stage, tuple[CheckSpec, ...]]:
-    global _PIPELINE
-    if _PIPELINE is None:
-        _PIPELINE = _registry()
-    return _PIPELINE
-
-
+# What a policy-stage check that fails answers ([policy] fail_action; DUNNO: nothing).
 FAIL_ACTIONS = {
     "DEFER_IF_PERMIT": Decision(Action.DEFER_IF_PERMIT, 451, "4.3.0",
                                 "Temporary local problem, please try again later"),
     "DEFER": Decision(Action.DEFER, 451, "4.3.0",
                       "Temporary local problem, please try again later"),
 }
+# What an end-of-message check listed in [pipeline] tempfail_on_error answers.
+TEMPFAIL = Decision(Action.DEFER, 451, "4.3.0", "Temporary local problem, please try again later")
 
 
-async def evaluate(tx: Transaction, rt: Runtime, upto: Stage,
-                   after: Stage | None = None) -> Verdict:
-    """Run every enabled check of the stages ``(after, upto]`` and merge the results.
+class Direction(enum.Enum):
+    ANY = "any"
+    INCOMING = "incoming"
+    OUTGOING = "outgoing"
 
-    A check that raises is logged and answered with ``[policy] fail_action``
-    (default DUNNO): never a crash, never a silent pass without a log line.
-    Checks that want to stop later ones (e.g. an SPF reject makes greylisting
-    pointless) see earlier results in ``tx.results``.
-    """
-    verdict = Verdict()
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One row of the pipeline table."""
+
+    name: str  # symbol prefix of its errors, key of tx.results, history and timings
+    stage: Stage
+    mode_key: str | None  # config section holding its `mode`; None: always on (enforce)
+    fn: CheckFn
+    doc: str = ""
+    symbols: tuple[str, ...] = ()
+    config: str = ""  # the config keys that steer it, for the README's table
+    direction: Direction = Direction.ANY
+    enabled: Callable[[Config], bool] | None = None
+    budget: Callable[[Config], float] | None = None  # seconds; default [pipeline] check_timeout
+
+    def mode(self, cfg: Config) -> Mode:
+        if self.enabled is not None and not self.enabled(cfg):
+            return Mode.OFF
+        if self.mode_key is None:
+            return Mode.ENFORCE
+        return cfg.mode(self.mode_key)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The table plus the two things the core asks of it: which mail is outgoing,
+    and which mode key governs the score actions."""
+
+    rows: tuple[CheckSpec, ...]
+    outgoing: Callable[[Transaction, Config], bool]
+    actions_mode: str
+    by_stage: dict[Stage, tuple[CheckSpec, ...]] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        table = {stage: tuple(r for r in self.rows if r.stage is stage) for stage in Stage}
+        object.__setattr__(self, "by_stage", table)
+
+
+def _error_result(spec: CheckSpec, tx: Transaction, rt: Runtime, exc: BaseException) -> CheckResult:
+    timeout = isinstance(exc, TimeoutError)
+    kind = "TIMEOUT" if timeout else "ERROR"
     cfg = rt.config
-    for stage, specs in pipeline().items():
-        if stage > upto or (after is not None and stage <= after):
+    if spec.stage <= Stage.RCPT:
+        decision = FAIL_ACTIONS.get(cfg.policy.fail_action)
+        behaviour = f"policy.fail_action={cfg.policy.fail_action}"
+    elif spec.name in cfg.pipeline.tempfail_on_error:
+        decision, behaviour = TEMPFAIL, "tempfail"
+    else:
+        decision, behaviour = None, "skipped"
+    what = "timed out" if timeout else f"failed: {type(exc).__name__}: {exc}"
+    log.error("check=%s %s client=%s queue_id=%s; %s", spec.name, what, tx.client_address or "-",
+              tx.queue_id or "-", behaviour, exc_info=not timeout)
+    name = f"{spec.name.upper()}_{kind}"
+    return CheckResult(spec.name, [Symbol(name, cfg.score(name), type(exc).__name__)],
+                       decision=decision, reason=f"{kind.lower()}:{type(exc).__name__}")
+
+
+async def run_rows(tx: Transaction, rt: Runtime, rows: Sequence[CheckSpec],
+                   verdict: Verdict) -> Verdict:
+    """Run ``rows`` in order on ``tx``, merging into ``verdict``."""
+    cfg = rt.config
+    default_budget = cfg.pipeline.check_timeout
+    for spec in rows:
+        mode = spec.mode(cfg)
+        if mode is Mode.OFF:
             continue
-        for spec in specs:
-            mode = cfg.mode(spec.name) if hasattr(cfg, spec.name) else Mode.ENFORCE
-            if mode is Mode.OFF:
-                continue
-            try:
+        if spec.direction is not Direction.ANY and (
+                (spec.direction is Direction.OUTGOING) is not tx.outgoing):
+            continue
+        budget = spec.budget(cfg) if spec.budget is not None else default_budget
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
                 result = await spec.fn(tx, rt)
-            except Exception as exc:  # a bug or a store failure: fail mode, logged
-                log.exception("check=%s error=%s client=%s queue_id=%s", spec.name,
-                              type(exc).__name__, tx.client_address, tx.queue_id or "-")
-                result = CheckResult(spec.name, reason=f"error:{type(exc).__name__}",
-                                     decision=FAIL_ACTIONS.get(cfg.policy.fail_action))
-                mode = Mode.ENFORCE
-            if result is None:
-                continue
-            tx.results[spec.name] = result
-            verdict.add(result, mode)
+        except Exception as exc:  # a bug, a store or DNS failure, a timeout: fail behaviour
+            result = _error_result(spec, tx, rt, exc)
+            mode = Mode.ENFORCE if result.decision is not None else Mode.SCORE
+        verdict.timings[spec.name] = (time.perf_counter() - started) * 1000.0
+        if result is None:
+            continue
+        tx.results[spec.name] = result
+        verdict.add(result, mode)
     return verdict
 
 
-def symbol(rt: Runtime, name: str, detail: str = "") -> Symbol:
-    """A symbol with its score from config (``[scores]`` or the built-in default)."""
-    return Symbol(name, rt.config.score(name), detail)
+async def evaluate(tx: Transaction, rt: Runtime, pipeline: Pipeline, upto: Stage,
+                   after: Stage | None = None) -> Verdict:
+    """The policy door: every row of the stages ``(after, upto]``, in stage order.
+
+    Postfix evaluates HELO restrictions at RCPT time with ``smtpd_delay_reject
+    = yes``, so a request at stage S runs the rows of every stage up to S that
+    were not run yet."""
+    verdict = Verdict()
+    for stage, rows in pipeline.by_stage.items():
+        if stage > upto or (after is not None and stage <= after) or not rows:
+            continue
+        await run_rows(tx, rt, rows, verdict)
+    return verdict
+
+
+async def run_message(tx: Transaction, rt: Runtime, pipeline: Pipeline) -> Verdict:
+    """End of message (milter door, ``mxguard scan``): the EOM rows, the score
+    actions once, then the DONE rows that read the verdict."""
+    tx.stage = Stage.EOM
+    tx.outgoing = pipeline.outgoing(tx, rt.config)
+    verdict = Verdict()
+    tx.verdict = verdict
+    await run_rows(tx, rt, pipeline.by_stage[Stage.EOM], verdict)
+    if not tx.outgoing:
+        mode = rt.config.mode(pipeline.actions_mode)
+        if mode is not Mode.OFF:
+            apply_actions(verdict, tx.message, rt.config, mode)
+    await run_rows(tx, rt, pipeline.by_stage[Stage.DONE], verdict)
+    return verdict
+
+
+def log_decision(door: str, tx: Transaction, verdict: Verdict, reply: str) -> None:
+    """The one decision line per request / message."""
+    prefix = "" if door == "policy" else f"door={door} "
+    logs.decisions.emit(prefix + logs.decision_line(tx, verdict, reply))
+
+
+__all__ = ["FAIL_ACTIONS", "CheckFn", "CheckSpec", "Direction", "Pipeline", "evaluate",
+           "log_decision", "run_message", "run_rows"]

@@ -15,9 +15,11 @@ Nothing here does I/O and nothing here knows a wire protocol.
 from __future__ import annotations
 
 import enum
+import io
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 
 class Stage(enum.IntEnum):
@@ -29,6 +31,7 @@ class Stage(enum.IntEnum):
     RCPT = 4
     DATA = 5
     EOM = 6
+    DONE = 7  # after the verdict: checks that read it (spam headers, autolearn)
 
 
 class Mode(enum.StrEnum):
@@ -44,12 +47,14 @@ class Action(enum.StrEnum):
     """Outcomes, ordered by :data:`ACTION_RANK` (the strongest wins)."""
 
     ACCEPT = "accept"  # no objection (policy DUNNO)
+    QUARANTINE = "quarantine"  # deliver to the MTA's hold queue (end of message only)
     DEFER_IF_PERMIT = "defer_if_permit"  # temporary failure unless later restrictions reject
     DEFER = "defer"  # temporary failure (4xx)
     REJECT = "reject"  # permanent failure (5xx)
 
 
-ACTION_RANK = {Action.ACCEPT: 0, Action.DEFER_IF_PERMIT: 1, Action.DEFER: 2, Action.REJECT: 3}
+ACTION_RANK = {Action.ACCEPT: 0, Action.QUARANTINE: 1, Action.DEFER_IF_PERMIT: 2,
+               Action.DEFER: 3, Action.REJECT: 4}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,82 @@ class HeaderEdit:
     op: str = "prepend"
 
 
+@dataclass(frozen=True, slots=True)
+class HeaderChange:
+    """A header edit beyond add/prepend.
+
+    ``op``: ``add`` (append), ``insert`` (at 0-based ``index``, 0 = top),
+    ``change`` / ``delete`` (the ``index``-th, 1-based, header called ``name``).
+    """
+
+    op: str
+    name: str
+    value: str = ""
+    index: int = 0
+
+    @classmethod
+    def add(cls, name: str, value: str) -> HeaderChange:
+        return cls("add", name, value)
+
+    @classmethod
+    def insert(cls, index: int, name: str, value: str) -> HeaderChange:
+        return cls("insert", name, value, index)
+
+    @classmethod
+    def change(cls, name: str, value: str, occurrence: int = 1) -> HeaderChange:
+        return cls("change", name, value, occurrence)
+
+    @classmethod
+    def delete(cls, name: str, occurrence: int = 1) -> HeaderChange:
+        return cls("delete", name, "", occurrence)
+
+
+Edit = HeaderEdit | HeaderChange
+
+
+@dataclass(slots=True)
+class Message:
+    """The message at end of data, as checks see it: no wire, no session.
+
+    ``headers``: ``(name, value)`` in order; with ``headers_exact`` the value
+    keeps its leading whitespace (``"Subject: x"`` -> ``" x"``), folded lines
+    joined by ``\n``. ``body()`` opens the body (CRLF line ends) at its start;
+    ``size`` counts header and body bytes; ``truncated``: bytes past the
+    size limit were not kept.
+    """
+
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: Callable[[], IO[bytes]] = io.BytesIO
+    size: int = 0
+    headers_exact: bool = True
+    truncated: bool = False
+
+    def body_file(self) -> IO[bytes]:
+        """The body, positioned at its start. Do not close it."""
+        fh = self.body()
+        fh.seek(0)
+        return fh
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Message:
+        """A message file (``mxguard scan``) as the milter door would have seen it."""
+        text = raw.replace(b"\r\n", b"\n")
+        head, sep, body = text.partition(b"\n\n")
+        if not sep and not head.startswith((b" ", b"\t")) and b":" not in head.split(b"\n")[0]:
+            head, body = b"", text
+        headers: list[tuple[str, str]] = []
+        for line in head.decode("utf-8", "surrogateescape").split("\n"):
+            if line[:1] in (" ", "\t") and headers:
+                name, value = headers[-1]
+                headers[-1] = (name, value + "\n" + line)
+            elif ":" in line:
+                name, _, value = line.partition(":")
+                headers.append((name, value))
+        crlf = body.replace(b"\n", b"\r\n")
+        size = len(head) + len(crlf)
+        return cls(headers, lambda: io.BytesIO(crlf), size)
+
+
 @dataclass(slots=True)
 class CheckResult:
     check: str
@@ -95,6 +176,8 @@ class CheckResult:
     reason: str = ""  # short key=value friendly reason for logs
     extra: dict[str, str] = field(default_factory=dict)  # e.g. {"delay": "287"}
     data: Any = None  # structured result for later checks (e.g. DKIM results for DMARC)
+    edits: list[Edit] = field(default_factory=list)  # header changes beyond prepend/append
+    replace_body: Any = None  # a new body (bytes or a file) at end of message
 
 
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -133,8 +216,10 @@ class Transaction:
     size: int = 0
     attrs: dict[str, str] = field(default_factory=dict)  # every raw attribute received
     results: dict[str, CheckResult] = field(default_factory=dict)
-    # The message at end of data (milter): raw_headers(), headers, body_file().
-    message: Any = None
+    message: Message | None = None  # at end of message
+    outgoing: bool = False  # mail to sign (internal or authenticated client), set by the runner
+    parsed: Any = None  # the parsed MIME message, once a check needed it
+    verdict: Verdict | None = None  # after the verdict: what the result checks see
 
     @property
     def recipient(self) -> str:
@@ -158,7 +243,9 @@ class Verdict:
     decided_by: str = ""
     score: float = 0.0
     symbols: list[Symbol] = field(default_factory=list)
-    headers: list[HeaderEdit] = field(default_factory=list)
+    headers: list[Edit] = field(default_factory=list)
+    replace_body: Any = None
+    timings: dict[str, float] = field(default_factory=dict)  # check -> milliseconds
     observed: list[str] = field(default_factory=list)  # "check:reply" that observe mode held back
     reasons: list[str] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
@@ -176,6 +263,9 @@ class Verdict:
         self.symbols.extend(result.symbols)
         self.score += sum(s.score for s in result.symbols)
         self.headers.extend(result.headers)
+        self.headers.extend(result.edits)
+        if result.replace_body is not None:
+            self.replace_body = result.replace_body
         if mode is Mode.ENFORCE and result.decision is not None:
             d = result.decision
             if self.decision is None or ACTION_RANK[d.action] > ACTION_RANK[self.action]:

@@ -18,9 +18,11 @@ import signal
 from typing import Any
 
 from mxguard import __version__, config, logs
-from mxguard.checks.content import RULES_SERVICE
-from mxguard.core.runner import Runtime, evaluate
-from mxguard.core.transaction import Mode, Stage, Verdict
+from mxguard.checks import evaluate
+from mxguard.checks.rules import RULES_SERVICE
+from mxguard.core.runner import log_decision
+from mxguard.core.runtime import Runtime
+from mxguard.core.transaction import HeaderEdit, Mode, Stage, Verdict
 from mxguard.dns import Resolver
 from mxguard.protocols.policy import PolicyRequest, encode_action, encode_reply
 from mxguard.server.policy import PolicyServer
@@ -59,20 +61,30 @@ def load_content_rules(cfg: config.Config) -> Any:
 
 async def open_services(cfg: config.Config) -> dict[str, Any]:
     """Shared services for checks that keep state (greylist, keys, DMARC results)."""
-    from mxguard.checks import dkim as dkim_check
+    from mxguard.checks import dkim_sign
     from mxguard.checks import dmarc as dm
     from mxguard.checks.greylist import open_greylister
     from mxguard.store.results import open_results_store
 
-    services: dict[str, Any] = {dkim_check.KEYTABLE_SERVICE: load_keys(cfg)}
-    if cfg.milter.enabled and cfg.mode("content") is not Mode.OFF:
-        services[RULES_SERVICE] = load_content_rules(cfg)
+    services: dict[str, Any] = {dkim_sign.KEYTABLE_SERVICE: load_keys(cfg)}
     services["greylist"] = await _maybe_await(open_greylister(cfg))
     if cfg.milter.enabled and cfg.dmarc.store_results:
         services[dm.RESULTS_SERVICE] = open_results_store(cfg)
-    if cfg.milter.enabled and cfg.bayes.enabled and cfg.mode("content") is not Mode.OFF:
+    if cfg.milter.enabled:
+        services.update(open_content_services(cfg))
+    return services
+
+
+def open_content_services(cfg: config.Config) -> dict[str, Any]:
+    """The rule set and the Bayes classifier: what the milter door and ``mxguard
+    scan`` share, so both score a message alike."""
+    services: dict[str, Any] = {}
+    if cfg.mode("content") is Mode.OFF:
+        return services
+    services[RULES_SERVICE] = load_content_rules(cfg)
+    if cfg.bayes.enabled:
+        from mxguard.checks import bayes
         from mxguard.content.bayes import BayesClassifier
-        from mxguard.server.milter_door import BAYES_SERVICE
         from mxguard.store.base import StoreError
         from mxguard.store.bayes_store import open_bayes_store
 
@@ -82,7 +94,7 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
             log.warning("bayes: disabled: %s", exc)
         else:
             services["bayes_store"] = store
-            services[BAYES_SERVICE] = BayesClassifier(store, cfg.bayes)
+            services[bayes.SERVICE] = BayesClassifier(store, cfg.bayes)
     return services
 
 
@@ -126,10 +138,11 @@ class PolicyHandler:
         else:
             verdict = await evaluate(tx, rt, tx.stage,
                                      after=Stage.HELO if self.helo_wired else None)
-        header = self.headers.next_header(tx.instance, verdict.headers)
+        wanted = [h for h in verdict.headers if isinstance(h, HeaderEdit)]
+        header = self.headers.next_header(tx.instance, wanted)
         verdict.headers = [header] if header is not None else []
         action = encode_action(verdict, mta_prefix=helo_context)
-        logs.decisions.emit(logs.decision_line(tx, verdict, action))
+        log_decision("policy", tx, verdict, action)
         return encode_reply(action)
 
 
@@ -221,7 +234,7 @@ class Daemon:
         if self.policy is not None:
             self.policy.cfg = cfg.policy
         logs.setup(cfg.log)
-        from mxguard.checks.dkim import KEYTABLE_SERVICE
+        from mxguard.checks.dkim_sign import KEYTABLE_SERVICE
 
         services = dict(old.services)
         services[KEYTABLE_SERVICE] = keys

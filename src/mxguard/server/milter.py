@@ -38,7 +38,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
-from mxguard.core.transaction import Action, Decision, HeaderEdit, Stage, Transaction
+from mxguard.core.transaction import (
+    Action,
+    Decision,
+    HeaderChange,
+    HeaderEdit,
+    Message,
+    Stage,
+    Transaction,
+)
 from mxguard.protocols import milter as m
 from mxguard.server.policy import admit, listen
 
@@ -93,36 +101,6 @@ class MilterAction(enum.StrEnum):
     TEMPFAIL = "tempfail"  # 4xx (``reply`` gives code and text)
     DISCARD = "discard"  # accept and drop silently (not at connect/HELO)
     QUARANTINE = "quarantine"  # deliver to Postfix's hold queue (EOM only)
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderChange:
-    """A header edit beyond add/prepend.
-
-    ``op``: ``add`` (append), ``insert`` (at 0-based ``index``, 0 = top),
-    ``change`` / ``delete`` (the ``index``-th, 1-based, header called ``name``).
-    """
-
-    op: str
-    name: str
-    value: str = ""
-    index: int = 0
-
-    @classmethod
-    def add(cls, name: str, value: str) -> HeaderChange:
-        return cls("add", name, value)
-
-    @classmethod
-    def insert(cls, index: int, name: str, value: str) -> HeaderChange:
-        return cls("insert", name, value, index)
-
-    @classmethod
-    def change(cls, name: str, value: str, occurrence: int = 1) -> HeaderChange:
-        return cls("change", name, value, occurrence)
-
-    @classmethod
-    def delete(cls, name: str, occurrence: int = 1) -> HeaderChange:
-        return cls("delete", name, "", occurrence)
 
 
 @dataclass(slots=True)
@@ -323,6 +301,11 @@ class MilterSession:
             server_address=self.macro("daemon_addr"), server_port=self.macro("daemon_port"),
             size=self.message_size, attrs=self.macros,
         )
+
+    def message(self) -> Message:
+        """The message as checks see it (no session, no wire)."""
+        return Message(self.headers, self.body_file, self.message_size,
+                       headers_exact=self.headers_exact, truncated=self.truncated)
 
 
 class MilterHandler(Protocol):

@@ -21,7 +21,7 @@ from mxguard.auth import spf
 from mxguard.auth.spf import check_helo, check_host, check_mailfrom
 from mxguard.checks import spf as spf_check
 from mxguard.config import Config, DnsConfig, SpfConfig
-from mxguard.core.runner import Runtime
+from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Transaction
 from mxguard.dns import Resolver
 from tests.support.dnsserver import DNSServer, Zone

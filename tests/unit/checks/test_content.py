@@ -1,5 +1,6 @@
-"""Content scoring at end of message: actions by score, SpamAssassin-style headers,
-the subject tag, and evaluate_content on a milter session."""
+"""Content scoring at end of message: actions by score (core.verdict),
+SpamAssassin-style headers (checks.spam_headers), the subject tag, and the
+rules, Bayes and actions run by the pipeline on a milter session's message."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ from typing import Any
 
 import pytest
 
-from mxguard.checks import content
-from mxguard.checks.content import (
-    NO_ACTION,
-    choose_action,
-    decision_for,
-    evaluate_content,
-    spam_headers,
-    status_value,
-    subject_change,
-)
+from mxguard.checks import rules, run_message
+from mxguard.checks.spam_headers import spam_headers, status_value
 from mxguard.config import ActionsConfig, Config, ContentConfig, MilterConfig
-from mxguard.core.runner import Runtime
-from mxguard.core.transaction import Action, Symbol, Transaction
-from mxguard.server.milter import HeaderChange, MilterSession
+from mxguard.core import runtime as core_runtime
+from mxguard.core.runtime import Runtime
+from mxguard.core.transaction import (
+    Action,
+    CheckResult,
+    HeaderChange,
+    HeaderEdit,
+    Stage,
+    Symbol,
+    Transaction,
+    Verdict,
+)
+from mxguard.core.verdict import NO_ACTION, choose_action, decision_for, subject_change
+from mxguard.server.milter import MilterSession
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -137,7 +141,7 @@ def test_subject_change_off_without_tag() -> None:
     assert subject_change([("Subject", "x")], "") is None
 
 
-# ------------------------------------------------------------------ evaluate_content
+# ------------------------------------------------------------------ the pipeline at EOM
 
 def session(headers: list[tuple[str, str]], body: bytes) -> MilterSession:
     s = MilterSession()
@@ -149,6 +153,11 @@ def session(headers: list[tuple[str, str]], body: bytes) -> MilterSession:
 
 
 def runtime(config: Config) -> Runtime:
+    # SPF, DKIM and DMARC off: no DNS in these tests; content and actions as configured
+    config = dataclasses.replace(
+        config, spf=dataclasses.replace(config.spf, mode="off"),
+        dkim=dataclasses.replace(config.dkim, mode="off"),
+        dmarc=dataclasses.replace(config.dmarc, mode="off"))
     return Runtime(config=config, resolver=None,  # type: ignore[arg-type]
                    clock=lambda: 1704067200.0)
 
@@ -158,74 +167,97 @@ HEADERS = [("From", "Ann <ann@example.com>"), ("To", "bob@example.org"),
            ("Message-Id", "<1@example.com>")]
 
 
+def tx_of(headers: list[tuple[str, str]], body: bytes) -> Transaction:
+    s = session(headers, body)
+    tx = s.transaction()
+    tx.message = s.message()
+    return tx
+
+
+def edits(verdict: Verdict, kind: type) -> list:  # type: ignore[type-arg]
+    return [h for h in verdict.headers if isinstance(h, kind)]
+
+
 async def test_gtube_is_rejected_with_default_actions() -> None:
-    tx = Transaction(message=session(HEADERS, f"test\r\n{GTUBE}\r\n".encode()))
-    out = await evaluate_content(tx, runtime(Config()))
-    assert out.action == "reject" and out.total >= 1000
-    assert out.result.decision is not None and out.result.decision.code == 550
-    assert [s.name for s in out.result.symbols] == ["GTUBE"]
-    assert out.parsed is not None and out.parsed.subject == "Hello"
+    tx = tx_of(HEADERS, f"test\r\n{GTUBE}\r\n".encode())
+    verdict = await run_message(tx, runtime(Config()))
+    assert verdict.extra["spam_action"] == "reject" and verdict.score >= 1000
+    assert verdict.decision is not None and verdict.decision.code == 550
+    assert verdict.decided_by == "actions"
+    assert [s.name for s in tx.results["rules"].symbols] == ["GTUBE"]
+    assert tx.parsed is not None and tx.parsed.subject == "Hello"
 
 
 async def test_gtube_tagged_when_reject_is_off() -> None:
     c = cfg(reject=0.0, rewrite_subject=10.0)
-    tx = Transaction(message=session(HEADERS, GTUBE.encode()))
-    out = await evaluate_content(tx, runtime(c))
-    assert out.action == "rewrite_subject" and out.result.decision is None
-    names = [h.name for h in out.headers]
+    tx = tx_of(HEADERS, GTUBE.encode())
+    verdict = await run_message(tx, runtime(c))
+    assert verdict.extra["spam_action"] == "rewrite_subject" and verdict.decision is None
+    names = [h.name for h in edits(verdict, HeaderEdit) if h.name.startswith("X-Spam")]
     assert names[:2] == ["X-Spam-Flag", "X-Spam-Status"]
-    assert out.subject == HeaderChange.change("Subject", "***SPAM*** Hello")
+    assert HeaderChange.change("Subject", "***SPAM*** Hello") in verdict.headers
 
 
-async def test_ham_control_no_action_and_base_score_counts() -> None:
-    tx = Transaction(message=session(HEADERS, b"Lunch at noon?\r\n"))
+async def test_ham_control_no_action_and_earlier_scores_count() -> None:
     rt = runtime(Config())
-    out = await evaluate_content(tx, rt)
-    assert out.action == NO_ACTION and out.content_score == 0
-    assert out.headers[0].value.startswith("No, score=0.0")
-    # Earlier checks' symbols count towards the total and the tests= list
-    out = await evaluate_content(tx, rt, base_score=5.5,
-                                 base_symbols=[Symbol("SPF_FAIL", 5.5)])
-    assert out.action == "add_header" and out.total == 5.5
-    assert "tests=SPF_FAIL" in out.headers[1].value
+    tx = tx_of(HEADERS, b"Lunch at noon?\r\n")
+    verdict = await run_message(tx, rt)
+    assert verdict.extra["spam_action"] == NO_ACTION and tx.results["rules"].symbols == []
+    status = [h.value for h in edits(verdict, HeaderEdit) if h.name == "X-Spam-Status"]
+    assert status[0].startswith("No, score=0.0")
+
+
+async def test_earlier_symbols_count_towards_actions_and_tests_list() -> None:
+    from mxguard.checks import PIPELINE
+    from mxguard.core import runner
+
+    async def spf_fail(tx: Transaction, rt: Runtime) -> CheckResult:
+        return CheckResult("fake", [Symbol("SPF_FAIL", 5.5)])
+
+    row = runner.CheckSpec("fake", Stage.EOM, None, spf_fail)
+    table = dataclasses.replace(PIPELINE, rows=(row, *PIPELINE.rows))
+    tx = tx_of(HEADERS, b"Lunch at noon?\r\n")
+    verdict = await runner.run_message(tx, runtime(Config()), table)
+    assert verdict.extra["spam_action"] == "add_header" and verdict.score == 5.5
+    status = [h.value for h in edits(verdict, HeaderEdit) if h.name == "X-Spam-Status"]
+    assert "tests=SPF_FAIL" in status[0]
 
 
 async def test_partial_scan_of_large_message_is_logged(caplog: pytest.LogCaptureFixture
                                                       ) -> None:
     c = dataclasses.replace(Config(), milter=MilterConfig(max_scan_size=65536))
     body = b"x" * 70000 + b"\r\n" + GTUBE.encode()
-    tx = Transaction(message=session(HEADERS, body))
+    tx = tx_of(HEADERS, body)
     with caplog.at_level("INFO", logger="mxguard"):
-        out = await evaluate_content(tx, runtime(c))
-    assert out.parsed is not None and out.parsed.truncated
-    assert "GTUBE" not in [s.name for s in out.result.symbols]  # beyond the bound
+        await run_message(tx, runtime(c))
+    assert tx.parsed is not None and tx.parsed.truncated
+    assert "GTUBE" not in [s.name for s in tx.results["rules"].symbols]  # beyond the bound
     assert "partial scan" in caplog.text
 
 
 async def test_ruleset_loaded_once_and_report_safe_supported(caplog: pytest.LogCaptureFixture
                                                              ) -> None:
     rt = runtime(cfg(content_report_safe=True))
-    tx = Transaction(message=session(HEADERS, b"hi\r\n"))
     with caplog.at_level("WARNING", logger="mxguard"):
-        await evaluate_content(tx, rt)
-        first = rt.services[content.RULES_SERVICE]
-        await evaluate_content(tx, rt)
-    assert rt.services[content.RULES_SERVICE] is first
+        await run_message(tx_of(HEADERS, b"hi\r\n"), rt)
+        first = rt.services[rules.RULES_SERVICE]
+        await run_message(tx_of(HEADERS, b"hi\r\n"), rt)
+    assert rt.services[rules.RULES_SERVICE] is first
     assert "not supported" not in caplog.text  # report_safe is implemented (content/report.py)
 
 
 async def test_missing_message_is_an_empty_scan() -> None:
-    out = await evaluate_content(Transaction(), runtime(Config()))
-    assert out.action == NO_ACTION
+    verdict = await run_message(Transaction(), runtime(Config()))
+    assert verdict.extra["spam_action"] == NO_ACTION
 
 
 @pytest.mark.parametrize(("size", "inline"), [
-    (0, True), (content.INLINE_BYTES, True),  # small mail: parsed and scanned in place
-    (content.INLINE_BYTES + 1, False), (10 * 1024 * 1024, False),  # big: a worker thread
+    (0, True), (core_runtime.INLINE_BYTES, True),  # small mail: parsed and scanned in place
+    (core_runtime.INLINE_BYTES + 1, False), (10 * 1024 * 1024, False),  # big: a worker thread
 ])
 async def test_off_loop_runs_small_messages_in_place(size: int, inline: bool) -> None:
     import threading
 
     here = threading.get_ident()
-    where = await content.off_loop(size, threading.get_ident)
+    where = await core_runtime.off_loop(size, threading.get_ident)
     assert (where == here) is inline

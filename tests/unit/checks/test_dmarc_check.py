@@ -13,7 +13,7 @@ from mxguard.auth.dmarc import DkimAuth, OrgDomains, SpfAuth
 from mxguard.auth.spf import SpfResult
 from mxguard.checks import dmarc
 from mxguard.config import Config, DmarcConfig, DnsConfig, MilterConfig
-from mxguard.core.runner import Runtime
+from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, Mode, Transaction
 from mxguard.dns import Resolver
 from mxguard.store.results import ResultRecord, SqliteResultsStore
@@ -133,8 +133,8 @@ async def test_reject_text(dns: DNSServer, text: str, want: str) -> None:
     assert out.check.decision is not None and out.check.decision.text == want
 
 
-async def test_evaluate_dmarc_returns_the_check_result(dns: DNSServer) -> None:
-    res = await dmarc.evaluate_dmarc(headers("a@rej.example"), FAIL, [], runtime(dns))
+async def test_evaluate_message_returns_the_check_result(dns: DNSServer) -> None:
+    res = (await dmarc.evaluate_message(headers("a@rej.example"), FAIL, [], runtime(dns))).check
     assert res.decision is not None and res.symbols[0].name == "DMARC_REJECT"
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from mxguard.checks import evaluate
 from mxguard.checks.greylist import Greylister, check, open_greylister
 from mxguard.checks.greylist_lists import (
     DEFAULT_CLIENT_FILE,
@@ -26,7 +27,7 @@ from mxguard.checks.greylist_lists import (
     normalize_sender,
 )
 from mxguard.config import Config, GreylistConfig, ServerConfig, StorageConfig
-from mxguard.core.runner import Runtime, evaluate
+from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, CheckResult, Decision, Mode, Stage, Transaction
 from mxguard.store.base import StoreError, open_store
 from mxguard.store.sqlite import SqliteGreylistStore

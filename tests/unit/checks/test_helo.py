@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from mxguard.checks import helo
+from mxguard.checks import evaluate, helo
 from mxguard.config import Config, DnsConfig, HeloConfig
-from mxguard.core.runner import Runtime, evaluate
+from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, Mode, Stage, Transaction
 from mxguard.dns import Resolver
 from tests.support.dnsserver import DNSServer

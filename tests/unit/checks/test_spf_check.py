@@ -14,7 +14,7 @@ import pytest
 from mxguard.auth.spf import SpfResult
 from mxguard.checks import spf
 from mxguard.config import Config, DnsConfig, SpfConfig
-from mxguard.core.runner import Runtime
+from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, CheckResult, Transaction
 from mxguard.dns import Resolver
 from tests.support.dnsserver import DNSServer, Zone

@@ -59,7 +59,7 @@ def auth_tx(spf: str = "pass", dkim: str | None = "pass", dmarc: str = "pass",
             helo: str = "") -> FakeTx:
     tx = FakeTx()
     tx.results["spf"] = CheckResult("spf", extra={"spf": spf})
-    tx.results["dkim"] = CheckResult("dkim", data=[FakeDkim(dkim)] if dkim else [])
+    tx.results["dkim_verify"] = CheckResult("dkim_verify", data=[FakeDkim(dkim)] if dkim else [])
     tx.results["dmarc"] = CheckResult("dmarc", extra={"dmarc": dmarc, "dmarc_policy": "reject"})
     if helo:
         tx.results["helo"] = CheckResult("helo", symbols=[Symbol(helo, 2.0)])

@@ -1,0 +1,46 @@
+"""Content rules at end of message: the loaded ruleset on the parsed message.
+
+Runs the :class:`~mxguard.content.rules.RuleSet` found at
+``rt.services["content_rules"]`` (built by :func:`load_rules` at start-up and
+on SIGHUP; built once here if absent) -- the built-in ``mxguard.cf``,
+``rules_dirs`` and ``local_rules`` -- after SPF, DKIM, DMARC and Bayes, so
+rules can read their results. A message over ``[milter] max_scan_size`` is
+scanned partially (logged). The score set depends on whether Bayes is ready.
+
+Config: ``[content] mode, builtin_rules, rules_dirs, local_rules, max_parts``.
+Symbols: one per rule hit, named as the rule, scored by its ``score`` line.
+"""
+
+from __future__ import annotations
+
+from mxguard.content.message import parsed
+from mxguard.content.rules import RuleSet, ScanResult, load_rules, score_set
+from mxguard.core.runtime import Runtime, off_loop
+from mxguard.core.transaction import CheckResult, Symbol, Transaction
+
+NAME = "rules"
+SYMBOLS = ("<RULE_NAME>",)
+RULES_SERVICE = "content_rules"  # rt.services key of the loaded RuleSet
+
+
+def ruleset(rt: Runtime) -> RuleSet:
+    loaded = rt.services.get(RULES_SERVICE)
+    if not isinstance(loaded, RuleSet):
+        loaded = load_rules(rt.config)
+        rt.services[RULES_SERVICE] = loaded
+    return loaded
+
+
+async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
+    message = await parsed(tx, rt)
+    bayes = tx.results.get("bayes")
+    ready = bayes is not None and isinstance(bayes.data, tuple) and bayes.data[2].ready
+    result: ScanResult = await off_loop(
+        tx.size, ruleset(rt).scan, message, tx=tx, now=rt.clock(), bayes_prob=None,
+        score_set=score_set(rt.config, ready))
+    symbols = [Symbol(h.name, h.score, h.description) for h in result.hits]
+    return CheckResult(NAME, symbols, reason=f"score={result.score:g}:rules={len(result.hits)}",
+                       data=result, extra={"content_score": f"{result.score:g}"})
+
+
+__all__ = ["NAME", "RULES_SERVICE", "SYMBOLS", "check", "ruleset"]
