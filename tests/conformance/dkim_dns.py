@@ -1,4 +1,4 @@
-"""DKIM conformance data (``/work/shared/conformance/dkim``, see PROVENANCE.md)
+"""DKIM conformance data (``tests/data/dkim``, see tests/data/PROVENANCE.md)
 turned into zones for :mod:`tests.support.dnsserver`.
 
 * ``mail-dkim/FAKE_DNS.dat``: one ``name value`` line per TXT record. Markers:
@@ -12,12 +12,12 @@ turned into zones for :mod:`tests.support.dnsserver`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.support import DATA
 from tests.support.dnsserver import Zone
 
 MARKERS: dict[str, tuple[str, Any] | None] = {
@@ -28,10 +28,8 @@ MARKERS: dict[str, tuple[str, Any] | None] = {
 
 
 def dkim_dir() -> Path:
-    """``$MXGUARD_SHARED/conformance/dkim``, else ``shared/`` next to the repository."""
-    env = os.environ.get("MXGUARD_SHARED")
-    base = Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
-    return base / "conformance" / "dkim"
+    """``tests/data/dkim``."""
+    return DATA / "dkim"
 
 
 def fake_dns_zone(path: Path | None = None) -> Zone:

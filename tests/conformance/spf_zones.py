@@ -1,8 +1,8 @@
 """Load the openspf SPF test suites and turn their zonedata into zones for
 :mod:`tests.support.dnsserver`.
 
-The suites (``/work/shared/conformance/spf/rfc7208-tests.yml`` and
-``rfc4408-tests.yml``; see PROVENANCE.md) are YAML documents, one per
+The suites (``tests/data/spf/rfc7208-tests.yml`` and
+``rfc4408-tests.yml``; see tests/data/PROVENANCE.md) are YAML documents, one per
 scenario: ``tests`` (name -> helo, host, mailfrom, result, [explanation]) and
 ``zonedata`` (name -> list of ``{TYPE: value}`` or the bare word ``TIMEOUT``).
 
@@ -26,7 +26,6 @@ rfc7208-tests.yml):
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from tests.support import DATA
 from tests.support.dnsserver import Zone
 
 SUITES = {"rfc7208": "rfc7208-tests.yml", "rfc4408": "rfc4408-tests.yml"}
@@ -41,16 +41,8 @@ EXPECTED_COUNTS = {"rfc7208": 203, "rfc4408": 191}
 RECORD_TYPES = ("A", "AAAA", "MX", "PTR", "TXT", "SPF", "CNAME")
 
 
-def shared_dir() -> Path:
-    """``$MXGUARD_SHARED``, else ``shared/`` next to the repository."""
-    env = os.environ.get("MXGUARD_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared"
-
-
 def suite_path(suite: str) -> Path:
-    return shared_dir() / "conformance" / "spf" / SUITES[suite]
+    return DATA / "spf" / SUITES[suite]
 
 
 @dataclass(frozen=True)
@@ -148,12 +140,8 @@ def _case(suite: str, index: int, scenario: str, name: str, t: dict[str, Any]) -
 
 
 def load_suite(suite: str) -> list[Scenario]:
-    """All scenarios of a suite; FileNotFoundError names the missing file."""
+    """All scenarios of a suite."""
     path = suite_path(suite)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"SPF test suite {path} is missing: set MXGUARD_SHARED to the directory "
-            "holding conformance/spf/ (see /work/shared/conformance/PROVENANCE.md)")
     with path.open(encoding="utf-8") as fh:
         docs = [d for d in yaml.safe_load_all(fh) if d]
     scenarios = []

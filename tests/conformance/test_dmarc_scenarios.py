@@ -1,4 +1,4 @@
-"""authheaders' DMARC scenarios (conformance/dmarc/authheaders/scenarios.yaml)
+"""authheaders' DMARC scenarios (tests/data/dmarc/authheaders/scenarios.yaml)
 through the loopback DNS server and :func:`mxguard.auth.dmarc.evaluate`.
 
 The scenario answers are one implementation's (authheaders 0.16.3), not RFC
@@ -29,7 +29,6 @@ import asyncio
 import re
 from collections.abc import Iterator
 from email.parser import BytesHeaderParser
-from pathlib import Path
 from typing import Any
 
 import dkim
@@ -39,11 +38,12 @@ import yaml
 from mxguard.auth.dmarc import DkimAuth, DmarcResult, OrgDomains, evaluate
 from mxguard.config import DnsConfig
 from mxguard.dns import Resolver
+from tests.support import DATA
 from tests.support.dnsserver import DNSServer, Zone
 
-DATA = Path("/work/shared/conformance/dmarc/authheaders")
-PSL_FILE = "/work/shared/conformance/psl/public_suffix_list.dat"
-SPEC: dict[str, Any] = yaml.safe_load((DATA / "scenarios.yaml").read_text())
+AUTHHEADERS = DATA / "dmarc" / "authheaders"
+PSL_FILE = str(DATA / "psl" / "public_suffix_list.dat")
+SPEC: dict[str, Any] = yaml.safe_load((AUTHHEADERS / "scenarios.yaml").read_text())
 CASES: list[dict[str, Any]] = SPEC["cases"]
 
 # Where we follow RFC 7489 instead of authheaders' answer: message -> (expect, why).
@@ -62,7 +62,7 @@ RFC_OVERRIDES: dict[str, tuple[dict[str, str], str]] = {
 
 def _txt(value: str) -> str:
     if value.startswith("@file "):
-        return "".join((DATA / value[6:]).read_text().split("\n")).strip()
+        return "".join((AUTHHEADERS / value[6:]).read_text().split("\n")).strip()
     return value
 
 
@@ -125,7 +125,7 @@ def expected(case: dict[str, Any]) -> dict[str, str]:
 
 
 async def run_case(case: dict[str, Any], dns: DNSServer) -> tuple[DmarcResult, list[DkimAuth]]:
-    raw = (DATA / case["message"]).read_bytes()
+    raw = (AUTHHEADERS / case["message"]).read_bytes()
     sigs = dkim_by_oracle(raw) if "dkim" in case["checks"] else []
     if case.get("prior_ar"):
         sigs = dkim_from_ar(case["prior_ar"])

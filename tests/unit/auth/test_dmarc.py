@@ -8,7 +8,6 @@ Policy discovery runs against the loopback DNS server.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,9 +29,10 @@ from mxguard.auth.dmarc import (
 )
 from mxguard.config import DnsConfig
 from mxguard.dns import Resolver
+from tests.support import DATA
 from tests.support.dnsserver import DNSServer, Zone
 
-PSL_DIR = Path("/work/shared/conformance/psl")
+PSL_DIR = DATA / "psl"
 ORG = OrgDomains(str(PSL_DIR / "public_suffix_list.dat"))
 
 

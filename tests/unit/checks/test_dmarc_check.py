@@ -17,9 +17,10 @@ from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, Mode, Transaction
 from mxguard.dns import Resolver
 from mxguard.store.results import ResultRecord, SqliteResultsStore
+from tests.support import DATA
 from tests.support.dnsserver import DNSServer, Zone
 
-PSL_FILE = "/work/shared/conformance/psl/public_suffix_list.dat"
+PSL_FILE = str(DATA / "psl" / "public_suffix_list.dat")
 ORG = OrgDomains(PSL_FILE)
 NOW = 1_780_000_000.0
 

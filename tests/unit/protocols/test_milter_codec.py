@@ -1,19 +1,19 @@
 """The milter codec: framing, every command and reply, limits, and the
-packets a real Postfix 3.7.11 sent (conformance/postfix-3.7-capture)."""
+packets a real Postfix 3.7.11 sent (tests/data/postfix-3.7-capture)."""
 
 from __future__ import annotations
 
 import io
 import json
 import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mxguard.protocols import milter as m
+from tests.support import DATA
 
-CAPTURE = Path(__file__).resolve().parents[4] / "shared/conformance/postfix-3.7-capture"
+CAPTURE = DATA / "postfix-3.7-capture"
 POSTFIX_OFFER = m.OptNeg(6, 0x1FF, 0x1FFFFF)  # what Postfix 3.7 offers (capture)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,9 @@ from mxguard.protocols.policy import (
     encode_action,
     encode_reply,
 )
+from tests.support import DATA
 
-CAPTURE = Path(__file__).resolve().parents[4] / "shared/conformance/postfix-3.7-capture"
+CAPTURE = DATA / "postfix-3.7-capture"
 
 
 def req(**attrs: str) -> bytes:
