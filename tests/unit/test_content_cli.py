@@ -5,7 +5,9 @@ from __future__ import annotations
 import email.utils
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from mxguard.cli.scan import rules, scan
@@ -84,3 +86,85 @@ def test_rules_check_clean_builtin_exits_0() -> None:
     result = CliRunner().invoke(rules, ["check"])
     assert result.exit_code == 0, result.output
     assert "mxguard.cf" in result.output and "errors: 0" in result.output
+
+
+# ------------------------------------------------------------------ scan = the milter
+
+SPAMMY = "Subject: cheap pills {n}\n\nBuy cheap viagra pills now, best price online {n}\n"
+HAMMY = "Subject: meeting notes {n}\n\nThe quarterly planning meeting moved to Tuesday {n}\n"
+
+
+def _session_of(raw: bytes) -> Any:
+    from mxguard.core.transaction import Message
+    from mxguard.server.milter import MilterSession
+
+    msg = Message.from_bytes(raw)
+    s = MilterSession()
+    s.headers_exact = True
+    s.client_address, s.helo = "192.0.2.10", "mail.example.net"
+    s.start_message("ann@example.com", [])
+    s.rcpts.append("bob@example.org")
+    for name, value in msg.headers:
+        s.add_header(name, value)
+    s.add_body(msg.body_file().read())
+    return s
+
+
+@pytest.mark.parametrize("kind", ["spam", "ham"])
+def test_scan_scores_like_the_milter_with_a_trained_bayes_store(tmp_path: Path,
+                                                                kind: str) -> None:
+    """Same message, same config, trained Bayes: scan's X-Spam-Status and symbols
+    equal what the milter door writes (spam, and a ham control)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mxguard import config
+    from mxguard.cli.learn import learn
+    from mxguard.core.runtime import Runtime
+    from mxguard.server.daemon import close_services, open_content_services
+    from mxguard.server.milter_door import MxguardMilter
+
+    spam_dir, ham_dir = tmp_path / "spam", tmp_path / "ham"
+    spam_dir.mkdir()
+    ham_dir.mkdir()
+    for n in range(6):
+        (spam_dir / f"{n}.eml").write_text(f"From: s{n}@spam.example\n" + SPAMMY.format(n=n))
+        (ham_dir / f"{n}.eml").write_text(f"From: h{n}@example.com\n" + HAMMY.format(n=n))
+    conf = write(tmp_path, "mxguard.toml",
+                 f'[storage]\nurl = "sqlite:///{tmp_path}/state/mxguard.db"\n'
+                 "[bayes]\nmin_spam = 3\nmin_ham = 3\nautolearn = false\n"
+                 '[spf]\nmode = "off"\n[dkim]\nmode = "off"\n[dmarc]\nmode = "off"\n'
+                 "[content]\nadd_report = true\n")
+    for what, where in (("--spam", spam_dir), ("--ham", ham_dir)):
+        res = CliRunner().invoke(learn, ["--config", str(conf), what, "--no-progress",
+                                         str(where)])
+        assert res.exit_code == 0, res.output
+    cfg = config.load(conf)
+    body = SPAMMY if kind == "spam" else HAMMY
+    raw = ("From: x@example.net\nTo: bob@example.org\nMessage-ID: <t@example.net>\n"
+           + body.format(n=99)).encode()
+
+    result = CliRunner().invoke(scan, ["--json", "--config", str(conf), "-"], input=raw)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+
+    async def through_milter() -> Any:
+        services = open_content_services(cfg)
+        daemon = SimpleNamespace(runtime=Runtime(config=cfg, resolver=None,  # type: ignore[arg-type]
+                                                 services=services))
+        try:
+            return await MxguardMilter(daemon).on_end_of_message(  # type: ignore[arg-type]
+                _session_of(raw))
+        finally:
+            await close_services(services)
+
+    milter = asyncio.run(through_milter())
+    milter_headers = {h.name: h.value for h in milter.headers if hasattr(h, "op")
+                      and h.name.startswith("X-Spam")}
+    scan_headers = dict(report["headers"])
+    assert milter_headers["X-Spam-Status"] == scan_headers["X-Spam-Status"]
+    assert milter_headers["X-Spam-Report"] == scan_headers["X-Spam-Report"]
+    bayes = [s["name"] for s in report["symbols"] if s["name"].startswith("BAYES_")]
+    assert len(bayes) == 1  # Bayes was consulted
+    assert bayes[0] in ({"BAYES_99", "BAYES_999", "BAYES_95"} if kind == "spam"
+                        else {"BAYES_00", "BAYES_05"})
