@@ -103,14 +103,14 @@ def _error_result(spec: CheckSpec, tx: Transaction, rt: Runtime, exc: BaseExcept
     cfg = rt.config
     if spec.stage <= Stage.RCPT:
         decision = FAIL_ACTIONS.get(cfg.policy.fail_action)
-        behaviour = f"policy.fail_action={cfg.policy.fail_action}"
+        behaviour = f"policy.fail_action:{cfg.policy.fail_action}"
     elif spec.name in cfg.pipeline.tempfail_on_error:
         decision, behaviour = TEMPFAIL, "tempfail"
     else:
         decision, behaviour = None, "skipped"
-    what = "timed out" if timeout else f"failed: {type(exc).__name__}: {exc}"
-    log.error("check=%s %s client=%s queue_id=%s; %s", spec.name, what, tx.client_address or "-",
-              tx.queue_id or "-", behaviour, exc_info=not timeout)
+    log.error("check=%s error=%s detail=%r client=%s queue_id=%s fail=%s", spec.name,
+              type(exc).__name__, "timed out" if timeout else str(exc)[:200],
+              tx.client_address or "-", tx.queue_id or "-", behaviour, exc_info=not timeout)
     name = f"{spec.name.upper()}_{kind}"
     return CheckResult(spec.name, [Symbol(name, cfg.score(name), type(exc).__name__)],
                        decision=decision, reason=f"{kind.lower()}:{type(exc).__name__}")

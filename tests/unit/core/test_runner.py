@@ -118,7 +118,7 @@ async def test_a_check_that_raises_becomes_an_error_symbol_and_its_fail_behaviou
     assert names == ["BAYES_ERROR", "CONTROL"]  # the next check still ran
     assert verdict.action is want_action
     assert verdict.score == 2.0
-    assert "check=bayes failed: RuntimeError: store gone" in caplog.text
+    assert "check=bayes error=RuntimeError detail='store gone'" in caplog.text
     assert tx.results["bayes"].reason == "error:RuntimeError"
 
 
@@ -133,7 +133,7 @@ async def test_a_check_over_its_budget_ends_as_a_timeout_symbol(
         await runner.run_rows(Transaction(stage=Stage.EOM), r, pipe.rows, verdict)
     assert [s.name for s in verdict.symbols] == ["SLOW_TIMEOUT", "SLOW"]  # control: in budget
     assert verdict.decision is None
-    assert "check=slow timed out" in caplog.text
+    assert "check=slow error=TimeoutError detail='timed out'" in caplog.text
 
 
 async def test_every_row_run_is_timed_and_rows_off_are_not() -> None:
