@@ -18,21 +18,14 @@ import signal
 from typing import Any
 
 from mxguard import __version__, config, logs
-from mxguard.checks import evaluate
 from mxguard.checks.rules import RULES_SERVICE
-from mxguard.core.runner import log_decision
 from mxguard.core.runtime import Runtime
-from mxguard.core.transaction import HeaderEdit, Mode, Stage, Verdict
+from mxguard.core.transaction import Mode
 from mxguard.dns import Resolver
-from mxguard.protocols.policy import PolicyRequest, encode_action, encode_reply
 from mxguard.server.policy import PolicyServer
-from mxguard.server.policy_headers import HeaderMemory
+from mxguard.server.policy_door import PolicyDoor
 
 log = logging.getLogger("mxguard")
-
-# Stages at which the policy door runs checks; other states answer DUNNO.
-CHECKED_STAGES = (Stage.HELO, Stage.MAIL, Stage.RCPT)
-
 
 class StartupError(Exception):
     """A problem that stops start-up, phrased for the admin."""
@@ -112,40 +105,6 @@ async def close_services(services: dict[str, Any]) -> None:
                 await _maybe_await(close())
 
 
-class PolicyHandler:
-    """Turns one policy request into one reply through the pipeline."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.headers = HeaderMemory()
-        # Set once Postfix calls us from smtpd_helo_restrictions (policy_context=helo):
-        # from then on HELO checks run there only, not again at RCPT.
-        self.helo_wired = False
-
-    async def __call__(self, req: PolicyRequest) -> bytes:
-        rt = self.daemon.runtime
-        tx = req.transaction()
-        if tx.stage not in CHECKED_STAGES:
-            if tx.stage is Stage.DATA:  # headers still owed to this message
-                header = self.headers.next_header(tx.instance, [])
-                if header is not None:
-                    return encode_reply(encode_action(Verdict(headers=[header])))
-            return b"action=DUNNO\n\n"
-        helo_context = tx.attrs.get("policy_context", "") == "helo"
-        if helo_context:
-            self.helo_wired = True
-            verdict = await evaluate(tx, rt, Stage.HELO)
-        else:
-            verdict = await evaluate(tx, rt, tx.stage,
-                                     after=Stage.HELO if self.helo_wired else None)
-        wanted = [h for h in verdict.headers if isinstance(h, HeaderEdit)]
-        header = self.headers.next_header(tx.instance, wanted)
-        verdict.headers = [header] if header is not None else []
-        action = encode_action(verdict, mta_prefix=helo_context)
-        log_decision("policy", tx, verdict, action)
-        return encode_reply(action)
-
-
 class Daemon:
     def __init__(self, cfg: config.Config, config_path: str | None = None) -> None:
         self.config_path = config_path
@@ -158,7 +117,7 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.runtime.config
         self.runtime.services = await open_services(cfg)
-        self.policy = PolicyServer(cfg.policy, PolicyHandler(self))
+        self.policy = PolicyServer(cfg.policy, PolicyDoor(self))
         await self.policy.start()
         if cfg.milter.enabled:
             await self.start_milter(cfg)
