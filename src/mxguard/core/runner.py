@@ -53,6 +53,32 @@ FAIL_ACTIONS = {
 TEMPFAIL = Decision(Action.DEFER, 451, "4.3.0", "Temporary local problem, please try again later")
 
 
+class ErrorLog:
+    """One error line per check per interval (a store outage must not flood the log);
+    the lines between are counted and the next line says how many."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def allow(self, name: str, interval: float, now: float | None = None) -> int | None:
+        """None: do not log; else the number of errors not logged since the last line."""
+        now = time.monotonic() if now is None else now
+        last = self._last.get(name)
+        if last is not None and now - last < interval:
+            self._count[name] = self._count.get(name, 0) + 1
+            return None
+        self._last[name] = now
+        return self._count.pop(name, 0)
+
+    def reset(self) -> None:
+        self._last.clear()
+        self._count.clear()
+
+
+ERROR_LOG = ErrorLog()
+
+
 class Direction(enum.Enum):
     ANY = "any"
     INCOMING = "incoming"
@@ -108,9 +134,13 @@ def _error_result(spec: CheckSpec, tx: Transaction, rt: Runtime, exc: BaseExcept
         decision, behaviour = TEMPFAIL, "tempfail"
     else:
         decision, behaviour = None, "skipped"
-    log.error("check=%s error=%s detail=%r client=%s queue_id=%s fail=%s", spec.name,
-              type(exc).__name__, "timed out" if timeout else str(exc)[:200],
-              tx.client_address or "-", tx.queue_id or "-", behaviour, exc_info=not timeout)
+    suppressed = ERROR_LOG.allow(spec.name, cfg.storage.fail_open_log_interval)
+    if suppressed is not None:  # the first error of each interval; the others are counted
+        more = f" (+{suppressed} more since the last line)" if suppressed else ""
+        log.error("check=%s error=%s detail=%r client=%s queue_id=%s fail=%s%s", spec.name,
+                  type(exc).__name__, "timed out" if timeout else str(exc)[:200],
+                  tx.client_address or "-", tx.queue_id or "-", behaviour, more,
+                  exc_info=not timeout and not suppressed)
     name = f"{spec.name.upper()}_{kind}"
     return CheckResult(spec.name, [Symbol(name, cfg.score(name), type(exc).__name__)],
                        decision=decision, reason=f"{kind.lower()}:{type(exc).__name__}")

@@ -196,3 +196,12 @@ async def test_a_check_decision_outranks_a_weaker_score_action() -> None:
     pipe = table(CheckSpec("dmarc", Stage.EOM, None, returns("dmarc", 6.0, REJECT)))
     verdict = await runner.run_message(msg_tx(), rt(), pipe)
     assert verdict.decided_by == "dmarc" and verdict.extra["spam_action"] == "add_header"
+
+
+def test_error_lines_are_one_per_check_per_interval() -> None:
+    log = runner.ErrorLog()
+    assert log.allow("bayes", 60, now=0.0) == 0  # first: logged
+    assert log.allow("bayes", 60, now=1.0) is None  # counted, not logged
+    assert log.allow("bayes", 60, now=2.0) is None
+    assert log.allow("greylist", 60, now=2.0) == 0  # control: another check logs its own
+    assert log.allow("bayes", 60, now=61.0) == 2  # next interval says how many were held
