@@ -320,8 +320,8 @@ async def test_redis_two_hosts_learning_one_message_count_it_once(
 
 async def test_redis_outage_is_a_store_error_and_recovers(
         redis_server: RedisServer) -> None:  # noqa: F811
-    from mxguard.store.redis import RETRY_AFTER
     from mxguard.store.redis_bayes import RedisBayesStore
+    from mxguard.store.redis_conn import RETRY_AFTER
 
     s = RedisBayesStore(redis_server.url(0), timeout=0.5)
     await s.learn([item("m1", [1], True)], T0)
