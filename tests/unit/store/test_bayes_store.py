@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mxguard.config import BayesConfig, Config, ServerConfig, StorageConfig
+from mxguard.store.backends import open_bayes_store
 from mxguard.store.base import StoreError
 from mxguard.store.bayes_store import (
     FORGOTTEN,
@@ -30,7 +31,6 @@ from mxguard.store.bayes_store import (
     SqliteBayesStore,
     bayes_sqlite_path,
     hashes,
-    open_bayes_store,
     token_hash,
 )
 from tests.support.redis import RedisServer, redis_server, shared_server  # noqa: F401
