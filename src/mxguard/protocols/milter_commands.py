@@ -219,8 +219,3 @@ Command = (OptNeg | Connect | Helo | Mail | Rcpt | Header | EndOfHeaders | Body 
 COMMANDS: dict[bytes, type[Command]] = {c.CODE: c for c in (
     OptNeg, Connect, Helo, Mail, Rcpt, Header, EndOfHeaders, Body, EndOfMessage, Abort, Quit,
     QuitNewConnection, Data, Unknown, Macro)}
-
-
-__all__ = ["COMMANDS", "Abort", "Body", "Command", "Connect", "Data", "EndOfHeaders",
-           "EndOfMessage", "Header", "Helo", "Macro", "Mail", "OptNeg", "Quit",
-           "QuitNewConnection", "Rcpt", "Unknown"]

@@ -288,9 +288,3 @@ Reply = (OptNegReply | Continue | Accept | Reject | Tempfail | Discard | Progres
 REPLIES: dict[bytes, type[Reply]] = {c.CODE: c for c in (
     OptNegReply, Continue, Accept, Reject, Tempfail, Discard, Progress, Skip, ReplyCode,
     AddHeader, InsertHeader, ChangeHeader, AddRcpt, DelRcpt, Quarantine, ReplaceBody)}
-
-
-__all__ = ["REPLIES", "Accept", "AddHeader", "AddRcpt", "ChangeHeader", "Continue", "DelRcpt",
-           "Discard", "InsertHeader", "OptNegReply", "Progress", "Quarantine", "Reject",
-           "ReplaceBody", "Reply", "ReplyCode", "Skip", "Tempfail", "check_header",
-           "replace_body_packets", "wire_value"]

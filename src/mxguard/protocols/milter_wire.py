@@ -197,16 +197,3 @@ class Chunk(Packet):
     @classmethod
     def parse(cls, r: Reader) -> Self:
         return cls(r.rest())
-
-
-__all__ = ["BODY_CHUNK", "DEFAULT_ACTIONS", "DEFAULT_MACROS", "DEFAULT_MAX_PACKET",
-           "DEFAULT_PROTOCOL", "LEN", "MAX_PACKET_LIMIT", "SMFIF_ADDHDRS", "SMFIF_ADDRCPT",
-           "SMFIF_ADDRCPT_PAR", "SMFIF_CHGBODY", "SMFIF_CHGFROM", "SMFIF_CHGHDRS", "SMFIF_DELRCPT",
-           "SMFIF_QUARANTINE", "SMFIF_SETSYMLIST", "SMFIM_CONNECT", "SMFIM_DATA", "SMFIM_ENVFROM",
-           "SMFIM_ENVRCPT", "SMFIM_EOH", "SMFIM_EOM", "SMFIM_HELO", "SMFIP_HDR_LEADSPC",
-           "SMFIP_NOBODY", "SMFIP_NOCONNECT", "SMFIP_NODATA", "SMFIP_NOEOH", "SMFIP_NOHDRS",
-           "SMFIP_NOHELO", "SMFIP_NOMAIL", "SMFIP_NORCPT", "SMFIP_NOUNKNOWN", "SMFIP_NR_BODY",
-           "SMFIP_NR_CONN", "SMFIP_NR_DATA", "SMFIP_NR_EOH", "SMFIP_NR_HDR", "SMFIP_NR_HELO",
-           "SMFIP_NR_MAIL", "SMFIP_NR_RCPT", "SMFIP_NR_UNKN", "SMFIP_RCPT_REJ", "SMFIP_SKIP",
-           "U16", "U32", "VERSION", "Chunk", "MilterProtocolError", "Packet", "Reader", "cstr",
-           "frame"]
