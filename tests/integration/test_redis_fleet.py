@@ -36,14 +36,10 @@ from mxguard.checks.greylist import open_greylister
 from mxguard.config import Config, GreylistConfig, Mode, ServerConfig, StorageConfig
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Stage, Transaction
-from mxguard.store.base import StoreError, open_store
-from mxguard.store.redis import (
-    RETRY_AFTER,
-    TTL_GRACE,
-    RedisGreylistStore,
-    describe_url,
-    parse_sentinel_url,
-)
+from mxguard.store.backends import open_store
+from mxguard.store.base import StoreError
+from mxguard.store.redis import TTL_GRACE, RedisGreylistStore
+from mxguard.store.redis_conn import RETRY_AFTER, describe_url, parse_sentinel_url
 
 DELAY = 2  # greylist delay of the fleet daemons (seconds)
 REDIS_TIMEOUT = 0.5  # [storage] redis_timeout of the fleet daemons

@@ -96,7 +96,7 @@ HAMMY = "Subject: meeting notes {n}\n\nThe quarterly planning meeting moved to T
 
 def _session_of(raw: bytes) -> Any:
     from mxguard.core.transaction import Message
-    from mxguard.server.milter import MilterSession
+    from mxguard.server.milter_session import MilterSession
 
     msg = Message.from_bytes(raw)
     s = MilterSession()

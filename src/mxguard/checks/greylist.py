@@ -49,13 +49,13 @@ from mxguard.config import Config, GreylistConfig
 from mxguard.core.runner import FAIL_ACTIONS
 from mxguard.core.runtime import Runtime, symbol
 from mxguard.core.transaction import Action, CheckResult, Decision, HeaderEdit, Transaction
+from mxguard.store.backends import open_store
 from mxguard.store.base import (
     ClientRecord,
     GreylistStore,
     StoreError,
     TripletRecord,
     WhitelistEntry,
-    open_store,
 )
 
 NAME = "greylist"

@@ -22,7 +22,8 @@ import click
 
 from mxguard import config
 from mxguard.checks.greylist_lists import WhitelistError, classify_entry, validate_entry
-from mxguard.store.base import GreylistStore, StoreError, WhitelistEntry, open_store
+from mxguard.store.backends import open_store
+from mxguard.store.base import GreylistStore, StoreError, WhitelistEntry
 
 T = TypeVar("T")
 

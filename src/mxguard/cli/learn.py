@@ -38,15 +38,9 @@ from mxguard import config
 from mxguard.content.bayes import BayesClassifier, message_key_of
 from mxguard.content.mime import parse_message
 from mxguard.content.tokenizer import tokenize_message
+from mxguard.store.backends import open_bayes_store
 from mxguard.store.base import StoreError
-from mxguard.store.bayes_store import (
-    FORGOTTEN,
-    KNOWN,
-    LEARNED,
-    RELEARNED,
-    UNKNOWN,
-    open_bayes_store,
-)
+from mxguard.store.bayes_store import FORGOTTEN, KNOWN, LEARNED, RELEARNED, UNKNOWN
 
 T = TypeVar("T")
 

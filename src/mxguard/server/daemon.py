@@ -57,7 +57,7 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
     from mxguard.checks import dkim_sign
     from mxguard.checks import dmarc as dm
     from mxguard.checks.greylist import open_greylister
-    from mxguard.store.results import open_results_store
+    from mxguard.store.backends import open_results_store
 
     services: dict[str, Any] = {dkim_sign.KEYTABLE_SERVICE: load_keys(cfg)}
     services["greylist"] = await _maybe_await(open_greylister(cfg))
@@ -78,8 +78,8 @@ def open_content_services(cfg: config.Config) -> dict[str, Any]:
     if cfg.bayes.enabled:
         from mxguard.checks import bayes
         from mxguard.content.bayes import BayesClassifier
+        from mxguard.store.backends import open_bayes_store
         from mxguard.store.base import StoreError
-        from mxguard.store.bayes_store import open_bayes_store
 
         try:
             store = open_bayes_store(cfg)

@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING
 from mxguard.checks import run_message
 from mxguard.core.runner import log_decision
 from mxguard.core.transaction import Action, Verdict
-from mxguard.server.milter import BaseMilterHandler, MilterAction, MilterResult, MilterSession
+from mxguard.server.milter_session import (
+    BaseMilterHandler,
+    MilterAction,
+    MilterResult,
+    MilterSession,
+)
 
 if TYPE_CHECKING:
     from mxguard.server.daemon import Daemon

@@ -1,7 +1,8 @@
 """The greylist store interface: what greylisting needs from a state store.
 
-Implementations: :mod:`mxguard.store.sqlite` (embedded default); a Redis store
-for fleets of MX hosts can implement the same methods. Every method is a
+Implementations: :mod:`mxguard.store.sqlite` (embedded default) and
+:mod:`mxguard.store.redis` (fleets of MX hosts);
+:func:`mxguard.store.backends.open_store` picks one by URL. Every method is a
 coroutine and each one is atomic on its own, so two daemons sharing a store
 (or two concurrent requests) never corrupt a record; the worst case of a race
 is a triplet recorded twice with nearly the same first-seen time.
@@ -20,10 +21,6 @@ import os
 import sqlite3
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mxguard.config import Config
 
 
 class StoreError(Exception):
@@ -195,25 +192,5 @@ def sqlite_path(url: str) -> str:
     return rest if rest == ":memory:" else "/" + rest
 
 
-def open_store(cfg: Config) -> GreylistStore:
-    """The store named by ``cfg.storage_url``: ``sqlite:///PATH`` or, for several MX
-    hosts sharing one greylist, ``redis://``, ``rediss://`` or ``redis+sentinel://``
-    (see :mod:`mxguard.store.redis`)."""
-    url = cfg.storage_url
-    if url.startswith("sqlite:///"):
-        from mxguard.store.sqlite import SqliteGreylistStore
-
-        return SqliteGreylistStore(sqlite_path(url), busy_timeout=cfg.storage.busy_timeout)
-    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
-        try:
-            from mxguard.store.redis import RedisGreylistStore
-        except ImportError:  # pragma: no cover - redis is installed with mxguard
-            raise StoreError(f"storage.url {url.split('://')[0]}://...: the 'redis' Python "
-                             "package is not installed") from None
-        return RedisGreylistStore(url, timeout=cfg.storage.redis_timeout)
-    raise StoreError(f"storage.url {url!r}: unsupported store (expected sqlite:///PATH, "
-                     "redis://, rediss:// or redis+sentinel://)")
-
-
 __all__ = ["ClientRecord", "GreylistStore", "StoreError", "StoreStats", "TripletRecord",
-           "WhitelistEntry", "open_store"]
+           "WhitelistEntry"]

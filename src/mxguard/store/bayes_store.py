@@ -14,11 +14,9 @@ Implementations:
   the main state file (``mxguard-bayes.db`` beside ``mxguard.db``).
 * :class:`MemoryBayesStore` -- dicts; for tests and the accuracy benchmark's
   cross-validation. Also the reference for what a method must do.
-* Redis (for fleets of MX hosts): implement :class:`BayesStore` -- a hash per
-  token (or one hash of ``h -> spam,ham,atime``), ``nspam``/``nham`` counters,
-  a hash of seen keys, a sorted set of atime for expiry; ``learn``/``forget``
-  as one Lua script or MULTI so a message is counted atomically -- and return
-  it from :func:`open_bayes_store` for ``redis://`` URLs.
+* :class:`~mxguard.store.redis_bayes.RedisBayesStore` -- for fleets of MX hosts.
+
+:func:`mxguard.store.backends.open_bayes_store` picks one by storage URL.
 
 Expiry never stalls scanning: :meth:`BayesStore.expire` deletes at most
 ``limit`` tokens per call (least recently seen first, through an index) and
@@ -40,12 +38,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
-
-if TYPE_CHECKING:
-    from mxguard.config import Config
+from mxguard.store.base import StoreError, connect_sqlite
 
 T = TypeVar("T")
 
@@ -538,27 +533,6 @@ def bayes_sqlite_path(main_path: str) -> str:
     return f"{root}-bayes{ext or '.db'}"
 
 
-def open_bayes_store(cfg: Config) -> BayesStore:
-    """The Bayes store for ``cfg.storage_url``: for ``sqlite:///PATH`` a SQLite file
-    next to PATH (:func:`bayes_sqlite_path`); for ``redis://``, ``rediss://`` and
-    ``redis+sentinel://`` the shared :class:`~mxguard.store.redis_bayes.RedisBayesStore`."""
-    url = cfg.storage_url
-    if url.startswith("sqlite:///"):
-        return SqliteBayesStore(bayes_sqlite_path(sqlite_path(url)),
-                                busy_timeout=cfg.storage.busy_timeout,
-                                cache_mb=cfg.bayes.sqlite_cache_mb)
-    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
-        try:
-            from mxguard.store.redis_bayes import RedisBayesStore
-        except ImportError:  # pragma: no cover - redis is installed with mxguard
-            raise StoreError(f"storage.url {url.split('://')[0]}://...: the 'redis' Python "
-                             "package is not installed") from None
-        return RedisBayesStore(url, timeout=cfg.storage.redis_timeout,
-                               token_ttl=cfg.bayes.token_ttl)
-    raise StoreError(f"storage.url {url.split('://')[0]}://...: no Bayes store for this URL "
-                     "(supported: sqlite:///PATH, redis://, rediss://, redis+sentinel://)")
-
-
 def hashes(tokens: Iterable[str]) -> list[int]:
     """Unique token hashes in first-seen order."""
     cache = _HASH_CACHE
@@ -571,4 +545,4 @@ def hashes(tokens: Iterable[str]) -> list[int]:
 
 __all__ = ["FORGOTTEN", "KNOWN", "LEARNED", "RELEARNED", "UNKNOWN", "BayesStats", "BayesStore",
            "LearnItem", "MemoryBayesStore", "SqliteBayesStore", "TokenCounts",
-           "bayes_sqlite_path", "hashes", "open_bayes_store", "token_hash"]
+           "bayes_sqlite_path", "hashes", "token_hash"]

@@ -1,8 +1,8 @@
 """Redis Bayes store: one Bayes database for several MX hosts.
 
 Chosen by the same ``[storage] url`` as the Redis greylist store (``redis://``,
-``rediss://``, ``redis+sentinel://``; see :mod:`mxguard.store.redis`, whose
-:class:`~mxguard.store.redis.RedisConnection` this store uses: pipelining of
+``rediss://``, ``redis+sentinel://``; see :mod:`mxguard.store.redis_conn`, whose
+:class:`~mxguard.store.redis_conn.RedisConnection` this store uses: pipelining of
 concurrent calls, a timeout per pipeline, fail-fast after a connection
 failure, scripts loaded again after ``NOSCRIPT``).
 
@@ -60,7 +60,7 @@ from mxguard.store.bayes_store import (
     LearnItem,
     TokenCounts,
 )
-from mxguard.store.redis import MAX_CONNECTIONS, RedisConnection, glob_escape
+from mxguard.store.redis_conn import MAX_CONNECTIONS, RedisConnection, glob_escape
 
 DAY = 86400
 DEFAULT_TOKEN_TTL = 180 * DAY  # [bayes] token_ttl default

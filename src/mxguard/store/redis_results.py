@@ -43,7 +43,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from mxguard.store.base import StoreError
-from mxguard.store.redis import describe_url, sync_redis_client
+from mxguard.store.redis_conn import describe_url, sync_redis_client
 from mxguard.store.results import DAY, ResultRecord, ResultsStore
 
 log = logging.getLogger("mxguard")
@@ -111,7 +111,7 @@ def _day_text(day: str | dt.date) -> str:
 
 
 class RedisResultsStore(ResultsStore):
-    """DMARC results in Redis (``url``: a storage URL, see :mod:`mxguard.store.redis`)."""
+    """DMARC results in Redis (``url``: a storage URL, see :mod:`mxguard.store.redis_conn`)."""
 
     def __init__(self, url: str, *, timeout: float = 1.0, prefix: str = "mxguard:",
                  max_pending: int = 100, max_delay: float = 5.0, max_in_flight: int = 4,

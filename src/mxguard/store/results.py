@@ -37,12 +37,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
-
-if TYPE_CHECKING:
-    from mxguard.config import Config
 
 DAY = 86400.0
 
@@ -263,19 +260,4 @@ class SqliteResultsStore(ResultsStore):
                 conn.close()
 
 
-def open_results_store(cfg: Config) -> ResultsStore:
-    """The results store of ``cfg.storage_url``: for a Redis URL the shared Redis
-    (:class:`~mxguard.store.redis_results.RedisResultsStore`), else a SQLite file
-    next to the greylist database."""
-    url = cfg.storage_url
-    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
-        from mxguard.store.redis_results import RedisResultsStore
-
-        return RedisResultsStore(url, timeout=cfg.storage.redis_timeout,
-                                 log_interval=cfg.storage.fail_open_log_interval)
-    return SqliteResultsStore(results_path(cfg.storage_url),
-                              busy_timeout=cfg.storage.busy_timeout)
-
-
-__all__ = ["ResultRecord", "ResultsStore", "SqliteResultsStore", "open_results_store",
-           "results_path", "utc_day"]
+__all__ = ["ResultRecord", "ResultsStore", "SqliteResultsStore", "results_path", "utc_day"]

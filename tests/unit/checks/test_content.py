@@ -26,7 +26,7 @@ from mxguard.core.transaction import (
     Verdict,
 )
 from mxguard.core.verdict import NO_ACTION, choose_action, decision_for, subject_change
-from mxguard.server.milter import MilterSession
+from mxguard.server.milter_session import MilterSession
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 

@@ -29,7 +29,8 @@ from mxguard.checks.greylist_lists import (
 from mxguard.config import Config, GreylistConfig, ServerConfig, StorageConfig
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, CheckResult, Decision, Mode, Stage, Transaction
-from mxguard.store.base import StoreError, open_store
+from mxguard.store.backends import open_store
+from mxguard.store.base import StoreError
 from mxguard.store.sqlite import SqliteGreylistStore
 from tests.support.redis import shared_server
 

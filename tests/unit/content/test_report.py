@@ -10,8 +10,7 @@ import io
 from typing import IO, cast
 
 from mxguard.content.report import build_report_safe, header_edits, raw_headers, report_text
-from mxguard.core.transaction import Symbol
-from mxguard.server.milter import HeaderChange
+from mxguard.core.transaction import HeaderChange, Symbol
 
 # As the milter receives them with HDR_LEADSPC: values keep their leading space.
 HEADERS = [

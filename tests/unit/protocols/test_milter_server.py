@@ -15,15 +15,13 @@ from typing import Any
 
 import pytest
 
-from mxguard.core.transaction import Action, Decision, HeaderEdit, Stage
+from mxguard.core.transaction import Action, Decision, HeaderChange, HeaderEdit, Stage
 from mxguard.protocols import milter as m
-from mxguard.server.milter import (
+from mxguard.server.milter import MilterServer, MilterServerSettings
+from mxguard.server.milter_session import (
     BaseMilterHandler,
-    HeaderChange,
     MilterAction,
     MilterResult,
-    MilterServer,
-    MilterServerSettings,
     MilterSession,
 )
 from tests.unit.protocols.test_milter_codec import POSTFIX_OFFER, capture_stream

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mxguard.config import BayesConfig, Config, ServerConfig, StorageConfig
+from mxguard.store.backends import open_bayes_store
 from mxguard.store.base import StoreError
 from mxguard.store.bayes_store import (
     FORGOTTEN,
@@ -30,7 +31,6 @@ from mxguard.store.bayes_store import (
     SqliteBayesStore,
     bayes_sqlite_path,
     hashes,
-    open_bayes_store,
     token_hash,
 )
 from tests.support.redis import RedisServer, redis_server, shared_server  # noqa: F401
@@ -320,8 +320,8 @@ async def test_redis_two_hosts_learning_one_message_count_it_once(
 
 async def test_redis_outage_is_a_store_error_and_recovers(
         redis_server: RedisServer) -> None:  # noqa: F811
-    from mxguard.store.redis import RETRY_AFTER
     from mxguard.store.redis_bayes import RedisBayesStore
+    from mxguard.store.redis_conn import RETRY_AFTER
 
     s = RedisBayesStore(redis_server.url(0), timeout=0.5)
     await s.learn([item("m1", [1], True)], T0)

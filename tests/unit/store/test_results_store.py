@@ -10,14 +10,9 @@ from pathlib import Path
 import pytest
 
 from mxguard.config import Config, StorageConfig
+from mxguard.store.backends import open_results_store
 from mxguard.store.base import StoreError
-from mxguard.store.results import (
-    ResultRecord,
-    SqliteResultsStore,
-    open_results_store,
-    results_path,
-    utc_day,
-)
+from mxguard.store.results import ResultRecord, SqliteResultsStore, results_path, utc_day
 
 DAY0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC).timestamp()  # 2026-03-01 00:00:00 UTC
 

@@ -16,13 +16,8 @@ from pathlib import Path
 import pytest
 
 from mxguard.config import Config, StorageConfig
-from mxguard.store.base import (
-    GreylistStore,
-    StoreError,
-    WhitelistEntry,
-    open_store,
-    sqlite_path,
-)
+from mxguard.store.backends import open_store
+from mxguard.store.base import GreylistStore, StoreError, WhitelistEntry, sqlite_path
 from mxguard.store.sqlite import SqliteGreylistStore
 from tests.support.redis import shared_server
 

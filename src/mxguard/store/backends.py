@@ -1,0 +1,85 @@
+"""Which backend a storage URL names: one ``open_*`` per kind of state.
+
+Each kind of state has one interface module and its backends:
+
+* greylist: :mod:`mxguard.store.base` (:class:`GreylistStore`), backends
+  :mod:`mxguard.store.sqlite` and :mod:`mxguard.store.redis`;
+* Bayes tokens: :mod:`mxguard.store.bayes_store` (:class:`BayesStore`, with
+  the SQLite and in-memory backends), backend :mod:`mxguard.store.redis_bayes`;
+* DMARC results: :mod:`mxguard.store.results` (:class:`ResultsStore`, with the
+  SQLite backend), backend :mod:`mxguard.store.redis_results`.
+
+The choice by URL lives here, above them all, so no interface module imports
+its backends (which import it). Redis backends are imported only when a Redis
+URL asks for them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mxguard.store.base import GreylistStore, StoreError, sqlite_path
+from mxguard.store.bayes_store import BayesStore, SqliteBayesStore, bayes_sqlite_path
+from mxguard.store.results import ResultsStore, SqliteResultsStore, results_path
+
+if TYPE_CHECKING:
+    from mxguard.config import Config
+
+
+def open_store(cfg: Config) -> GreylistStore:
+    """The store named by ``cfg.storage_url``: ``sqlite:///PATH`` or, for several MX
+    hosts sharing one greylist, ``redis://``, ``rediss://`` or ``redis+sentinel://``
+    (see :mod:`mxguard.store.redis`)."""
+    url = cfg.storage_url
+    if url.startswith("sqlite:///"):
+        from mxguard.store.sqlite import SqliteGreylistStore
+
+        return SqliteGreylistStore(sqlite_path(url), busy_timeout=cfg.storage.busy_timeout)
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        try:
+            from mxguard.store.redis import RedisGreylistStore
+        except ImportError:  # pragma: no cover - redis is installed with mxguard
+            raise StoreError(f"storage.url {url.split('://')[0]}://...: the 'redis' Python "
+                             "package is not installed") from None
+        return RedisGreylistStore(url, timeout=cfg.storage.redis_timeout)
+    raise StoreError(f"storage.url {url!r}: unsupported store (expected sqlite:///PATH, "
+                     "redis://, rediss:// or redis+sentinel://)")
+
+
+def open_bayes_store(cfg: Config) -> BayesStore:
+    """The Bayes store for ``cfg.storage_url``: for ``sqlite:///PATH`` a SQLite file
+    next to PATH (:func:`~mxguard.store.bayes_store.bayes_sqlite_path`); for ``redis://``,
+    ``rediss://`` and ``redis+sentinel://`` the shared
+    :class:`~mxguard.store.redis_bayes.RedisBayesStore`."""
+    url = cfg.storage_url
+    if url.startswith("sqlite:///"):
+        return SqliteBayesStore(bayes_sqlite_path(sqlite_path(url)),
+                                busy_timeout=cfg.storage.busy_timeout,
+                                cache_mb=cfg.bayes.sqlite_cache_mb)
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        try:
+            from mxguard.store.redis_bayes import RedisBayesStore
+        except ImportError:  # pragma: no cover - redis is installed with mxguard
+            raise StoreError(f"storage.url {url.split('://')[0]}://...: the 'redis' Python "
+                             "package is not installed") from None
+        return RedisBayesStore(url, timeout=cfg.storage.redis_timeout,
+                               token_ttl=cfg.bayes.token_ttl)
+    raise StoreError(f"storage.url {url.split('://')[0]}://...: no Bayes store for this URL "
+                     "(supported: sqlite:///PATH, redis://, rediss://, redis+sentinel://)")
+
+
+def open_results_store(cfg: Config) -> ResultsStore:
+    """The results store of ``cfg.storage_url``: for a Redis URL the shared Redis
+    (:class:`~mxguard.store.redis_results.RedisResultsStore`), else a SQLite file
+    next to the greylist database."""
+    url = cfg.storage_url
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        from mxguard.store.redis_results import RedisResultsStore
+
+        return RedisResultsStore(url, timeout=cfg.storage.redis_timeout,
+                                 log_interval=cfg.storage.fail_open_log_interval)
+    return SqliteResultsStore(results_path(cfg.storage_url),
+                              busy_timeout=cfg.storage.busy_timeout)
+
+
+__all__ = ["open_bayes_store", "open_results_store", "open_store"]
