@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 from tests.support.daemon import MxguardProcess, PolicyClient
-from tests.support.ports import free_port
 from tests.support.redis import (  # noqa: F401
     RedisSentinel,
     RedisServer,
@@ -44,6 +43,7 @@ from mxguard.store.redis import (
     describe_url,
     parse_sentinel_url,
 )
+from mxguard.testing.ports import free_port
 
 DELAY = 2  # greylist delay of the fleet daemons (seconds)
 REDIS_TIMEOUT = 0.5  # [storage] redis_timeout of the fleet daemons
