@@ -3,9 +3,9 @@
     sudo python bench/e2e.py [--quick] [--concurrency 10] [--duration 12] [--rounds 2]
                              [--no-seed] [--no-workers] [--keep] [--profile FILE]
 
-Everything runs on loopback: a private Postfix (tests/support/postfix.py)
+Everything runs on loopback: a private Postfix (mxguard.testing.postfix)
 relaying to a counting SMTP sink (its own process), a test DNS server
-(tests/support/dnsserver.py) publishing the sender domains, and an asyncio
+(mxguard.testing.dns) publishing the sender domains, and an asyncio
 SMTP load generator sending real messages (generated, ~2.3 KB and ~52 KB) from
 varying source addresses 127.0.x.y with ``--concurrency`` clients.
 
@@ -72,9 +72,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from tests.support.daemon import MxguardProcess  # noqa: E402
-from tests.support.dnsserver import DNSServer  # noqa: E402
-from tests.support.ports import free_port  # noqa: E402
-from tests.support.postfix import PostfixInstance, postfix_available  # noqa: E402
+
+from mxguard.testing.dns import DNSServer  # noqa: E402
+from mxguard.testing.ports import free_port  # noqa: E402
+from mxguard.testing.postfix import PostfixInstance, postfix_available  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -42,7 +42,7 @@ adds to an SMTP transaction through Postfix, with OpenDKIM measured side by side
    /proc/PID/stat), peak RSS (VmHWM), and ratios. Wrong results (no signature,
    no dkim=pass) make the bench exit 1 after cleanup; time never does.
 
-2. Latency. A private Postfix (tests/support/postfix.py) relaying to an SMTP
+2. Latency. A private Postfix (mxguard.testing.postfix) relaying to an SMTP
    sink; ``--transactions`` sequential SMTP sessions (connect .. QUIT, one 2 KB
    message from 127.0.0.1, so signed) with no milter, mxguard over inet and over
    a unix socket, OpenDKIM over ``inet:localhost:PORT`` and over a unix socket,
@@ -465,8 +465,9 @@ def throughput(milters: list[Milter], corpus: Corpus, args: argparse.Namespace,
 def latency(milters: list[tuple[str, str]], raw: bytes, args: argparse.Namespace,
             errors: list[str]) -> dict[str, list[float]]:
     """Sequential SMTP transactions through a private Postfix, per milter setting."""
-    from tests.support.postfix import PostfixInstance, postfix_available, send
-    from tests.support.sink import Sink
+    from mxguard.testing.postfix import PostfixInstance, postfix_available
+    from mxguard.testing.sink import Sink
+    from mxguard.testing.smtp import send
 
     if not postfix_available() or os.geteuid() != 0:
         print("  latency: skipped (needs Postfix installed and root; "
@@ -550,7 +551,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    from tests.support.dnsserver import DNSServer
+    from mxguard.testing.dns import DNSServer
 
     started = time.monotonic()
     errors: list[str] = []

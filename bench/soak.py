@@ -228,7 +228,7 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         pass
-    from tests.support.dnsserver import DNSServer
+    from mxguard.testing.dns import DNSServer
 
     started = time.monotonic()
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SPF benchmark: SPF policy decisions per second through the policy door.
 
-Starts a loopback DNS server (tests/support/dnsserver.py's zone logic, served
+Starts a loopback DNS server (mxguard.testing.dns's zone logic, served
 over UDP from its own process) with SPF records for any ``*.bench.test``
 sender domain (ip4, include, a and mx mechanisms), then ``mxguard serve``
 with ``[spf]`` on and ``[helo]``/``[greylist]`` off, and drives it with
@@ -77,14 +77,16 @@ def bench_zone() -> dict[str, list[tuple[str, Any]]]:
 
 
 def serve_dns(port_file: str) -> None:
-    """The DNS server process: the zone logic of tests/support/dnsserver.py over UDP.
+    """The DNS server process: the zone logic of mxguard.testing.dns over UDP.
 
     One asyncio loop instead of a thread per datagram, so the server keeps up
     with uncached runs. ``stats.bench-control TXT`` answers the query count.
     """
-    from dnslib import QTYPE, RR, TXT, DNSRecord
-    from dnslib.dns import DNSError
-    from tests.support.dnsserver import ZoneData, _respond
+    import dns.exception
+    import dns.message
+    import dns.rrset
+
+    from mxguard.testing.dns import ZoneData, respond
 
     zonedata = ZoneData(bench_zone(), ttl=300, negative_ttl=60)
     count = [0]
@@ -97,16 +99,17 @@ def serve_dns(port_file: str) -> None:
 
         def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
             try:
-                req = DNSRecord.parse(data)
-            except DNSError:
+                req = dns.message.from_wire(data)
+            except (dns.exception.DNSException, ValueError):
                 return
-            if str(req.q.qname).rstrip(".") == STATS_NAME:
-                reply = req.reply()
-                reply.add_answer(RR(STATS_NAME, QTYPE.TXT, rdata=TXT(str(count[0])), ttl=0))
-                self.transport.sendto(reply.pack(), addr)
+            if req.question and req.question[0].name.to_text().rstrip(".") == STATS_NAME:
+                reply = dns.message.make_response(req)
+                reply.answer.append(dns.rrset.from_text(STATS_NAME + ".", 0, "IN", "TXT",
+                                                        f'"{count[0]}"'))
+                self.transport.sendto(reply.to_wire(), addr)
                 return
             count[0] += 1
-            out = _respond(zonedata, data, udp=True)
+            out = respond(zonedata, data, udp=True)
             if len(zonedata.queries) > 10000:
                 zonedata.queries.clear()
             if out is not None:

@@ -5,7 +5,7 @@
 # Idempotent and non-interactive. Installs only what is missing and runs
 # `apt-get update` only when something is missing. Never starts or enables
 # the system postfix / redis services: the tests run private instances on
-# loopback (see tests/support/postfix.py).
+# loopback (see src/mxguard/testing/postfix.py).
 #
 # Usage: scripts/install-test-deps.sh        (as root, or with sudo available)
 set -euo pipefail

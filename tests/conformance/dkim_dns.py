@@ -1,5 +1,5 @@
 """DKIM conformance data (``tests/data/dkim``, see tests/data/PROVENANCE.md)
-turned into zones for :mod:`tests.support.dnsserver`.
+turned into zones for :mod:`mxguard.testing.dns`.
 
 * ``mail-dkim/FAKE_DNS.dat``: one ``name value`` line per TXT record. Markers:
   ``NXDOMAIN`` -> the name is left out of the zone (the server answers
@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
+from mxguard.testing.dns import Zone
 from tests.support import DATA
-from tests.support.dnsserver import Zone
 
 MARKERS: dict[str, tuple[str, Any] | None] = {
     "NXDOMAIN": None,

@@ -1,5 +1,5 @@
 """Load the openspf SPF test suites and turn their zonedata into zones for
-:mod:`tests.support.dnsserver`.
+:mod:`mxguard.testing.dns`.
 
 The suites (``tests/data/spf/rfc7208-tests.yml`` and
 ``rfc4408-tests.yml``; see tests/data/PROVENANCE.md) are YAML documents, one per
@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
+from mxguard.testing.dns import Zone
 from tests.support import DATA
-from tests.support.dnsserver import Zone
 
 SUITES = {"rfc7208": "rfc7208-tests.yml", "rfc4408": "rfc4408-tests.yml"}
 EXPECTED_COUNTS = {"rfc7208": 203, "rfc4408": 191}

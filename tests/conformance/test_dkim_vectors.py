@@ -1,7 +1,7 @@
 """DKIM conformance: RFC 8463 example, dkimpy's vectors, the Mail::DKIM corpus,
 and a differential test against dkimpy, all through real DNS on loopback.
 
-One loopback DNS server (:mod:`tests.support.dnsserver`) serves every record:
+One loopback DNS server (:mod:`mxguard.testing.dns`) serves every record:
 the RFC 8463 example's keys, dkimpy's key records (each under its own
 selector), and the Mail::DKIM corpus's ``FAKE_DNS.dat`` (see
 :mod:`tests.conformance.dkim_dns` for its markers). Each vector is verified
@@ -42,6 +42,7 @@ from mxguard.auth.dkim import (
 )
 from mxguard.config import DnsConfig
 from mxguard.dns import Resolver
+from mxguard.testing.dns import DNSServer, Zone
 from tests.conformance.dkim_dns import (
     corpus_cases,
     dkim_dir,
@@ -49,7 +50,6 @@ from tests.conformance.dkim_dns import (
     rfc8463,
     rfc8463_zone,
 )
-from tests.support.dnsserver import DNSServer, Zone
 
 RESOLVER_TIMEOUT = 0.3
 NOW = 1_800_000_000  # fixed clock: 2027-01-15

@@ -38,8 +38,8 @@ import yaml
 from mxguard.auth.dmarc import DkimAuth, DmarcResult, OrgDomains, evaluate
 from mxguard.config import DnsConfig
 from mxguard.dns import Resolver
+from mxguard.testing.dns import DNSServer, Zone
 from tests.support import DATA
-from tests.support.dnsserver import DNSServer, Zone
 
 AUTHHEADERS = DATA / "dmarc" / "authheaders"
 PSL_FILE = str(DATA / "psl" / "public_suffix_list.dat")

@@ -1,7 +1,7 @@
 """The openspf RFC 7208 and RFC 4408 test suites, through real DNS.
 
 Each scenario's zonedata is served by the loopback DNS server
-(:mod:`tests.support.dnsserver`, one server per scenario) and every case runs
+(:mod:`mxguard.testing.dns`, one server per scenario) and every case runs
 :func:`mxguard.auth.spf.check_mailfrom` through a fresh
 :class:`mxguard.dns.Resolver` (no cache shared between cases). ``TIMEOUT``
 names really time out (resolver timeout ``RESOLVER_TIMEOUT``).
@@ -26,8 +26,8 @@ import pytest
 from mxguard.auth.spf import SpfResult, check_mailfrom
 from mxguard.config import DnsConfig
 from mxguard.dns import Resolver
+from mxguard.testing.dns import DNSServer
 from tests.conformance.spf_zones import EXPECTED_COUNTS, SUITES, Case, Scenario, load_suite
-from tests.support.dnsserver import DNSServer
 
 RESOLVER_TIMEOUT = 0.4
 SPF_TIMEOUT = 20.0

@@ -1,6 +1,6 @@
 """Fixtures for integration tests that drive a real Postfix on loopback.
 
-* ``sink``            an SMTP sink (tests/support/sink.py), per test.
+* ``sink``            an SMTP sink (mxguard.testing.sink), per test.
 * ``postfix_factory`` ``make(main_cf_extra=None, *, sink_port=None, **kw)``
                       builds and starts a private PostfixInstance relaying to
                       ``sink`` (or ``sink_port``); all are stopped after the
@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 from tests.support.daemon import MxguardProcess
-from tests.support.dnsserver import DNSServer
-from tests.support.postfix import PostfixInstance, policy_wiring, postfix_available
-from tests.support.sink import Sink
+
+from mxguard.testing.dns import DNSServer
+from mxguard.testing.postfix import PostfixInstance, policy_wiring, postfix_available
+from mxguard.testing.sink import Sink
 
 _HERE = Path(__file__).resolve().parent
 

@@ -34,13 +34,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from tests.support.daemon import MxguardProcess, PolicyClient
-from tests.support.dnsserver import DNSServer
-from tests.support.postfix import PostfixInstance, Transcript, policy_wiring, send
-from tests.support.sink import Sink
 
 from mxguard.auth.dkim_keys import SigningKey
 from mxguard.auth.dkim_sign import sign
 from mxguard.protocols import milter as m
+from mxguard.testing.dns import DNSServer
+from mxguard.testing.postfix import PostfixInstance, milter_wiring, policy_wiring
+from mxguard.testing.sink import Sink
+from mxguard.testing.smtp import Transcript, send
 
 OUTSIDE = "127.1.0.5"  # not in mynetworks, not HELO-exempt
 EXEMPT = "127.2.0.5"  # HELO-exempt network (see config), still SPF/DKIM/DMARC checked
@@ -73,14 +74,8 @@ def write_config(mx: MxguardProcess, *, dns: str, db: Path | None = None,
 
 def wire_postfix(factory: Callable[..., PostfixInstance], mx: MxguardProcess) -> PostfixInstance:
     """Postfix wired to both doors as README / ``mxguard postfix setup`` do."""
-    milter = f"inet:127.0.0.1:{mx.milter_port}"
-    return factory({
-        **policy_wiring(mx.port),
-        "smtpd_milters": milter,
-        "milter_default_action": "tempfail",
-        "milter_protocol": "6",
-        "milter_connect_timeout": "5s",
-    })
+    return factory({**policy_wiring(mx.port), **milter_wiring(mx.milter_port, non_smtpd=False),
+                    "milter_connect_timeout": "5s"})
 
 
 def message(mid: str, *, sender: str = "alice@sender.test", body: str = "Hello.\r\n",

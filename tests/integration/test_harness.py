@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from tests.integration.conftest import PostfixFactory
-from tests.support.ports import port_is_free
-from tests.support.postfix import make_message, send
-from tests.support.sink import Sink
+
+from mxguard.testing.ports import port_is_free
+from mxguard.testing.sink import Sink
+from mxguard.testing.smtp import make_message, send
 
 pytestmark = pytest.mark.integration
 

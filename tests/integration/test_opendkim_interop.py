@@ -59,11 +59,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from tests.support.dnsserver import DNSServer
 
 from mxguard.auth.dkim import SigningKey, parse_message, public_key_record, sign, verify
 from mxguard.config import DnsConfig
 from mxguard.dns import Resolver
+from mxguard.testing.dns import DNSServer
 
 pytestmark = pytest.mark.integration
 

@@ -17,12 +17,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from tests.support.daemon import MxguardProcess
-from tests.support.dnsserver import DNSServer
-from tests.support.postfix import PostfixInstance, policy_wiring, send
-from tests.support.sink import Sink
 
 from mxguard.auth.dkim_keys import SigningKey, public_key_record
 from mxguard.auth.dkim_sign import sign
+from mxguard.testing.dns import DNSServer
+from mxguard.testing.postfix import PostfixInstance, milter_wiring, policy_wiring
+from mxguard.testing.sink import Sink
+from mxguard.testing.smtp import send
 
 AUTHSERV = "mx.example.test"
 OUTSIDE = "127.1.0.5"
@@ -77,12 +78,7 @@ def stack(tmp_path: Path, dns: DNSServer, sink: Sink,
     mx.config.write_text(mx.config.read_text().replace(
         "[milter]\n", f'[milter]\nauthserv_id = "{AUTHSERV}"\n'))
     mx.start()
-    milter = f"inet:127.0.0.1:{mx.milter_port}"
-    pf = postfix_factory({
-        **policy_wiring(mx.port),
-        "smtpd_milters": milter, "non_smtpd_milters": milter,
-        "milter_default_action": "tempfail", "milter_protocol": "6",
-    })
+    pf = postfix_factory({**policy_wiring(mx.port), **milter_wiring(mx.milter_port)})
     yield mx, pf
     assert mx.stop() == 0
 

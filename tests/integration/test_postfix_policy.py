@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 from tests.support.daemon import MxguardProcess
-from tests.support.dnsserver import DNSServer
-from tests.support.postfix import PostfixInstance, send
-from tests.support.sink import Sink
+
+from mxguard.testing.dns import DNSServer
+from mxguard.testing.postfix import PostfixInstance
+from mxguard.testing.sink import Sink
+from mxguard.testing.smtp import send
 
 ZONE = {
     "mail.sender.test": [("A", "192.0.2.10")],

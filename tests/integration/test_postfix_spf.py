@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from tests.support.daemon import MxguardProcess
-from tests.support.dnsserver import DNSServer
-from tests.support.postfix import PostfixInstance, send
-from tests.support.sink import Sink
+
+from mxguard.testing.dns import DNSServer
+from mxguard.testing.postfix import PostfixInstance
+from mxguard.testing.sink import Sink
+from mxguard.testing.smtp import send
 
 CLIENT = "127.1.0.5"
 HELO = "mail.client.test"

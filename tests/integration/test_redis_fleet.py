@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 from tests.support.daemon import MxguardProcess, PolicyClient
-from tests.support.ports import free_port
 from tests.support.redis import (  # noqa: F401
     RedisSentinel,
     RedisServer,
@@ -40,6 +39,7 @@ from mxguard.store.backends import open_store
 from mxguard.store.base import StoreError
 from mxguard.store.redis import TTL_GRACE, RedisGreylistStore
 from mxguard.store.redis_conn import RETRY_AFTER, describe_url, parse_sentinel_url
+from mxguard.testing.ports import free_port
 
 DELAY = 2  # greylist delay of the fleet daemons (seconds)
 REDIS_TIMEOUT = 0.5  # [storage] redis_timeout of the fleet daemons

@@ -32,10 +32,6 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.support.daemon import MxguardProcess
-from tests.support.dnsserver import DNSServer, Zone
-from tests.support.ports import free_port
-from tests.support.postfix import PostfixInstance, postfix_available, send
-from tests.support.sink import Sink
 
 from mxguard import config
 from mxguard.auth.dkim_keys import KeyTable, public_key_record, read_private_key
@@ -43,6 +39,11 @@ from mxguard.cli.dkim_rotate import active_keys, rotate
 from mxguard.cli.dns import dns as dns_group
 from mxguard.cli.doctor import doctor
 from mxguard.cli.postfix import postfix
+from mxguard.testing.dns import DNSServer, Zone
+from mxguard.testing.ports import free_port
+from mxguard.testing.postfix import PostfixInstance, postfix_available
+from mxguard.testing.sink import Sink
+from mxguard.testing.smtp import send
 
 _RUNNER_KW: dict[str, Any] = ({"mix_stderr": False}
                               if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters

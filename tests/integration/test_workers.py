@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from tests.support.daemon import MxguardProcess, PolicyClient, policy_request
-from tests.support.dnsserver import DNSServer
+
+from mxguard.testing.dns import DNSServer
 
 pytestmark = pytest.mark.integration
 

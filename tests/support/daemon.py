@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support.ports import free_port
+from mxguard.testing.ports import free_port
 
 
 def policy_request(**attrs: str) -> bytes:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ports import free_port
+from mxguard.testing.ports import free_port
 
 
 def running_in_ci() -> bool:

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 
 from mxguard.auth.dkim_keys import parse_key_record, read_private_key
 from mxguard.cli.dkim import dkim, zone_line
-from tests.support.dnsserver import DNSServer
+from mxguard.testing.dns import DNSServer
 
 _RUNNER_KW: dict[str, Any] = ({"mix_stderr": False}
                               if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters

@@ -9,7 +9,7 @@ import pytest
 
 from mxguard.config import DnsConfig
 from mxguard.dns import DnsTempError, Resolver, reverse_name
-from tests.support.dnsserver import DNSServer
+from mxguard.testing.dns import DNSServer
 
 ZONE = {
     "a.test": [("A", "192.0.2.1"), ("MX", (10, "mx.a.test")), ("TXT", ["v=spf1 ", "-all"])],

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from mxguard.cli.spf import spf
-from tests.support.dnsserver import DNSServer, Zone
-from tests.support.ports import free_port
+from mxguard.testing.dns import DNSServer, Zone
+from mxguard.testing.ports import free_port
 
 _RUNNER_KW: dict[str, Any] = ({"mix_stderr": False}
                               if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters

@@ -44,15 +44,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mxguard import config
 from mxguard.auth.dkim_keys import public_key_record
-from mxguard.testing.postfix import (
-    DemoDNS,
-    PrivatePostfix,
-    Sink,
-    SinkMessage,
-    free_port,
-    postfix_available,
-    send,
-)
+from mxguard.testing.dns import DNSServer
+from mxguard.testing.ports import free_port
+from mxguard.testing.postfix import PostfixInstance, postfix_missing
+from mxguard.testing.sink import Sink, SinkMessage
+from mxguard.testing.smtp import send
 
 OUR_DOMAIN = "example.test"
 MX_NAME = f"mx.{OUR_DOMAIN}"
@@ -84,9 +80,9 @@ class Demo:
         self.workdir = workdir
         self.delay = delay
         self.failed: list[str] = []
-        self.dns: DemoDNS | None = None
+        self.dns: DNSServer | None = None
         self.sink: Sink | None = None
-        self.postfix: PrivatePostfix | None = None
+        self.postfix: PostfixInstance | None = None
         self.mxguard: subprocess.Popen[bytes] | None = None
         self.log = workdir / "mxguard.log"
         self.log_seen = 0
@@ -131,7 +127,7 @@ class Demo:
                                       serialization.NoEncryption()))
         zone = dict(ZONE_TEMPLATE)
         zone[f"{SELECTOR}._domainkey.{OUR_DOMAIN}"] = [("TXT", public_key_record(key))]
-        self.dns = DemoDNS(zone).start()
+        self.dns = DNSServer(zone, ttl=60).start()
         self.say(f"  DNS      {self.dns.address}: good.test, bank.test, {OUR_DOMAIN} "
                  "(SPF, DKIM, DMARC)")
         self.sink = Sink().start()
@@ -196,8 +192,9 @@ internal_hosts = ["127.0.0.1/32"]
         from mxguard.cli.postfix import apply, make_plan
 
         assert self.sink is not None
-        pf = PrivatePostfix(self.workdir / "pf", self.sink.port,
-                            domains=[OUR_DOMAIN, "good.test", "bank.test"], myhostname=MX_NAME)
+        pf = PostfixInstance(self.workdir / "pf", self.sink.port,
+                             relay_domains=[OUR_DOMAIN, "good.test", "bank.test"],
+                             myhostname=MX_NAME)
         pf.write_config()
         plan = make_plan(config.load(cfg_path), pf.config_dir)
         apply(plan)
@@ -214,8 +211,12 @@ internal_hosts = ["127.0.0.1/32"]
     def deliver(self, *, helo: str, sender: str, rcpt: str, data: bytes,
                 source: str = CLIENT) -> tuple[bool, str]:
         assert self.postfix is not None
-        session = send(self.postfix.smtp_port, source=source, helo=helo, mail_from=sender,
-                       rcpt=rcpt, data=data)
+        try:
+            session = send(self.postfix.smtp_port, source_ip=source, helo=helo,
+                           mail_from=sender, rcpts=[rcpt], data=data, timeout=20)
+        except OSError as exc:
+            self.say(f"   {source} > could not connect to Postfix: {exc}")
+            return False, f"error: {exc}"
         self.say(f"   {source} > EHLO {helo} / MAIL FROM:<{sender}> / RCPT TO:<{rcpt}>"
                  + (" / DATA" if any(c == "DATA" for c, _ in session.log) else ""))
         self.say(f"   Postfix < {session.last}")
@@ -346,7 +347,7 @@ internal_hosts = ["127.0.0.1/32"]
               help="greylisting delay of the demo, in seconds")
 def demo(keep: bool, delay: int) -> None:
     """Run a private Postfix + mxguard + DNS on loopback and walk through the checks."""
-    problem = postfix_available()
+    problem = postfix_missing()
     if problem:
         click.echo(f"mxguard demo: {problem}", err=True)
         sys.exit(2)

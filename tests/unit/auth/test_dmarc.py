@@ -29,8 +29,8 @@ from mxguard.auth.dmarc import (
 )
 from mxguard.config import DnsConfig
 from mxguard.dns import Resolver
+from mxguard.testing.dns import DNSServer, Zone
 from tests.support import DATA
-from tests.support.dnsserver import DNSServer, Zone
 
 PSL_DIR = DATA / "psl"
 ORG = OrgDomains(str(PSL_DIR / "public_suffix_list.dat"))

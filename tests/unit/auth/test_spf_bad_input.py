@@ -6,7 +6,7 @@ only a TCP retry can pass), include/redirect loops and chains, CNAME loops,
 attributes, and DNS that is down. Each case asserts the RFC 7208 result and a
 bounded evaluation time; each group has a control case that passes.
 
-Real DNS: a loopback authoritative server (tests/support/dnsserver.py).
+Real DNS: a loopback authoritative server (mxguard.testing.dns).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from mxguard.config import Config, DnsConfig, SpfConfig
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Transaction
 from mxguard.dns import Resolver
-from tests.support.dnsserver import DNSServer, Zone
-from tests.support.ports import free_port
+from mxguard.testing.dns import DNSServer, Zone
+from mxguard.testing.ports import free_port
 
 IP = "192.0.2.10"
 PASS_RECORD = f"v=spf1 ip4:{IP} -all"

@@ -14,7 +14,7 @@ from mxguard.auth import spf
 from mxguard.auth.spf import PermError, check_helo, check_host, check_mailfrom
 from mxguard.config import DnsConfig
 from mxguard.dns import Resolver
-from tests.support.dnsserver import DNSServer, Zone
+from mxguard.testing.dns import DNSServer, Zone
 
 # ------------------------------------------------------------------ macros
 

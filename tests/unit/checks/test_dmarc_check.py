@@ -17,8 +17,8 @@ from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, Mode, Transaction
 from mxguard.dns import Resolver
 from mxguard.store.results import ResultRecord, SqliteResultsStore
+from mxguard.testing.dns import DNSServer, Zone
 from tests.support import DATA
-from tests.support.dnsserver import DNSServer, Zone
 
 PSL_FILE = str(DATA / "psl" / "public_suffix_list.dat")
 ORG = OrgDomains(PSL_FILE)

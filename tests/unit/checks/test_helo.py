@@ -11,7 +11,7 @@ from mxguard.config import Config, DnsConfig, HeloConfig
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, Mode, Stage, Transaction
 from mxguard.dns import Resolver
-from tests.support.dnsserver import DNSServer
+from mxguard.testing.dns import DNSServer
 
 ZONE = {
     "mail.example.test": [("A", "192.0.2.10")],

@@ -17,7 +17,7 @@ from mxguard.config import Config, DnsConfig, SpfConfig
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, CheckResult, Transaction
 from mxguard.dns import Resolver
-from tests.support.dnsserver import DNSServer, Zone
+from mxguard.testing.dns import DNSServer, Zone
 
 CLIENT = "192.0.2.10"
 OTHER = "198.51.100.7"

@@ -23,7 +23,7 @@ from mxguard.content.dnsbl import (
 )
 from mxguard.core.transaction import CheckResult, Transaction
 from mxguard.dns import Resolver
-from tests.support.dnsserver import DNSServer
+from mxguard.testing.dns import DNSServer
 
 LISTED_V4 = "203.0.113.7"  # TEST-NET-3 addresses are not "global": see listable_ip
 ZONE = {

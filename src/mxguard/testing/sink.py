@@ -1,4 +1,5 @@
-"""An SMTP sink on loopback: the final hop for a test Postfix.
+"""An SMTP sink on loopback: the final hop of a private Postfix
+(:mod:`mxguard.testing.postfix`).
 
 It speaks just enough ESMTP for Postfix's smtp client (EHLO/HELO, MAIL,
 RCPT, DATA, RSET, NOOP, QUIT), answers 250 to everything by default and
@@ -10,7 +11,7 @@ bytes as received (headers included, dot-unstuffed, CRLF line ends).
         (msg,) = sink.wait_for(1, timeout=10)
         assert msg.header("Subject") == "hello"
 
-Its greeting/EHLO name (``sink.test``) must differ from the test Postfix's
+Its greeting/EHLO name (``sink.test``) must differ from the private Postfix's
 ``myhostname``, or Postfix refuses to deliver ("greeted me with my own
 hostname").
 """

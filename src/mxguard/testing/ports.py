@@ -1,10 +1,10 @@
-"""Free loopback ports for test servers.
+"""Free loopback ports for the private servers (tests, benchmarks, ``mxguard demo``).
 
 ``free_port()`` asks the kernel for an unused port (bind to port 0) and
 remembers what it handed out in this process, so two calls never return the
 same port even if the first caller has not bound it yet. There is still a
-small window in which another process could take the port; test servers
-should bind soon after asking.
+small window in which another process could take the port; servers should
+bind soon after asking.
 """
 
 from __future__ import annotations
