@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from mxguard.content.mime import parse_message
-from mxguard.content.rules import HitMap, RuleSet, build_ruleset, compile_meta, required_literals
+from mxguard.content.rules import RuleSet, build_ruleset
+from mxguard.content.rules_meta import HitMap, compile_meta
 from mxguard.content.rules_parser import (
     ParsedRules,
     RegexError,
@@ -19,6 +20,7 @@ from mxguard.content.rules_parser import (
     parse_text,
     translate_regex,
 )
+from mxguard.content.rules_prefilter import required_literals
 
 SA_DIR = Path("/usr/share/spamassassin")
 
