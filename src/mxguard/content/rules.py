@@ -47,15 +47,9 @@ from mxguard.content import evals
 from mxguard.content.evals import EVALS, NET_EVALS, RuleLists, ScanContext
 from mxguard.content.mime import ParsedMessage, rendered_body
 from mxguard.content.rules_meta import HitMap, MetaError, compile_meta
-from mxguard.content.rules_parser import (
-    ParsedRules,
-    RegexError,
-    RuleDef,
-    apply_replace_tags,
-    compile_regex,
-    parse_paths,
-)
+from mxguard.content.rules_parser import ParsedRules, RuleDef, apply_replace_tags, parse_paths
 from mxguard.content.rules_prefilter import Prefilter, hyperscan_available, required_literals
+from mxguard.content.rules_regex import RegexError, compile_regex
 
 log = logging.getLogger("mxguard")
 
