@@ -22,8 +22,10 @@
 
 Bounds (bad input, MIME bombs): at most ``max_bytes`` of the message are
 read; at most ``max_parts`` MIME entities are decoded; nesting deeper than
-:data:`MAX_DEPTH` is not followed; HTML beyond :data:`MAX_HTML` characters per
-part is not rendered; at most :data:`MAX_URIS` URIs are kept. Parsing is
+:data:`MAX_DEPTH` is not followed; HTML beyond
+:data:`~mxguard.content.mime_html.MAX_HTML` characters per part is not
+rendered (:mod:`.mime_html`); at most :data:`~mxguard.content.mime_uri.MAX_URIS`
+URIs are kept (:mod:`.mime_uri` normalises them). Parsing is
 iterative (no recursion), so deep nesting cannot exhaust the stack.
 
 This module is the one contract between content rules and the Bayes
@@ -34,20 +36,18 @@ from __future__ import annotations
 
 import binascii
 import codecs
-import html
 import io
-import ipaddress
 import re
 import urllib.parse
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from typing import IO
 
+from mxguard.content.mime_html import render_html
+from mxguard.content.mime_uri import Uri, add_uris, text_uris
+
 MAX_DEPTH = 20  # MIME nesting followed
-MAX_HTML = 1 << 20  # characters of one HTML part rendered
-MAX_URIS = 1000  # URIs kept per message
 MAX_ZIP_NAMES = 100  # member names listed per zip attachment
 MAX_HEADER_LINE = 65536  # characters of one header value kept
 DEFAULT_MAX_PARTS = 1000
@@ -68,27 +68,6 @@ class TextPart:
     @property
     def is_html(self) -> bool:
         return self.content_type == "text/html"
-
-
-@dataclass(frozen=True, slots=True)
-class Uri:
-    """A normalised URI. ``text`` is the visible link text of an ``<a>``
-    element (empty for URIs found in plain text); ``tag`` where it was found:
-    ``text``, ``a``, ``img``, ``form``, ``area``, ``iframe``, ``link``, ``base``."""
-
-    url: str
-    host: str  # lower case, no trailing dot; IPv4/IPv6 literal for IP hosts
-    scheme: str = "http"
-    text: str = ""
-    tag: str = "text"
-
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host.strip("[]"))
-        except ValueError:
-            return False
-        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,7 +451,7 @@ def _leaf(msg: ParsedMessage, headers: list[tuple[str, str]], data: bytes, ctype
             msg.parts.append(TextPart(ctype, charset, rendered, text, filename))
         else:
             msg.parts.append(TextPart(ctype, charset, text, text, filename))
-            _add_uris(msg, text_uris(text))
+            add_uris(msg, text_uris(text))
         if not (filename or is_attachment):
             return
     magic = sniff(decoded)
@@ -503,173 +482,7 @@ def _zip_names(data: bytes) -> tuple[str, ...]:
         return ()
 
 
-# ------------------------------------------------------------------ HTML
-
-_BLOCK_TAGS = frozenset(("p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6",
-                         "table", "ul", "ol", "blockquote", "pre", "hr", "title", "dd", "dt",
-                         "section", "article", "header", "footer", "form", "center"))
-_SKIP_TAGS = frozenset(("script", "style", "noscript", "template"))
-_URI_ATTRS = {"a": "href", "area": "href", "img": "src", "form": "action", "iframe": "src",
-              "link": "href", "base": "href", "frame": "src", "embed": "src"}
-
-
-class _HtmlText(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip = 0
-        self.uris: list[tuple[str, str, str]] = []  # (url, link text, tag)
-        self.link: tuple[str, list[str]] | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP_TAGS:
-            self.skip += 1
-        if tag in _BLOCK_TAGS:
-            self.out.append("\n")
-        attr = _URI_ATTRS.get(tag)
-        if attr is None:
-            return
-        url = next((v for k, v in attrs if k == attr and v), "")
-        if tag == "img":
-            alt = next((v for k, v in attrs if k == "alt" and v), "")
-            if alt:
-                self.out.append(f" {alt} ")
-        if not url:
-            return
-        if tag == "a":
-            self._close_link()
-            self.link = (url, [])
-        else:
-            self.uris.append((url, "", tag))
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP_TAGS and self.skip:
-            self.skip -= 1
-        if tag == "a":
-            self._close_link()
-        if tag in _BLOCK_TAGS:
-            self.out.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if self.skip:
-            return
-        self.out.append(data)
-        if self.link is not None:
-            self.link[1].append(data)
-
-    def _close_link(self) -> None:
-        if self.link is not None:
-            url, text = self.link
-            self.uris.append((url, " ".join("".join(text).split()), "a"))
-            self.link = None
-
-
-def render_html(source: str, msg: ParsedMessage | None = None) -> str:
-    """Visible text of an HTML document (links recorded on ``msg``)."""
-    if len(source) > MAX_HTML:
-        source = source[:MAX_HTML]
-        if msg is not None:
-            msg.problems.append(f"HTML part longer than {MAX_HTML} characters: rendered partially")
-    parser = _HtmlText()
-    try:
-        parser.feed(source)
-        parser.close()
-    except Exception:
-        if msg is not None:
-            msg.problems.append("HTML could not be parsed to the end")
-    parser._close_link()
-    if msg is not None:
-        found = [normalize_uri(url, text=text, tag=tag) for url, text, tag in parser.uris]
-        _add_uris(msg, [u for u in found if u is not None])
-    text = "".join(parser.out)
-    text = re.sub(r"[ \t\r\f\v\xa0]+", " ", text)
-    text = re.sub(r" *\n[ \n]*", "\n", text).strip()
-    if msg is not None:
-        _add_uris(msg, text_uris(text))
-    return text
-
-
-# ------------------------------------------------------------------ URIs
-
-_TEXT_URI = re.compile(r"(?i)\b(?:(?:https?|ftp)://|www\d{0,3}\.|mailto:)[^\s<>\"'`{}|\\^]+")
-_TRAILING = ".,;:!?)]}>*'\""
-
-
-def text_uris(text: str) -> list[Uri]:
-    out: list[Uri] = []
-    for m in _TEXT_URI.finditer(text):
-        uri = normalize_uri(m.group(0).rstrip(_TRAILING))
-        if uri is not None:
-            out.append(uri)
-            if len(out) >= MAX_URIS:
-                break
-    return out
-
-
-def _add_uris(msg: ParsedMessage, uris: Iterable[Uri]) -> None:
-    seen = {(u.url, u.text, u.tag) for u in msg.uris} if msg.uris else set()
-    for uri in uris:
-        if len(msg.uris) >= MAX_URIS:
-            return
-        key = (uri.url, uri.text, uri.tag)
-        if key not in seen:
-            seen.add(key)
-            msg.uris.append(uri)
-
-
-def _numeric_ipv4(host: str) -> str:
-    """Dotted quad for hosts like ``3232235777``, ``0xc0a80101``, ``0300.0250.1.1``."""
-    pieces = host.split(".")
-    if not 1 <= len(pieces) <= 4:
-        return ""
-    try:
-        nums = [int(p, 16) if p[:2] == "0x" else int(p, 8) if len(p) > 1 and p[0] == "0"
-                else int(p) for p in pieces]
-    except ValueError:
-        return ""
-    value = 0
-    for n in nums[:-1]:
-        if not 0 <= n <= 255:
-            return ""
-        value = value << 8 | n
-    width = 8 * (5 - len(nums))
-    if not 0 <= nums[-1] < 1 << width:
-        return ""
-    value = value << width | nums[-1]
-    return str(ipaddress.IPv4Address(value)) if value < 1 << 32 else ""
-
-
-def normalize_uri(url: str, *, text: str = "", tag: str = "text") -> Uri | None:
-    """A :class:`Uri`, or None for schemes we do not track (javascript:, cid: ...)."""
-    url = "".join(html.unescape(url).split())
-    if not url:
-        return None
-    low = url.lower()
-    if low.startswith("www"):
-        url, low = "http://" + url, "http://" + low
-    if low.startswith("mailto:"):
-        addr = urllib.parse.unquote(url[7:]).partition("?")[0]
-        host = addr.rpartition("@")[2].lower().strip(".") if "@" in addr else ""
-        return Uri("mailto:" + addr, host, "mailto", text, tag)
-    if low.startswith("//"):
-        url, low = "http:" + url, "http:" + low
-    if not low.startswith(("http://", "https://", "ftp://")):
-        return None
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return None
-    host = urllib.parse.unquote(host).lower().rstrip(".")
-    if host and host.replace(".", "").replace("x", "").isalnum() and host[0].isdigit():
-        host = _numeric_ipv4(host) or host
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None:
-        netloc += f":{port}"
-    rebuilt = urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path or "/",
-                                       parts.query, parts.fragment))
-    return Uri(rebuilt, host, parts.scheme.lower(), text, tag)
+# ------------------------------------------------------------------ the body rules see
 
 
 def rendered_body(msg: ParsedMessage) -> str:
@@ -685,6 +498,6 @@ def rendered_body(msg: ParsedMessage) -> str:
     return "\n".join(lines)
 
 
+# Uri is re-exported: with the dataclasses above it is the parser's stable API.
 __all__ = ["Attachment", "ParsedMessage", "TextPart", "Uri", "decode_bytes",
-           "decode_header_value", "header_params", "normalize_uri", "parse_message",
-           "render_html", "rendered_body", "sniff", "text_uris"]
+           "decode_header_value", "header_params", "parse_message", "rendered_body", "sniff"]

@@ -25,11 +25,10 @@ line scores 1.0 (``-1.0`` with ``tflags nice``, 0.01 for ``T_`` test rules,
 a scored meta needs it. ``tflags multiple`` counts every match (score times
 hits, at most ``maxhits=N``).
 
-Speed: every regex's required literal strings (from the parsed pattern) are
-looked up in the lower-cased text first -- with one Hyperscan pass over all
-literals when the ``hyperscan`` package is installed, else with ``bytes in``
--- and only rules whose literals occur are run. Text per body part is capped
-at :data:`BODY_PART_SCAN` characters (SpamAssassin's ``body_part_scan_size``).
+Speed: only regex rules whose required literals occur in the text are run
+(the prefilter, :mod:`mxguard.content.rules_prefilter`). Text per body part
+is capped at :data:`BODY_PART_SCAN` characters (SpamAssassin's
+``body_part_scan_size``). Metas are compiled by :mod:`mxguard.content.rules_meta`.
 """
 
 from __future__ import annotations
@@ -37,42 +36,27 @@ from __future__ import annotations
 import logging
 import os
 import re
-import re._constants as sre_c
-import re._parser as sre_parse
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from mxguard.content import evals
 from mxguard.content.evals import EVALS, NET_EVALS, RuleLists, ScanContext
 from mxguard.content.mime import ParsedMessage, rendered_body
-from mxguard.content.rules_parser import (
-    ParsedRules,
-    RegexError,
-    RuleDef,
-    apply_replace_tags,
-    compile_regex,
-    parse_paths,
-)
+from mxguard.content.rules_meta import HitMap, MetaError, compile_meta
+from mxguard.content.rules_parser import ParsedRules, RuleDef, apply_replace_tags, parse_paths
+from mxguard.content.rules_prefilter import Prefilter, hyperscan_available, required_literals
+from mxguard.content.rules_regex import RegexError, compile_regex
 
 log = logging.getLogger("mxguard")
 
 BUILTIN_RULES = Path(__file__).resolve().parent.parent / "data" / "rules" / "mxguard.cf"
 BODY_PART_SCAN = 50_000  # characters of each text part seen by body rules
 RAWBODY_PART_SCAN = 500_000
-MIN_LITERAL = 3  # shorter required literals are not worth a prefilter
 REGEX_KINDS = ("body", "rawbody", "full", "uri")
-
-
-class HitMap(dict[str, int]):
-    """Rule name -> hit count; a rule that did not hit reads as 0 in metas."""
-
-    def __missing__(self, key: str) -> int:
-        return 0
 
 
 @dataclass(slots=True)
@@ -133,146 +117,6 @@ class LoadStats:
     seconds: float = 0.0
 
 
-# ------------------------------------------------------------------ prefilter
-
-
-def required_literals(pattern: re.Pattern[bytes]) -> tuple[bytes, ...] | None:
-    """Lower-cased strings of which at least one occurs in every match, or
-    None when no useful set exists (then the rule always runs)."""
-    try:
-        parsed = sre_parse.parse(pattern.pattern, pattern.flags)
-    except Exception:
-        return None
-    found = _required(list(parsed))
-    if not found or min(len(x) for x in found) < MIN_LITERAL:
-        return None
-    return tuple(sorted({x.lower() for x in found}))
-
-
-def _rank(cands: set[bytes] | None) -> float:
-    if not cands:
-        return -1.0
-    return min(len(c) for c in cands) - 0.5 * (len(cands) - 1) / len(cands)
-
-
-def _in_literal(av: list[tuple[Any, Any]]) -> int | None:
-    """``[Vv]`` -> ord('v'): a class that is one letter in either case."""
-    if av and all(op is sre_c.LITERAL for op, _ in av):
-        lowered = {bytes([v]).lower() for _, v in av}
-        if len(lowered) == 1:
-            return lowered.pop()[0]
-    return None
-
-
-def _required(items: list[tuple[Any, Any]]) -> set[bytes] | None:
-    best: set[bytes] | None = None
-    run = bytearray()
-
-    def consider(cands: set[bytes] | None) -> None:
-        nonlocal best
-        if cands and _rank(cands) > _rank(best):
-            best = cands
-
-    for op, av in items:
-        lit = av if op is sre_c.LITERAL else _in_literal(av) if op is sre_c.IN else None
-        if lit is not None:
-            run.append(lit)
-            continue
-        if run:
-            consider({bytes(run)})
-            run = bytearray()
-        if op is sre_c.SUBPATTERN:
-            consider(_required(list(av[-1])))
-        elif op in (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, sre_c.POSSESSIVE_REPEAT):
-            if av[0] >= 1:
-                consider(_required(list(av[2])))
-        elif op is sre_c.ATOMIC_GROUP:
-            consider(_required(list(av)))
-        elif op is sre_c.ASSERT:
-            consider(_required(list(av[1])))
-        elif op is sre_c.BRANCH:
-            alts = [_required(list(a)) for a in av[1]]
-            if all(alts):
-                union: set[bytes] = set()
-                for a in alts:
-                    union |= a or set()
-                consider(union)
-    if run:
-        consider({bytes(run)})
-    return best
-
-
-class _Prefilter:
-    """Which rules of one kind may match a text, from their literals."""
-
-    def __init__(self, rules: list[Rule], use_hyperscan: bool) -> None:
-        self.rules = rules
-        self.always = [i for i, r in enumerate(rules) if r.literals is None]
-        by_literal: dict[bytes, list[int]] = {}
-        for i, r in enumerate(rules):
-            for lit in r.literals or ():
-                by_literal.setdefault(lit, []).append(i)
-        self.literals = list(by_literal)
-        self.targets = [by_literal[lit] for lit in self.literals]
-        self.hs_db: Any = _hyperscan_db(self.literals) if use_hyperscan else None
-        # Hyperscan scratch space may serve one scan at a time: messages are scanned
-        # in several threads at once, so each thread gets its own.
-        self._local = threading.local()
-
-    def _scratch(self) -> Any:
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None:
-            import hyperscan as hs
-
-            scratch = self._local.scratch = hs.Scratch(self.hs_db)
-        return scratch
-
-    def present(self, text_lower: bytes) -> list[int]:
-        """Indices of literals found in the (lower-cased) text."""
-        if self.hs_db is not None:
-            found: list[int] = []
-            self.hs_db.scan(text_lower, match_event_handler=_hs_collect, context=found,
-                            scratch=self._scratch())
-            return found
-        return [i for i, lit in enumerate(self.literals) if lit in text_lower]
-
-    def candidates(self, text: bytes) -> list[Rule]:
-        chosen = set(self.always)
-        for i in self.present(text.lower()):
-            chosen.update(self.targets[i])
-        return [self.rules[i] for i in sorted(chosen)]
-
-
-def _hs_collect(lit_id: int, start: int, end: int, flags: int, context: Any) -> None:
-    context.append(lit_id)
-
-
-def hyperscan_available() -> bool:
-    if os.environ.get("MXGUARD_NO_HYPERSCAN"):
-        return False
-    try:
-        import hyperscan  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _hyperscan_db(literals: list[bytes]) -> Any:
-    if not literals or not hyperscan_available():
-        return None
-    import hyperscan as hs
-
-    try:
-        db = hs.Database(mode=hs.HS_MODE_BLOCK)
-        db.compile(expressions=[re.escape(lit) for lit in literals],
-                   ids=list(range(len(literals))), elements=len(literals),
-                   flags=[hs.HS_FLAG_SINGLEMATCH] * len(literals))
-    except Exception as exc:
-        log.warning("content: hyperscan unusable (%s); using re", exc)
-        return None
-    return db
-
-
 # ------------------------------------------------------------------ headers
 
 
@@ -323,96 +167,6 @@ def header_values(msg: ParsedMessage, spec: str, ctx: ScanContext | None = None)
     return values
 
 
-# ------------------------------------------------------------------ metas
-
-
-_META_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(&&|\|\||[<>=!]=|"
-                         r"[-+*/()<>!]))")
-
-
-class MetaError(ValueError):
-    pass
-
-
-class _MetaCompiler:
-    """Perl precedence (``!`` binds tightest) to a fully parenthesised Python expression."""
-
-    BINARY = (("||",), ("&&",), ("==", "!="), ("<", ">", "<=", ">="), ("+", "-"), ("*", "/"))
-    PY: ClassVar[dict[str, str]] = {"||": "or", "&&": "and"}
-
-    def __init__(self, expr: str) -> None:
-        self.tokens: list[tuple[str, str]] = []
-        pos = 0
-        while pos < len(expr):
-            m = _META_TOKEN.match(expr, pos)
-            if m is None:
-                if expr[pos:].strip():
-                    raise MetaError(f"unexpected {expr[pos:pos + 15]!r}")
-                break
-            pos = m.end()
-            num, name, op = m.groups()
-            self.tokens.append(("num", num) if num else ("name", name) if name else ("op", op))
-        self.pos = 0
-        self.names: list[str] = []
-
-    def compile(self) -> str:
-        code = self._level(0)
-        if self.pos != len(self.tokens):
-            raise MetaError(f"unexpected {self.tokens[self.pos][1]!r}")
-        return code
-
-    def _peek(self) -> tuple[str, str]:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else ("end", "")
-
-    def _level(self, n: int) -> str:
-        if n == len(self.BINARY):
-            return self._unary()
-        left = self._level(n + 1)
-        while self._peek()[0] == "op" and self._peek()[1] in self.BINARY[n]:
-            op = self.tokens[self.pos][1]
-            self.pos += 1
-            right = self._level(n + 1)
-            if op == "/":
-                left = f"_div({left}, {right})"
-            else:
-                left = f"({left} {self.PY.get(op, op)} {right})"
-        return left
-
-    def _unary(self) -> str:
-        kind, value = self._peek()
-        if kind == "op" and value in ("!", "-"):
-            self.pos += 1
-            inner = self._unary()
-            return f"(not {inner})" if value == "!" else f"(-{inner})"
-        if kind == "op" and value == "(":
-            self.pos += 1
-            inner = self._level(0)
-            if self._peek() != ("op", ")"):
-                raise MetaError("missing )")
-            self.pos += 1
-            return inner
-        if kind == "num":
-            self.pos += 1
-            return value
-        if kind == "name":
-            self.pos += 1
-            self.names.append(value)
-            return f"h[{value!r}]"
-        raise MetaError("expression ends early" if kind == "end" else f"unexpected {value!r}")
-
-
-def _div(a: float, b: float) -> float:
-    return a / b if b else 0.0
-
-
-def compile_meta(expr: str) -> tuple[Callable[[HitMap], Any], tuple[str, ...]]:
-    """(function of the hit map, rule names used); raises MetaError."""
-    comp = _MetaCompiler(expr)
-    code = comp.compile()
-    fn = eval(f"lambda h: {code}", {"__builtins__": {}, "_div": _div})
-    return fn, tuple(dict.fromkeys(comp.names))
-
-
 # ------------------------------------------------------------------ the rule set
 
 
@@ -450,7 +204,7 @@ class RuleSet:
         self.stats.engine = "hyperscan+re" if use_hs else "re"
         self.header_rules = [r for r in self.rules.values() if r.kind == "header"]
         self.eval_rules = [r for r in self.rules.values() if r.kind == "eval"]
-        self.prefilters = {kind: _Prefilter([r for r in self.rules.values() if r.kind == kind],
+        self.prefilters = {kind: Prefilter([r for r in self.rules.values() if r.kind == kind],
                                             use_hs) for kind in REGEX_KINDS}
         for rule in self.rules.values():
             self.stats.active[rule.kind] += 1
@@ -724,6 +478,5 @@ def score_set(cfg: Any, bayes_ready: bool) -> int:
     return 2 if bayes_ready and cfg.bayes.enabled else 0
 
 
-__all__ = ["BUILTIN_RULES", "HitMap", "LoadStats", "Rule", "RuleHit", "RuleSet", "ScanResult",
-           "build_ruleset", "compile_meta", "header_values", "load_rules", "required_literals",
-           "rule_paths", "score_set"]
+__all__ = ["BUILTIN_RULES", "LoadStats", "Rule", "RuleHit", "RuleSet", "ScanResult",
+           "build_ruleset", "header_values", "load_rules", "rule_paths", "score_set"]

@@ -8,13 +8,8 @@ import zipfile
 
 import pytest
 
-from mxguard.content.mime import (
-    decode_header_value,
-    header_params,
-    normalize_uri,
-    parse_message,
-    rendered_body,
-)
+from mxguard.content.mime import decode_header_value, header_params, parse_message, rendered_body
+from mxguard.content.mime_uri import normalize_uri
 
 
 def msg(headers: str, body: bytes | str) -> bytes:

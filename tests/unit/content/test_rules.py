@@ -10,15 +10,11 @@ from typing import Any
 import pytest
 
 from mxguard.content.mime import parse_message
-from mxguard.content.rules import HitMap, RuleSet, build_ruleset, compile_meta, required_literals
-from mxguard.content.rules_parser import (
-    ParsedRules,
-    RegexError,
-    compile_regex,
-    eval_if,
-    parse_text,
-    translate_regex,
-)
+from mxguard.content.rules import RuleSet, build_ruleset
+from mxguard.content.rules_meta import HitMap, compile_meta
+from mxguard.content.rules_parser import ParsedRules, eval_if, parse_text
+from mxguard.content.rules_prefilter import required_literals
+from mxguard.content.rules_regex import RegexError, compile_regex, translate_regex
 
 SA_DIR = Path("/usr/share/spamassassin")
 

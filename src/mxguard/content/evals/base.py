@@ -1,0 +1,157 @@
+"""The eval registry (:data:`EVALS`, :func:`register`), the :class:`ScanContext`
+evals read, and the helpers (addresses, domains, numeric arguments) the eval
+families share."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mxguard.content.mime import ParsedMessage, rendered_body
+
+EvalFn = Callable[..., bool | int]
+EVALS: dict[str, EvalFn] = {}
+# Evals that need the network (DNS blocklists, Razor, Pyzor, DCC): never run here.
+NET_EVALS = frozenset((
+    "check_rbl", "check_rbl_sub", "check_rbl_txt", "check_uridnsbl", "check_rbl_from_host",
+    "check_rbl_from_domain", "check_rbl_envfrom", "check_rbl_headers", "check_rbl_ns_from",
+    "check_razor2", "check_razor2_range", "check_pyzor", "check_dcc", "check_dcc_reputation_range",
+    "check_dns_sender", "check_askdns", "check_uri_host_in_blocklist", "check_hashbl_bodyre",
+))
+
+
+def register(name: str) -> Callable[[EvalFn], EvalFn]:
+    def deco(fn: EvalFn) -> EvalFn:
+        EVALS[name] = fn
+        return fn
+    return deco
+
+
+@dataclass
+class RuleLists:
+    """List settings from the rule files that evals use."""
+
+    url_shorteners: frozenset[str] = frozenset()
+    freemail_domains: frozenset[str] = frozenset()
+    uri_host_lists: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+@dataclass
+class ScanContext:
+    """One message being scanned: parsed MIME, the transaction (or None in
+    ``mxguard scan``), the clock, a Bayes probability if known, caches."""
+
+    msg: ParsedMessage
+    tx: Any = None
+    now: float = field(default_factory=time.time)
+    bayes_prob: float | None = None
+    lists: RuleLists = field(default_factory=RuleLists)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def memo(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = fn()
+        return self.cache[key]
+
+    @property
+    def body(self) -> str:
+        value: str = self.memo("body", lambda: rendered_body(self.msg))
+        return value
+
+    def result(self, check: str) -> Any:
+        results = getattr(self.tx, "results", None) or {}
+        return results.get(check)
+
+    def result_extra(self, check: str, key: str) -> str:
+        res = self.result(check)
+        extra = getattr(res, "extra", None) or {}
+        return str(extra.get(key, "")).lower()
+
+    @property
+    def envelope_from(self) -> str:
+        sender = getattr(self.tx, "sender", None)
+        if sender is not None and self.tx is not None:
+            return str(sender)
+        rp = self.msg.first("Return-Path")
+        return address(rp) if rp else ""
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def address(value: str) -> str:
+    """The first address of a header value (lower case), '' if none."""
+    try:
+        pairs = email.utils.getaddresses([value])
+    except Exception:
+        return ""
+    for _, addr in pairs:
+        if "@" in addr:
+            return addr.strip().lower()
+    return ""
+
+
+def display_name(value: str) -> str:
+    try:
+        pairs = email.utils.getaddresses([value])
+    except Exception:
+        return ""
+    return pairs[0][0].strip() if pairs else ""
+
+
+def domain_of(addr: str) -> str:
+    return addr.rpartition("@")[2].strip().rstrip(".>").lower() if "@" in addr else ""
+
+
+def org_domain(host: str) -> str:
+    """Registrable domain via the public suffix list (the last two labels if
+    the list cannot be loaded)."""
+    host = host.strip(".").lower()
+    if not host or host.replace(".", "").isdigit() or ":" in host:
+        return host
+    psl = _psl()
+    if psl is not None:
+        value: str | None = psl.privatesuffix(host)
+        if value:
+            return value
+    return ".".join(host.split(".")[-2:])
+
+
+_PSL: list[Any] = []
+
+
+def _psl() -> Any:
+    if not _PSL:
+        try:
+            from publicsuffixlist import PublicSuffixList
+
+            _PSL.append(PublicSuffixList())
+        except Exception:
+            _PSL.append(None)
+    return _PSL[0]
+
+
+def num(value: str, default: float = 0.0) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def in_domain_list(domain: str, domains: frozenset[str]) -> bool:
+    """``domain`` or a parent listed; ``*.example`` entries match subdomains."""
+    if not domain:
+        return False
+    labels = domain.split(".")
+    for i in range(len(labels)):
+        candidate = ".".join(labels[i:])
+        if candidate in domains or (i and "*." + candidate in domains):
+            return True
+    return False
+
+
+__all__ = ["EVALS", "NET_EVALS", "EvalFn", "RuleLists", "ScanContext", "address", "display_name",
+           "domain_of", "in_domain_list", "num", "org_domain", "register"]
