@@ -91,7 +91,7 @@ def decision_line(tx: Transaction, verdict: Verdict, action: str) -> str:
     if verdict.observed:
         parts.append(f"observe={kv('; '.join(verdict.observed))}")
     if verdict.timings:
-        parts.append("checks_ms=" + ",".join(f"{k}:{v:.2f}" for k, v in verdict.timings.items()))
+        parts.append("checks_ms=" + ",".join([f"{k}:{v:.2f}" for k, v in verdict.timings.items()]))
     return " ".join(parts)
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from mxguard.checks import evaluate
-from mxguard.core.runner import log_decision
+from mxguard.checks import PIPELINE
+from mxguard.core.runner import evaluate, log_decision
 from mxguard.core.transaction import HeaderEdit, Stage, Transaction, Verdict
 from mxguard.protocols.policy import PolicyRequest, encode_action, encode_reply
 from mxguard.server.policy_headers import HeaderMemory
@@ -68,10 +68,10 @@ class PolicyDoor:
         helo_context = tx.attrs.get("policy_context", "") == "helo"
         if helo_context:
             self.helo_ran(tx)
-            verdict = await evaluate(tx, rt, Stage.HELO)
+            verdict = await evaluate(tx, rt, PIPELINE, Stage.HELO)
         else:
             done = self.session(tx) in self._helo_done
-            verdict = await evaluate(tx, rt, tx.stage, after=Stage.HELO if done else None)
+            verdict = await evaluate(tx, rt, PIPELINE, tx.stage, Stage.HELO if done else None)
         wanted = [h for h in verdict.headers if isinstance(h, HeaderEdit)]
         header = self.headers.next_header(tx.instance, wanted)
         verdict.headers = [header] if header is not None else []

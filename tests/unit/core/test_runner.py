@@ -205,3 +205,54 @@ def test_error_lines_are_one_per_check_per_interval() -> None:
     assert log.allow("bayes", 60, now=2.0) is None
     assert log.allow("greylist", 60, now=2.0) == 0  # control: another check logs its own
     assert log.allow("bayes", 60, now=61.0) == 2  # next interval says how many were held
+
+
+# ------------------------------------------------------------------ the budget wrapper
+
+async def _steps(n: int, fail: bool = False) -> int:
+    for _ in range(n):
+        await asyncio.sleep(0)
+    if fail:
+        raise ValueError("after waiting")
+    return n
+
+
+@pytest.mark.parametrize("steps", [0, 1, 5])  # 0: done without waiting (no timer)
+async def test_within_returns_what_the_coroutine_returns(steps: int) -> None:
+    assert await runner.within(_steps(steps), 1.0) == steps
+
+
+async def test_within_passes_on_errors_raised_after_a_wait() -> None:
+    with pytest.raises(ValueError, match="after waiting"):
+        await runner.within(_steps(2, fail=True), 1.0)
+
+
+async def test_within_cancellation_from_outside_reaches_the_check() -> None:
+    cleaned: list[bool] = []
+
+    async def waits() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaned.append(True)
+
+    task = asyncio.ensure_future(runner.within(waits(), 30.0))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == [True]
+
+
+async def test_within_timeout_after_a_wait_cancels_the_check() -> None:
+    cleaned: list[bool] = []
+
+    async def waits() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaned.append(True)
+
+    with pytest.raises(TimeoutError):
+        await runner.within(waits(), 0.02)
+    assert cleaned == [True]
