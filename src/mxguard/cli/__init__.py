@@ -11,18 +11,7 @@ import sys
 import click
 
 from mxguard import __version__, config
-
-CONFIG_OPTION = click.option("--config", "-c", "config_path", metavar="FILE",
-                             type=click.Path(dir_okay=False),
-                             help="TOML config file (default: embedded defaults)")
-
-
-def load_or_exit(path: str | None) -> config.Config:
-    try:
-        return config.load(path)
-    except config.ConfigError as exc:
-        click.echo(f"mxguard: config error: {exc}", err=True)
-        sys.exit(2)
+from mxguard.cli.common import CONFIG_OPTION, load_or_exit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

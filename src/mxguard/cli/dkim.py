@@ -18,13 +18,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import NoReturn
 
 import click
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from mxguard import config
 from mxguard.auth.dkim import (
     DkimKeyError,
     DkimResult,
@@ -36,14 +34,10 @@ from mxguard.auth.dkim import (
     verify,
 )
 from mxguard.auth.dkim_keys import DOMAIN_RE, PrivateKey
+from mxguard.cli.common import config_option, fail, load_or_exit
 from mxguard.dns import Resolver
 
 TXT_STRING_MAX = 255
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"mxguard: {message}", err=True)
-    sys.exit(code)
 
 
 def _name(value: str, what: str) -> str:
@@ -76,9 +70,9 @@ def _write_private(path: str, key: PrivateKey, force: bool) -> None:
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        _fail(f"{path} exists (use --force to replace it)")
+        fail(f"{path} exists (use --force to replace it)")
     except OSError as exc:
-        _fail(f"cannot write {path}: {exc.strerror or exc}")
+        fail(f"cannot write {path}: {exc.strerror or exc}")
     with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), 0o600)
         f.write(pem)
@@ -130,7 +124,7 @@ def sign_cmd(domain: str, selector: str, key_path: str, canonicalization: str,
         key = SigningKey(_name(domain, "domain"), _name(selector, "selector"),
                          read_private_key(key_path), key_path)
     except DkimKeyError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     raw = sys.stdin.buffer.read()
     headers, body = parse_message(raw)
     (value,) = sign(headers, body, [key], canonicalization=canonicalization, ttl=ttl)
@@ -150,14 +144,10 @@ def _line(r: DkimResult) -> str:
 
 
 @dkim.command("verify")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="mxguard TOML config ([dns] and [dkim] are used)")
+@config_option("mxguard TOML config ([dns] and [dkim] are used)", short=False, metavar=None)
 def verify_cmd(config_path: str | None) -> None:
     """Verify the message on stdin: one line per signature; exit 0 if one passes."""
-    try:
-        cfg = config.load(config_path)
-    except config.ConfigError as exc:
-        _fail(f"config error: {exc}")
+    cfg = load_or_exit(config_path)
     headers, body = parse_message(sys.stdin.buffer.read())
     results = asyncio.run(verify(headers, body, Resolver(cfg.dns),
                                  max_signatures=cfg.dkim.max_signatures,

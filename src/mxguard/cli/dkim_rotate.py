@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography.hazmat.primitives import serialization
@@ -50,6 +50,7 @@ from mxguard.auth.dkim_keys import (
     public_key_record,
     read_private_key,
 )
+from mxguard.cli.common import config_option, fail, load_or_exit
 from mxguard.dns import DnsTempError, Resolver
 
 if TYPE_CHECKING:
@@ -308,11 +309,6 @@ def _import_configured(cfg: Config, state: RotationState, domain: str) -> None:
 # ------------------------------------------------------------------ CLI
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"mxguard: {message}", err=True)
-    sys.exit(code)
-
-
 def _date(ts: float | None) -> str:
     if not ts:
         return "-"
@@ -337,7 +333,7 @@ def _new_key(cfg: Config, state: RotationState, domain: str, sdir: Path, selecto
     if selector is None:
         selector = next_selector(taken)
     elif selector in taken or not DOMAIN_RE.match(selector):
-        _fail(f"selector {selector!r} is already used for {domain} or not a valid label")
+        fail(f"selector {selector!r} is already used for {domain} or not a valid label")
     if kind is None:
         current = [k for k in keys if k.state == ACTIVE]
         kind = "rsa"
@@ -349,9 +345,9 @@ def _new_key(cfg: Config, state: RotationState, domain: str, sdir: Path, selecto
     try:
         _write_key(path, generate(kind, bits), sdir)
     except FileExistsError:
-        _fail(f"{path} exists: give another --selector")
+        fail(f"{path} exists: give another --selector")
     except OSError as exc:
-        _fail(f"cannot write {path}: {exc.strerror or exc}")
+        fail(f"cannot write {path}: {exc.strerror or exc}")
     ks = KeyState(selector, str(path), PENDING, created=time.time())
     keys.append(ks)
     return ks
@@ -400,8 +396,7 @@ def _status(cfg: Config, state: RotationState, domain: str) -> None:
 
 @click.command("rotate")
 @click.argument("domain")
-@click.option("--config", "-c", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
-              help="mxguard TOML config ([dkim] keys, [dns], [server] state_dir)")
+@config_option("mxguard TOML config ([dkim] keys, [dns], [server] state_dir)")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="where keys and the rotation state live (default: [server] state_dir)")
 @click.option("--status", "show_status", is_flag=True, help="show the keys and what to do next")
@@ -417,8 +412,6 @@ def rotate(domain: str, config_path: str | None, state_dir: str | None, show_sta
            advance: bool, selector: str | None, kind: str | None, bits: int,
            grace_days: int) -> None:
     """Make the next DKIM key of DOMAIN; switch to it once its record is published."""
-    from mxguard.cli import load_or_exit
-
     if show_status and advance:
         raise click.UsageError("--status and --advance exclude each other")
     domain = domain.strip().rstrip(".").lower()
@@ -430,7 +423,7 @@ def rotate(domain: str, config_path: str | None, state_dir: str | None, show_sta
         state = load_state(cfg, state_dir)
         _import_configured(cfg, state, domain)
     except (RotationError, DkimKeyError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if show_status:
         _status(cfg, state, domain)
         _save(state, sdir)
@@ -458,7 +451,7 @@ def _save(state: RotationState, sdir: Path) -> None:
         sdir.mkdir(parents=True, exist_ok=True)
         state.save()
     except OSError as exc:
-        _fail(f"cannot write {state.path}: {exc.strerror or exc}")
+        fail(f"cannot write {state.path}: {exc.strerror or exc}")
 
 
 def _advance(cfg: Config, state: RotationState, domain: str, grace_days: int) -> int:

@@ -54,15 +54,16 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import click
+
+from mxguard.cli.common import config_option, fail, load_or_exit
 
 if TYPE_CHECKING:
     from mxguard.config import Config
@@ -864,11 +865,6 @@ def apply(plan: Plan) -> list[Path]:
 # ------------------------------------------------------------------ CLI
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"mxguard: {message}", err=True)
-    sys.exit(code)
-
-
 def _command(config_dir: Path, args: Sequence[str]) -> str:
     return shlex.join(["postconf", "-c", str(config_dir), *args])
 
@@ -896,8 +892,7 @@ def postfix() -> None:
               help="restore main.cf/master.cf from the latest mxguard backup")
 @click.option("--config-dir", default=DEFAULT_CONFIG_DIR, show_default=True,
               type=click.Path(file_okay=False), help="Postfix configuration directory")
-@click.option("--config", "-c", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
-              help="mxguard TOML config ([policy] and [milter] listen)")
+@config_option("mxguard TOML config ([policy] and [milter] listen)")
 @click.option("--replace-seed", is_flag=True,
               help="also remove reject_*_helo_hostname and the postgrey / policyd-spf "
                    "check_policy_service entries (mxguard does those checks)")
@@ -912,8 +907,6 @@ def setup_cmd(do_apply: bool, do_revert: bool, config_dir: str, config_path: str
               replace_seed: bool, milter_default_action: str, no_check: bool,
               no_diff: bool) -> None:
     """Show (default) or apply every Postfix change mxguard needs; idempotent."""
-    from mxguard.cli import load_or_exit
-
     if do_apply and do_revert:
         raise click.UsageError("--apply and --revert exclude each other")
     cdir = Path(config_dir).absolute()
@@ -946,13 +939,13 @@ def setup_cmd(do_apply: bool, do_revert: bool, config_dir: str, config_path: str
             for line in check_and_reload(cdir, cfg):
                 click.echo(line)
     except SetupError as exc:
-        _fail(str(exc), 1 if do_apply or do_revert else 2)
+        fail(str(exc), 1 if do_apply or do_revert else 2)
 
 
 def _revert(cdir: Path, no_check: bool) -> None:
     done = revert(cdir)
     if not done:
-        _fail(f"no mxguard backup in {cdir} to restore (backups are named "
+        fail(f"no mxguard backup in {cdir} to restore (backups are named "
               f"main.cf{BACKUP_TAG}<time>)", 1)
     for target, kept in done:
         click.echo(f"restored {target} from its backup (now kept as {kept.name})")

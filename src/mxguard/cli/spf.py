@@ -26,13 +26,14 @@ import json
 import socket
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from mxguard import config
 from mxguard.auth import spf as engine
 from mxguard.auth.spf import Macro, PermError, Record, SpfResult, Token
+from mxguard.cli.common import config_option, ip_option, load_or_exit
 from mxguard.core.transaction import Mode
 from mxguard.dns import Answer, DnsTempError, Resolver
 
@@ -40,30 +41,7 @@ RECOMMENDED = "v=spf1 mx -all"  # the recommended policy: only the domain's MX h
 LINT_IP = "192.0.2.1"  # stands in for the client when a lint expands a macro
 MAX_WALK_TERMS = 60  # the lint stops following include:/redirect= past this many terms
 
-config_option = click.option("--config", "-c", "config_path", metavar="FILE",
-                             type=click.Path(dir_okay=False), default=None,
-                             help="mxguard TOML config file ([dns] nameservers, [spf])")
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"mxguard: {message}", err=True)
-    sys.exit(code)
-
-
-def _load(path: str | None) -> config.Config:
-    try:
-        return config.load(path)
-    except config.ConfigError as exc:
-        _fail(f"config error: {exc}")
-
-
-def _ip_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return str(engine.client_ip(value.strip().strip("[]")))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an IPv4 or IPv6 address") from None
+_with_config = config_option("mxguard TOML config file ([dns] nameservers, [spf])")
 
 
 @click.group("spf")
@@ -113,17 +91,17 @@ def _as_dict(res: SpfResult, cfg: config.Config, receiver: str, trace: bool) -> 
 
 
 @spf.command("check")
-@click.option("--ip", required=True, callback=_ip_option, help="the client's IP address")
+@click.option("--ip", required=True, callback=ip_option, help="the client's IP address")
 @click.option("--sender", required=True,
               help='MAIL FROM address; "" or "<>" for the null sender (then --helo is needed)')
 @click.option("--helo", default="", help="the HELO/EHLO name the client gave")
 @click.option("--trace", is_flag=True, help="also print every DNS lookup, in order")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-@config_option
+@_with_config
 def check_cmd(ip: str, sender: str, helo: str, trace: bool, as_json: bool,
               config_path: str | None) -> None:
     """Evaluate SPF for one client IP, sender and HELO name, as the daemon does."""
-    cfg = _load(config_path)
+    cfg = load_or_exit(config_path)
     sender = sender.strip()
     if sender == "<>":
         sender = ""
@@ -509,12 +487,12 @@ async def _suggestion(resolver: Resolver, domain: str, ip: str | None) -> str:
 
 @spf.command("lint")
 @click.argument("domain")
-@click.option("--ip", callback=_ip_option, default=None,
+@click.option("--ip", callback=ip_option, default=None,
               help="also check that this outbound IP address passes")
-@config_option
+@_with_config
 def lint_cmd(domain: str, ip: str | None, config_path: str | None) -> None:
     """Check DOMAIN's SPF record: syntax, DNS lookup limits, and whether --ip passes."""
-    cfg = _load(config_path)
+    cfg = load_or_exit(config_path)
     name = engine.identity_domain(domain.strip())
     if name is None:
         raise click.BadParameter(f"{domain!r} is not a domain name", param_hint="DOMAIN")
