@@ -31,11 +31,11 @@ from mxguard import config
 from mxguard.auth import dmarc
 from mxguard.auth import spf as engine
 from mxguard.auth.dkim_keys import DkimKeyError, public_key_record, read_private_key
+from mxguard.auth.spf_lint import RECOMMENDED, Lint, lint_domain, suggestion
 from mxguard.cli.common import config_option, ip_option, load_or_exit
 from mxguard.cli.dkim import zone_line
 from mxguard.cli.dkim_rotate import ACTIVE, PENDING, DomainKey, RotationError, check_record
 from mxguard.cli.dkim_rotate import published_keys as _published_keys
-from mxguard.cli.spf import RECOMMENDED, Lint, _lint, _suggestion
 from mxguard.dns import DnsTempError, Resolver, reverse_name
 
 REPORT_LOCAL_PART = "dmarc-reports"
@@ -91,7 +91,7 @@ async def spf_record(resolver: Resolver, domain: str, ip: str | None,
                      from_mx: bool) -> tuple[str, str]:
     """(record, comment) for ``domain``."""
     if not from_mx:
-        record = await _suggestion(resolver, domain, ip)
+        record = await suggestion(resolver, domain, ip)
         why = "only the domain's MX hosts may send mail as @" + domain
         if record != RECOMMENDED:
             why += f", and {ip} (the MX hosts do not cover it)"
@@ -182,9 +182,9 @@ class Section:
 
 
 async def _spf_section(cfg: config.Config, domain: str, ip: str | None, lint: Lint) -> None:
-    suggestion = await _lint(cfg, domain, ip, lint)
+    publish = await lint_domain(cfg, domain, ip, lint)
     if lint.fails:
-        lint.note(f'record to publish: {domain}. IN TXT "{suggestion}"')
+        lint.note(f'record to publish: {domain}. IN TXT "{publish}"')
 
 
 async def _dkim_section(cfg: config.Config, resolver: Resolver, domain: str,

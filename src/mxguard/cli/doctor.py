@@ -39,6 +39,7 @@ from mxguard.auth.dkim_keys import (
     parse_key_entry,
     read_private_key,
 )
+from mxguard.auth.spf_lint import Lint
 from mxguard.cli.common import config_option, ip_option
 from mxguard.cli.dkim_rotate import RotationError, active_keys
 from mxguard.cli.dns import Section, check_domain, print_sections
@@ -49,7 +50,6 @@ from mxguard.cli.postfix import (
     postconf_value,
     postfix_running,
 )
-from mxguard.cli.spf import Lint
 from mxguard.protocols import milter as m
 
 DOCTOR_INSTANCE = "mxguard-doctor"

@@ -804,8 +804,8 @@ def doors_down(cfg: Config, timeout: float = 3.0) -> list[str]:
     """Why mxguard's policy door / milter do not answer (empty: both answer)."""
     import asyncio
 
+    from mxguard.auth.spf_lint import Lint
     from mxguard.cli.doctor import check_milter, check_policy
-    from mxguard.cli.spf import Lint
 
     async def probe() -> Lint:
         lint = Lint()
