@@ -65,7 +65,6 @@ def config_show(file: str | None, no_docs: bool) -> None:
 def _register() -> None:
     from mxguard.cli.demo import demo
     from mxguard.cli.dkim import dkim
-    from mxguard.cli.dkim_rotate import rotate
     from mxguard.cli.dns import dns
     from mxguard.cli.doctor import doctor
     from mxguard.cli.greylist import greylist
@@ -75,7 +74,6 @@ def _register() -> None:
     from mxguard.cli.spf import spf
     from mxguard.cli.storage import storage
 
-    dkim.add_command(rotate)
     for command in (greylist, spf, dkim, scan, rules, learn, bayes, storage, postfix, dns,
                     doctor, demo):
         main.add_command(command)

@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 import click
 
 from mxguard import config
-from mxguard.auth import dmarc
+from mxguard.auth import dkim_rotation, dmarc
 from mxguard.auth import spf as engine
 from mxguard.auth.dkim_keys import DkimKeyError, public_key_record, read_private_key
+from mxguard.auth.dkim_rotation import ACTIVE, PENDING, DomainKey, RotationError, check_record
 from mxguard.auth.spf_lint import RECOMMENDED, Lint, lint_domain, suggestion
 from mxguard.cli.common import config_option, ip_option, load_or_exit
 from mxguard.cli.dkim import zone_line
-from mxguard.cli.dkim_rotate import ACTIVE, PENDING, DomainKey, RotationError, check_record
-from mxguard.cli.dkim_rotate import published_keys as _published_keys
 from mxguard.dns import DnsTempError, Resolver, reverse_name
 
 REPORT_LOCAL_PART = "dmarc-reports"
@@ -51,7 +50,7 @@ def _domain(value: str) -> str:
 def published_keys(cfg: config.Config, domain: str) -> list[DomainKey]:
     """Keys of ``domain`` whose records DNS should serve; a bad state file counts as none."""
     try:
-        return _published_keys(cfg, domain)
+        return dkim_rotation.published_keys(cfg, domain)
     except (RotationError, DkimKeyError):
         return []
 

@@ -39,9 +39,9 @@ from mxguard.auth.dkim_keys import (
     parse_key_entry,
     read_private_key,
 )
+from mxguard.auth.dkim_rotation import RotationError, active_keys
 from mxguard.auth.spf_lint import Lint
 from mxguard.cli.common import config_option, ip_option
-from mxguard.cli.dkim_rotate import RotationError, active_keys
 from mxguard.cli.dns import Section, check_domain, print_sections
 from mxguard.cli.postfix import (
     DEFAULT_CONFIG_DIR,
