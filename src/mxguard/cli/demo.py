@@ -187,7 +187,8 @@ internal_hosts = ["127.0.0.1/32"]
                  f"127.0.0.1:{self.milter_port} (pid {self.mxguard.pid}, config {cfg_path})")
 
     def start_postfix(self, cfg_path: Path) -> None:
-        from mxguard.cli.postfix import apply, make_plan
+        from mxguard.cli.postfix_apply import apply
+        from mxguard.cli.postfix_plan import make_plan
 
         assert self.sink is not None
         pf = PrivatePostfix(self.workdir / "pf", self.sink.port,

@@ -43,13 +43,13 @@ from mxguard.auth.dkim_rotation import RotationError, active_keys
 from mxguard.auth.spf_lint import Lint
 from mxguard.cli.common import config_option, ip_option
 from mxguard.cli.dns import Section, check_domain, print_sections
-from mxguard.cli.postfix import (
+from mxguard.cli.postfix_conf import (
     DEFAULT_CONFIG_DIR,
     SetupError,
-    make_plan,
     postconf_value,
     postfix_running,
 )
+from mxguard.cli.postfix_plan import make_plan
 from mxguard.protocols import milter as m
 
 DOCTOR_INSTANCE = "mxguard-doctor"

@@ -48,7 +48,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from mxguard.cli.postfix import find_command
+from mxguard.cli.postfix_conf import find_command
 
 Zone = dict[str, list[tuple[str, Any]]]
 
