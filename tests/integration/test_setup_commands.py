@@ -35,7 +35,8 @@ from tests.support.daemon import MxguardProcess
 
 from mxguard import config
 from mxguard.auth.dkim_keys import KeyTable, public_key_record, read_private_key
-from mxguard.cli.dkim_rotate import active_keys, rotate
+from mxguard.auth.dkim_rotation import active_keys
+from mxguard.cli.dkim import rotate
 from mxguard.cli.dns import dns as dns_group
 from mxguard.cli.doctor import doctor
 from mxguard.cli.postfix import postfix

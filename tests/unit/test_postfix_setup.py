@@ -28,22 +28,20 @@ import pytest
 from click.testing import CliRunner, Result
 
 from mxguard import config
-from mxguard.cli.postfix import (
+from mxguard.cli.postfix import postfix
+from mxguard.cli.postfix_apply import apply, revert
+from mxguard.cli.postfix_conf import (
     Endpoint,
-    Options,
-    apply,
     endpoint_from_listen,
     find_command,
     insert_at,
-    make_plan,
     parse_endpoint,
     parse_restrictions,
     placement,
-    postfix,
     remove_entry,
-    revert,
     tokenize,
 )
+from mxguard.cli.postfix_plan import Options, make_plan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "maincf"
 REAL_WORLD = ("debian", "seed", "multiline", "unusual")

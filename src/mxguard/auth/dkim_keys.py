@@ -8,7 +8,8 @@
   problems raise :class:`KeyRecordError` whose text is the verifier's reason.
 * :class:`KeyTable` maps a From address to the keys that sign for it, built
   from ``[dkim] keys`` and ``signing_table``; :func:`check_key_permissions`
-  refuses private key files that group or others can read.
+  refuses private key files that group or others can read;
+  :func:`generate_private_key` and :func:`write_private_key` make new ones.
 """
 
 from __future__ import annotations
@@ -88,6 +89,29 @@ def read_private_key(path: str) -> PrivateKey:
         return load_private_key(data)
     except DkimKeyError as exc:
         raise DkimKeyError(f"DKIM key {path}: {exc}") from None
+
+
+def generate_private_key(kind: str, bits: int = 2048) -> PrivateKey:
+    """A new signing key: Ed25519 for ``kind == "ed25519"``, else RSA of ``bits``."""
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def write_private_key(path: str | os.PathLike[str], key: PrivateKey, *,
+                      replace: bool = False) -> None:
+    """Write ``key`` to ``path`` as PKCS#8 PEM, mode 0600.
+
+    Without ``replace`` the file is created with ``O_EXCL``: an existing file,
+    or a symlink planted at ``path``, is never followed or overwritten
+    (FileExistsError). Other failures raise OSError."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(pem)
 
 
 def check_key_permissions(path: str) -> None:

@@ -11,18 +11,7 @@ import sys
 import click
 
 from mxguard import __version__, config
-
-CONFIG_OPTION = click.option("--config", "-c", "config_path", metavar="FILE",
-                             type=click.Path(dir_okay=False),
-                             help="TOML config file (default: embedded defaults)")
-
-
-def load_or_exit(path: str | None) -> config.Config:
-    try:
-        return config.load(path)
-    except config.ConfigError as exc:
-        click.echo(f"mxguard: config error: {exc}", err=True)
-        sys.exit(2)
+from mxguard.cli.common import CONFIG_OPTION, load_or_exit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +65,6 @@ def config_show(file: str | None, no_docs: bool) -> None:
 def _register() -> None:
     from mxguard.cli.demo import demo
     from mxguard.cli.dkim import dkim
-    from mxguard.cli.dkim_rotate import rotate
     from mxguard.cli.dns import dns
     from mxguard.cli.doctor import doctor
     from mxguard.cli.greylist import greylist
@@ -86,7 +74,6 @@ def _register() -> None:
     from mxguard.cli.spf import spf
     from mxguard.cli.storage import storage
 
-    dkim.add_command(rotate)
     for command in (greylist, spf, dkim, scan, rules, learn, bayes, storage, postfix, dns,
                     doctor, demo):
         main.add_command(command)

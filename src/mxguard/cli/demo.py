@@ -39,11 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mxguard import config
-from mxguard.auth.dkim_keys import public_key_record
+from mxguard.auth.dkim_keys import generate_private_key, public_key_record, write_private_key
 from mxguard.testing.dns import DNSServer
 from mxguard.testing.ports import free_port
 from mxguard.testing.postfix import PostfixInstance, postfix_missing
@@ -119,12 +117,8 @@ class Demo:
     # ------------------------------------------------------------ start
 
     def start(self) -> None:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+        key = generate_private_key("rsa", 2048)
+        write_private_key(self.key_path, key)
         zone = dict(ZONE_TEMPLATE)
         zone[f"{SELECTOR}._domainkey.{OUR_DOMAIN}"] = [("TXT", public_key_record(key))]
         self.dns = DNSServer(zone, ttl=60).start()
@@ -189,7 +183,8 @@ internal_hosts = ["127.0.0.1/32"]
                  f"127.0.0.1:{self.milter_port} (pid {self.mxguard.pid}, config {cfg_path})")
 
     def start_postfix(self, cfg_path: Path) -> None:
-        from mxguard.cli.postfix import apply, make_plan
+        from mxguard.cli.postfix_apply import apply
+        from mxguard.cli.postfix_plan import make_plan
 
         assert self.sink is not None
         pf = PostfixInstance(self.workdir / "pf", self.sink.port,

@@ -28,22 +28,16 @@ from dataclasses import dataclass, field
 import click
 
 from mxguard import config
-from mxguard.auth import dmarc
+from mxguard.auth import dkim_rotation, dmarc
 from mxguard.auth import spf as engine
 from mxguard.auth.dkim_keys import DkimKeyError, public_key_record, read_private_key
+from mxguard.auth.dkim_rotation import ACTIVE, PENDING, DomainKey, RotationError, check_record
+from mxguard.auth.spf_lint import RECOMMENDED, Lint, lint_domain, suggestion
+from mxguard.cli.common import config_option, ip_option, load_or_exit
 from mxguard.cli.dkim import zone_line
-from mxguard.cli.dkim_rotate import ACTIVE, PENDING, DomainKey, RotationError, check_record
-from mxguard.cli.dkim_rotate import published_keys as _published_keys
-from mxguard.cli.spf import RECOMMENDED, Lint, _ip_option, _lint, _suggestion
 from mxguard.dns import DnsTempError, Resolver, reverse_name
 
 REPORT_LOCAL_PART = "dmarc-reports"
-
-
-def _load(path: str | None) -> config.Config:
-    from mxguard.cli import load_or_exit
-
-    return load_or_exit(path)
 
 
 def _domain(value: str) -> str:
@@ -56,7 +50,7 @@ def _domain(value: str) -> str:
 def published_keys(cfg: config.Config, domain: str) -> list[DomainKey]:
     """Keys of ``domain`` whose records DNS should serve; a bad state file counts as none."""
     try:
-        return _published_keys(cfg, domain)
+        return dkim_rotation.published_keys(cfg, domain)
     except (RotationError, DkimKeyError):
         return []
 
@@ -65,9 +59,7 @@ def dmarc_record(domain: str) -> str:
     return f"v=DMARC1; p=none; rua=mailto:{REPORT_LOCAL_PART}@{domain}"
 
 
-config_option = click.option("--config", "-c", "config_path", metavar="FILE",
-                             type=click.Path(dir_okay=False), default=None,
-                             help="mxguard TOML config ([dns], [dkim] keys)")
+_with_config = config_option("mxguard TOML config ([dns], [dkim] keys)")
 
 
 @click.group("dns")
@@ -98,7 +90,7 @@ async def spf_record(resolver: Resolver, domain: str, ip: str | None,
                      from_mx: bool) -> tuple[str, str]:
     """(record, comment) for ``domain``."""
     if not from_mx:
-        record = await _suggestion(resolver, domain, ip)
+        record = await suggestion(resolver, domain, ip)
         why = "only the domain's MX hosts may send mail as @" + domain
         if record != RECOMMENDED:
             why += f", and {ip} (the MX hosts do not cover it)"
@@ -161,16 +153,16 @@ async def record_lines(cfg: config.Config, domain: str, selector: str | None, ip
 @dns.command("records")
 @click.argument("domain")
 @click.option("--selector", "-s", default=None, help="only the DKIM key of this selector")
-@click.option("--ip", callback=_ip_option, default=None,
+@click.option("--ip", callback=ip_option, default=None,
               help="the server's outbound address: PTR and HELO advice, added to SPF if needed")
 @click.option("--helo", default=None, help="the server's HELO name (default: mail.DOMAIN)")
 @click.option("--from-mx", is_flag=True,
               help="SPF with the MX hosts' addresses (ip4:/ip6:) instead of the mx mechanism")
-@config_option
+@_with_config
 def records_cmd(domain: str, selector: str | None, ip: str | None, helo: str | None,
                 from_mx: bool, config_path: str | None) -> None:
     """Zone-file lines to publish for DOMAIN: SPF, DKIM, DMARC, PTR/HELO advice."""
-    cfg = _load(config_path)
+    cfg = load_or_exit(config_path)
     name = _domain(domain)
     helo_name = _domain(helo) if helo else f"mail.{name}"
     lines, ok = asyncio.run(record_lines(cfg, name, selector, ip, helo_name, from_mx))
@@ -189,9 +181,9 @@ class Section:
 
 
 async def _spf_section(cfg: config.Config, domain: str, ip: str | None, lint: Lint) -> None:
-    suggestion = await _lint(cfg, domain, ip, lint)
+    publish = await lint_domain(cfg, domain, ip, lint)
     if lint.fails:
-        lint.note(f'record to publish: {domain}. IN TXT "{suggestion}"')
+        lint.note(f'record to publish: {domain}. IN TXT "{publish}"')
 
 
 async def _dkim_section(cfg: config.Config, resolver: Resolver, domain: str,
@@ -432,13 +424,13 @@ def print_sections(sections: list[Section]) -> tuple[int, int]:
 
 @dns.command("check")
 @click.argument("domain")
-@click.option("--ip", callback=_ip_option, default=None,
+@click.option("--ip", callback=ip_option, default=None,
               help="the server's outbound address: SPF pass, reverse DNS, HELO")
 @click.option("--helo", default=None, help="the server's HELO name (Postfix myhostname)")
-@config_option
+@_with_config
 def check_cmd(domain: str, ip: str | None, helo: str | None, config_path: str | None) -> None:
     """Check DOMAIN's published records: PASS / WARN / FAIL with the fix for each."""
-    cfg = _load(config_path)
+    cfg = load_or_exit(config_path)
     name = _domain(domain)
     helo_name = _domain(helo) if helo else None
     servers = ", ".join(cfg.dns.nameservers) or "/etc/resolv.conf"

@@ -39,16 +39,17 @@ from mxguard.auth.dkim_keys import (
     parse_key_entry,
     read_private_key,
 )
-from mxguard.cli.dkim_rotate import RotationError, active_keys
+from mxguard.auth.dkim_rotation import RotationError, active_keys
+from mxguard.auth.spf_lint import Lint
+from mxguard.cli.common import config_option, ip_option
 from mxguard.cli.dns import Section, check_domain, print_sections
-from mxguard.cli.postfix import (
+from mxguard.cli.postfix_conf import (
     DEFAULT_CONFIG_DIR,
     SetupError,
-    make_plan,
     postconf_value,
     postfix_running,
 )
-from mxguard.cli.spf import Lint, _ip_option
+from mxguard.cli.postfix_plan import make_plan
 from mxguard.protocols import milter as m
 
 DOCTOR_INSTANCE = "mxguard-doctor"
@@ -246,11 +247,10 @@ async def run_doctor(cfg: config.Config, config_dir: Path, ip: str | None, helo:
 
 
 @click.command("doctor")
-@click.option("--config", "-c", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
-              help="mxguard TOML config (default: embedded defaults)")
+@config_option("mxguard TOML config (default: embedded defaults)")
 @click.option("--postfix-config-dir", default=DEFAULT_CONFIG_DIR, show_default=True,
               type=click.Path(file_okay=False), help="Postfix configuration directory")
-@click.option("--ip", callback=_ip_option, default=None,
+@click.option("--ip", callback=ip_option, default=None,
               help="the server's outbound address (SPF, reverse DNS)")
 @click.option("--helo", default=None, help="HELO name to check (default: Postfix myhostname)")
 @click.option("--timeout", type=click.FloatRange(0.1, 60), default=5.0, show_default=True,

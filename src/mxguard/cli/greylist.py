@@ -12,28 +12,23 @@ Output is plain text, tab-separated, one record per line.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from mxguard import config
 from mxguard.checks.greylist_lists import WhitelistError, classify_entry, validate_entry
+from mxguard.cli.common import config_option, fail
 from mxguard.store.backends import open_store
 from mxguard.store.base import GreylistStore, StoreError, WhitelistEntry
 
 T = TypeVar("T")
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                             default=None, help="mxguard TOML config file (default: built-in)")
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"mxguard: {message}", err=True)
-    sys.exit(code)
+_with_config = config_option("mxguard TOML config file (default: built-in)", short=False,
+                             metavar=None)
 
 
 def _run(config_path: str | None, action: Callable[[GreylistStore], Awaitable[T]]) -> T:
@@ -41,7 +36,7 @@ def _run(config_path: str | None, action: Callable[[GreylistStore], Awaitable[T]
     try:
         cfg = config.load(config_path)
     except config.ConfigError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
 
     async def go() -> T:
         store = open_store(cfg)
@@ -53,7 +48,7 @@ def _run(config_path: str | None, action: Callable[[GreylistStore], Awaitable[T]
     try:
         return asyncio.run(go())
     except StoreError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
 
 
 def _when(ts: float) -> str:
@@ -68,7 +63,7 @@ def greylist() -> None:
 
 
 @greylist.command("list")
-@config_option
+@_with_config
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
               help="most triplets shown (most recently seen first)")
 def list_cmd(config_path: str | None, limit: int) -> None:
@@ -85,7 +80,7 @@ def list_cmd(config_path: str | None, limit: int) -> None:
 
 
 @greylist.command("stats")
-@config_option
+@_with_config
 def stats_cmd(config_path: str | None) -> None:
     """Counts of triplets, clients and whitelist entries."""
     st = _run(config_path, lambda store: store.stats())
@@ -99,14 +94,14 @@ def stats_cmd(config_path: str | None) -> None:
 
 
 @greylist.command("purge")
-@config_option
+@_with_config
 @click.option("--older-than", type=click.IntRange(min=0), default=None, metavar="SECONDS",
               help="delete triplets and clients not seen for this many seconds")
 @click.option("--all", "purge_all", is_flag=True, help="delete every triplet and client")
 def purge_cmd(config_path: str | None, older_than: int | None, purge_all: bool) -> None:
     """Delete triplets and auto-whitelist clients (not the whitelist)."""
     if (older_than is None) == (not purge_all):
-        _fail("purge: give exactly one of --older-than SECONDS or --all", 2)
+        fail("purge: give exactly one of --older-than SECONDS or --all", 2)
     cutoff = None if purge_all else time.time() - (older_than or 0)
     n = _run(config_path, lambda store: store.purge(cutoff))
     click.echo(f"purged\t{n}")
@@ -119,14 +114,14 @@ def whitelist() -> None:
 
 def _kind(entry: str, as_client: bool, as_recipient: bool) -> str:
     if as_client and as_recipient:
-        _fail("whitelist: give at most one of --client or --recipient", 2)
+        fail("whitelist: give at most one of --client or --recipient", 2)
     if as_client:
         return "client"
     return "recipient" if as_recipient else classify_entry(entry)
 
 
 @whitelist.command("add")
-@config_option
+@_with_config
 @click.argument("entry")
 @click.option("--client", "as_client", is_flag=True,
               help="a client entry: IP, CIDR, domain of the verified name, /regex/")
@@ -140,25 +135,25 @@ def whitelist_add(config_path: str | None, entry: str, as_client: bool, as_recip
     try:
         validate_entry(entry, kind)
     except WhitelistError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     item = WhitelistEntry(entry, kind, time.time(), comment)
     added = _run(config_path, lambda store: store.add_whitelist(item))
     click.echo(f"{'added' if added else 'exists'}\t{kind}\t{entry}")
 
 
 @whitelist.command("remove")
-@config_option
+@_with_config
 @click.argument("entry")
 def whitelist_remove(config_path: str | None, entry: str) -> None:
     """Remove ENTRY from the dynamic whitelist."""
     removed = _run(config_path, lambda store: store.remove_whitelist(entry))
     if not removed:
-        _fail(f"whitelist: no entry {entry!r}", 1)
+        fail(f"whitelist: no entry {entry!r}", 1)
     click.echo(f"removed\t{entry}")
 
 
 @whitelist.command("list")
-@config_option
+@_with_config
 def whitelist_list(config_path: str | None) -> None:
     """Dynamic whitelist entries: kind, entry, added, comment."""
     for e in _run(config_path, lambda store: store.list_whitelist()):

@@ -30,11 +30,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, NoReturn, TypeVar
+from typing import IO, TypeVar
 
 import click
 
 from mxguard import config
+from mxguard.cli.common import config_option, fail, load_or_exit
 from mxguard.content.bayes import BayesClassifier, message_key_of
 from mxguard.content.mime import parse_message
 from mxguard.content.tokenizer import tokenize_message
@@ -49,17 +50,11 @@ BATCH_SECONDS = 0.5  # ... or this much parsing, whichever comes first
 PROGRESS_INTERVAL = 0.2
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a "message" larger than this is an error
 
-config_option = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-                             default=None, help="mxguard TOML config file (default: built-in)")
+_with_config = config_option("mxguard TOML config file (default: built-in)", metavar=None)
 
 _MBOX_FROM = re.compile(rb"^From \S+.*\d\d:\d\d")
 _HEADER_LINE = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _QUOTED_FROM = re.compile(rb"^>+From ")
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"mxguard: {message}", err=True)
-    sys.exit(code)
 
 
 # ------------------------------------------------------------ message sources
@@ -298,10 +293,7 @@ def _when(ts: int) -> str:
 
 def _with_classifier(config_path: str | None,
                      action: Callable[[BayesClassifier, config.Config], Awaitable[T]]) -> T:
-    try:
-        cfg = config.load(config_path)
-    except config.ConfigError as exc:
-        _fail(f"config error: {exc}", 2)
+    cfg = load_or_exit(config_path)
 
     async def go() -> T:
         store = open_bayes_store(cfg)
@@ -313,14 +305,14 @@ def _with_classifier(config_path: str | None,
     try:
         return asyncio.run(go())
     except StoreError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
 
 
 # ------------------------------------------------------------ commands
 
 
 @click.command("learn")
-@config_option
+@_with_config
 @click.option("--spam", "kind", flag_value="spam", help="the messages are spam")
 @click.option("--ham", "kind", flag_value="ham", help="the messages are ham (not spam)")
 @click.option("--forget", is_flag=True, help="un-learn the messages instead")
@@ -331,7 +323,7 @@ def learn(config_path: str | None, kind: str | None, forget: bool, progress: boo
           paths: Sequence[str]) -> None:
     """Learn messages as spam or ham: files, directories, mbox files, Maildirs, - (stdin)."""
     if kind is None and not forget:
-        _fail("learn: give --spam or --ham (or --forget)", 2)
+        fail("learn: give --spam or --ham (or --forget)", 2)
     show = sys.stderr.isatty() if progress is None else progress
     stream = sys.stderr if show else None
 
@@ -359,7 +351,7 @@ def bayes() -> None:
 
 
 @bayes.command("stats")
-@config_option
+@_with_config
 def stats_cmd(config_path: str | None) -> None:
     """Tokens, learned spam and ham, and whether Bayes scores yet."""
 
@@ -386,7 +378,7 @@ def stats_cmd(config_path: str | None) -> None:
 
 
 @bayes.command("expire")
-@config_option
+@_with_config
 def expire_cmd(config_path: str | None) -> None:
     """Delete tokens beyond [bayes] max_tokens or unseen for token_ttl, in small batches."""
 

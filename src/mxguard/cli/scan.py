@@ -35,24 +35,13 @@ import click
 from mxguard import config
 from mxguard.checks import run_message
 from mxguard.checks.rules import RULES_SERVICE
+from mxguard.cli.common import CONFIG_OPTION, fail, load_or_exit
 from mxguard.content.rules import BUILTIN_RULES, RuleSet, build_ruleset, rule_paths
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import HeaderChange, Message, Mode, Stage, Transaction
 from mxguard.core.verdict import NO_ACTION, is_spam
 from mxguard.dns import Resolver
 from mxguard.server.daemon import StartupError, open_content_services
-
-_CONFIG = click.option("--config", "-c", "config_path", metavar="FILE",
-                       type=click.Path(dir_okay=False),
-                       help="TOML config file (default: embedded defaults)")
-
-
-def _config(path: str | None) -> config.Config:
-    try:
-        return config.load(path)
-    except config.ConfigError as exc:
-        click.echo(f"mxguard: config error: {exc}", err=True)
-        sys.exit(2)
 
 
 def _read(source: str, limit: int) -> bytes:
@@ -62,8 +51,7 @@ def _read(source: str, limit: int) -> bytes:
         with open(source, "rb") as fh:
             return fh.read(limit + 1)
     except OSError as exc:
-        click.echo(f"mxguard: cannot read {source}: {exc.strerror or exc}", err=True)
-        sys.exit(2)
+        fail(f"cannot read {source}: {exc.strerror or exc}")
 
 
 def offline(cfg: config.Config) -> config.Config:
@@ -146,16 +134,15 @@ def _print_report(report: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--network", is_flag=True,
               help="also verify DKIM and DMARC through the configured DNS")
-@_CONFIG
+@CONFIG_OPTION
 def scan(file: str, as_json: bool, network: bool, config_path: str | None) -> None:
     """Score one message (FILE, or - for standard input) as the milter door would."""
-    cfg = _config(config_path)
+    cfg = load_or_exit(config_path)
     raw = _read(file, cfg.milter.max_scan_size * 4)
     try:
         services = open_content_services(cfg)
     except StartupError as exc:
-        click.echo(f"mxguard: {exc}", err=True)
-        sys.exit(2)
+        fail(str(exc))
     ruleset = services.get(RULES_SERVICE)
     for err in (ruleset.stats.errors[:5] if isinstance(ruleset, RuleSet) else []):
         click.echo(f"mxguard: rules: {err}", err=True)
@@ -182,10 +169,10 @@ def rules() -> None:
 @rules.command("check")
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--no-builtin", is_flag=True, help="leave out mxguard's own rules")
-@_CONFIG
+@CONFIG_OPTION
 def rules_check(paths: tuple[str, ...], no_builtin: bool, config_path: str | None) -> None:
     """Load rule files/directories (default: the config's) and report what was read."""
-    cfg = _config(config_path)
+    cfg = load_or_exit(config_path)
     if paths:
         sources = ([] if no_builtin else [str(BUILTIN_RULES)]) + list(paths)
     else:

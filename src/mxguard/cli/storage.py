@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from mxguard.cli.common import fail
 from mxguard.store.base import (
     ClientRecord,
     GreylistStore,
@@ -46,17 +46,12 @@ REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 SECRET_NAMES_SKIPPED = ("whitelist_version",)  # per-store counters, not secrets
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"mxguard: {message}", err=True)
-    sys.exit(code)
-
-
 def _kind(url: str) -> str:
     if url.startswith("sqlite:///"):
         return "sqlite"
     if url.startswith(REDIS_SCHEMES):
         return "redis"
-    _fail(f"storage migrate: {_shown(url)!r} is not a storage URL (sqlite:///PATH, "
+    fail(f"storage migrate: {_shown(url)!r} is not a storage URL (sqlite:///PATH, "
           "redis://, rediss://, redis+sentinel://)", 2)
 
 
@@ -536,7 +531,7 @@ def migrate(src: str, dst: str, batch: int, timeout: float, no_results: bool) ->
     _kind(src)
     _kind(dst)
     if src.rstrip("/") == dst.rstrip("/"):
-        _fail("storage migrate: --from and --to name the same store", 2)
+        fail("storage migrate: --from and --to name the same store", 2)
     click.echo(f"migrating {_shown(src)} -> {_shown(dst)}")
     t0 = time.monotonic()
     try:
@@ -545,7 +540,7 @@ def migrate(src: str, dst: str, batch: int, timeout: float, no_results: bool) ->
         if not no_results:
             migrate_results(src, dst, timeout)
     except StoreError as exc:
-        _fail(f"storage migrate: {exc}", 1)
+        fail(f"storage migrate: {exc}", 1)
     click.echo(f"done in {time.monotonic() - t0:.1f} s")
 
 

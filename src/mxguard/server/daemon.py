@@ -34,7 +34,7 @@ class StartupError(Exception):
 def load_keys(cfg: config.Config) -> Any:
     """The DKIM KeyTable; a bad or too-readable key file is one clear message."""
     from mxguard.auth.dkim_keys import DkimKeyError, KeyTable
-    from mxguard.cli.dkim_rotate import active_keys
+    from mxguard.auth.dkim_rotation import active_keys
 
     try:  # [dkim] keys as `mxguard dkim rotate` has advanced them
         return KeyTable.from_config(dataclasses.replace(cfg.dkim, keys=active_keys(cfg)))

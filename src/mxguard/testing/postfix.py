@@ -104,7 +104,7 @@ class PostfixError(RuntimeError):
 def find_command(name: str) -> str | None:
     """Absolute path of a Postfix command, as ``mxguard postfix setup`` finds it."""
     # imported here: mxguard.cli registers `mxguard demo`, which imports this module
-    from mxguard.cli.postfix import find_command as find
+    from mxguard.cli.postfix_conf import find_command as find
 
     return find(name)
 

@@ -1,27 +1,21 @@
-"""``mxguard dkim rotate``: the DKIM key lifecycle, without cron scripts.
-
-    mxguard dkim rotate example.com             # make the next key (pending), print its record
-    mxguard dkim rotate example.com --status    # every selector, its state, what to do next
-    mxguard dkim rotate example.com --advance   # once DNS serves it: sign with the new key
+"""The DKIM key lifecycle that ``mxguard dkim rotate`` drives, and what the
+daemon and ``mxguard dns`` read of it.
 
 A key is **pending** until its record is published, **active** while it
-signs, **retired** once a newer key signs. ``--advance`` switches only when
-the pending key's record is served (looked up through the configured
-Resolver, ``[dns]``) and matches the private key; the old record stays
-listed "for removal" until the grace period (``--grace-days``, 7) is over --
-mail signed with the old key may still be in flight or queued -- and is
-shown as removed once DNS no longer serves it.
+signs, **retired** once a newer key signs (its record stays listed for
+removal until the grace period is over), **removed** once DNS no longer
+serves it.
 
 State: ``<state dir>/dkim-rotation.json`` (JSON, see :class:`RotationState`);
-new keys are ``<state dir>/dkim/<domain>.<selector>.key`` (mode 0600; owned
-by the state dir's owner, so a daemon running as ``mxguard`` can read them
-when the command runs as root). The state dir is ``[server] state_dir``
-unless ``--state-dir`` is given.
+new keys are ``<state dir>/dkim/<domain>.<selector>.key`` (mode 0600, created
+with ``O_EXCL`` so nothing planted there is followed; owned by the state
+dir's owner, so a daemon running as ``mxguard`` can read them when the
+command runs as root).
 
 The daemon signs with :func:`active_keys` (``[dkim] keys`` entries): the
 configured keys, without those the rotation has made pending or retired,
-plus the rotation's active keys. It reads the state at start and on SIGHUP,
-so ``--advance`` ends with "reload mxguard".
+plus the rotation's active keys. :func:`published_keys` lists every key
+whose record DNS should serve; :func:`check_record` looks one up.
 """
 
 from __future__ import annotations
@@ -30,13 +24,12 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-import click
 from cryptography.hazmat.primitives import serialization
 
 from mxguard.auth.dkim_keys import (
@@ -44,11 +37,12 @@ from mxguard.auth.dkim_keys import (
     DkimKeyError,
     KeyRecordError,
     PrivateKey,
+    generate_private_key,
     key_type,
     parse_key_entry,
     parse_key_record,
-    public_key_record,
     read_private_key,
+    write_private_key,
 )
 from mxguard.dns import DnsTempError, Resolver
 
@@ -252,6 +246,14 @@ async def check_record(resolver: Resolver, domain: str, selector: str,
                        f"({record.key_type}, {record.bits} bits){testing}")
 
 
+async def check_records(resolver: Resolver, domain: str,
+                        keys: Sequence[KeyState]) -> dict[str, RecordCheck]:
+    """:func:`check_record` of each key, concurrently, by selector."""
+    found = await asyncio.gather(*(check_record(resolver, domain, k.selector, k.path)
+                                   for k in keys))
+    return {k.selector: c for k, c in zip(keys, found, strict=True)}
+
+
 # ------------------------------------------------------------------ key files
 
 
@@ -277,17 +279,14 @@ def next_selector(taken: set[str], now: float | None = None) -> str:
     raise RotationError(f"too many rotations in {base}: give --selector")
 
 
-def _write_key(path: Path, key: PrivateKey, state_dir: Path) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(pem)
+def write_key(path: Path, key: PrivateKey, state_dir: Path) -> None:
+    """A new key file (never over an existing file or symlink), owned like ``state_dir``."""
+    write_private_key(path, key)
     _own_like(path, state_dir)
 
 
-def _make_dirs(state_dir: Path) -> Path:
+def make_key_dir(state_dir: Path) -> Path:
+    """``state_dir/dkim`` (mode 0700, owned like ``state_dir``), made when missing."""
     state_dir.mkdir(parents=True, exist_ok=True)
     keys = state_dir / KEY_DIR
     if not keys.exists():
@@ -296,7 +295,7 @@ def _make_dirs(state_dir: Path) -> Path:
     return keys
 
 
-def _import_configured(cfg: Config, state: RotationState, domain: str) -> None:
+def import_configured(cfg: Config, state: RotationState, domain: str) -> None:
     """The first rotation of a domain takes over its ``[dkim] keys`` as active."""
     keys = state.keys(domain)
     for entry in cfg.dkim.keys:
@@ -305,192 +304,54 @@ def _import_configured(cfg: Config, state: RotationState, domain: str) -> None:
             keys.append(KeyState(sel, path, ACTIVE, created=0.0, activated=0.0))
 
 
-# ------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------ transitions
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"mxguard: {message}", err=True)
-    sys.exit(code)
+def new_key(state: RotationState, domain: str, state_dir: Path, selector: str,
+            kind: str | None, bits: int) -> KeyState:
+    """Generate the next key of ``domain`` as pending under ``state_dir``.
 
-
-def _date(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
-
-
-def _record_lines(domain: str, k: KeyState) -> list[str]:
-    from mxguard.cli.dkim import zone_line
-
-    try:
-        return [zone_line(domain, k.selector, public_key_record(read_private_key(k.path)))]
-    except DkimKeyError as exc:
-        return [f"; cannot read the key: {exc}"]
-
-
-def _new_key(cfg: Config, state: RotationState, domain: str, sdir: Path, selector: str | None,
-             kind: str | None, bits: int) -> KeyState:
-    from mxguard.cli.dkim import _new_key as generate
-
+    ``kind`` None: the type of the newest active key, else rsa. RotationError
+    for a selector already used or not a label, or a key file that cannot be
+    written."""
     keys = state.keys(domain)
-    taken = {k.selector for k in keys}
-    if selector is None:
-        selector = next_selector(taken)
-    elif selector in taken or not DOMAIN_RE.match(selector):
-        _fail(f"selector {selector!r} is already used for {domain} or not a valid label")
+    if selector in {k.selector for k in keys} or not DOMAIN_RE.match(selector):
+        raise RotationError(f"selector {selector!r} is already used for {domain} or not a "
+                            "valid label")
     if kind is None:
         current = [k for k in keys if k.state == ACTIVE]
         kind = "rsa"
         if current:
             with contextlib.suppress(DkimKeyError):
                 kind = key_type(read_private_key(current[-1].path))
-    key_dir = _make_dirs(sdir)
-    path = key_dir / f"{domain}.{selector}.key"
+    path = make_key_dir(state_dir) / f"{domain}.{selector}.key"
     try:
-        _write_key(path, generate(kind, bits), sdir)
+        write_key(path, generate_private_key(kind, bits), state_dir)
     except FileExistsError:
-        _fail(f"{path} exists: give another --selector")
+        raise RotationError(f"{path} exists: give another --selector") from None
     except OSError as exc:
-        _fail(f"cannot write {path}: {exc.strerror or exc}")
+        raise RotationError(f"cannot write {path}: {exc.strerror or exc}") from None
     ks = KeyState(selector, str(path), PENDING, created=time.time())
     keys.append(ks)
     return ks
 
 
-async def _checks(cfg: Config, domain: str,
-                  keys: list[KeyState]) -> dict[str, RecordCheck]:
-    resolver = Resolver(cfg.dns)
-    found = await asyncio.gather(*(check_record(resolver, domain, k.selector, k.path)
-                                   for k in keys))
-    return {k.selector: c for k, c in zip(keys, found, strict=True)}
-
-
-def _status(cfg: Config, state: RotationState, domain: str) -> None:
-    keys = [k for k in state.keys(domain) if k.state != REMOVED]
-    if not keys:
-        click.echo(f"{domain}: no keys under rotation; `mxguard dkim rotate {domain}` makes "
-                   "the first")
-        return
-    checks = asyncio.run(_checks(cfg, domain, keys))
-    now = time.time()
-    for k in keys:
-        check = checks[k.selector]
-        click.echo(f"{k.selector:10s} {k.state:8s} {k.path}")
-        if k.state == PENDING:
-            click.echo(f"           DNS: {check.text}")
-            click.echo("           next: " + (f"mxguard dkim rotate {domain} --advance"
-                                             if check.ok else "publish the record:"))
-            if not check.ok:
-                for line in _record_lines(domain, k):
-                    click.echo(f"           {line}")
-        elif k.state == ACTIVE:
-            since = f"since {_date(k.activated)}" if k.activated else "(from [dkim] keys)"
-            click.echo(f"           signing {since}; DNS: {check.text}")
-        elif k.state == RETIRED:
-            if check.status in ("missing",):
-                k.state, k.removed = REMOVED, now
-                click.echo("           record removed from DNS: done (the key file may be "
-                           "deleted)")
-            elif (k.remove_after or 0) <= now:
-                click.echo(f"           remove now: {check.name} TXT (grace period over)")
-            else:
-                click.echo(f"           keep {check.name} until {_date(k.remove_after)}, "
-                           "then remove it (mail signed with it may still be in flight)")
-
-
-@click.command("rotate")
-@click.argument("domain")
-@click.option("--config", "-c", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
-              help="mxguard TOML config ([dkim] keys, [dns], [server] state_dir)")
-@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-              help="where keys and the rotation state live (default: [server] state_dir)")
-@click.option("--status", "show_status", is_flag=True, help="show the keys and what to do next")
-@click.option("--advance", is_flag=True,
-              help="sign with the pending key once DNS serves its record; retire the old one")
-@click.option("--selector", default=None, help="selector of the new key (default: YYYYMM)")
-@click.option("--type", "kind", type=click.Choice(["rsa", "ed25519"]), default=None,
-              help="key type (default: that of the active key, else rsa)")
-@click.option("--bits", type=click.IntRange(1024, 8192), default=2048, show_default=True)
-@click.option("--grace-days", type=click.IntRange(0, 365), default=DEFAULT_GRACE_DAYS,
-              show_default=True, help="days the retired key's record stays published")
-def rotate(domain: str, config_path: str | None, state_dir: str | None, show_status: bool,
-           advance: bool, selector: str | None, kind: str | None, bits: int,
-           grace_days: int) -> None:
-    """Make the next DKIM key of DOMAIN; switch to it once its record is published."""
-    from mxguard.cli import load_or_exit
-
-    if show_status and advance:
-        raise click.UsageError("--status and --advance exclude each other")
-    domain = domain.strip().rstrip(".").lower()
-    if not DOMAIN_RE.match(domain):
-        raise click.BadParameter(f"not a domain name: {domain!r}", param_hint="DOMAIN")
-    cfg = load_or_exit(config_path)
-    sdir = state_dir_of(cfg, state_dir)
-    try:
-        state = load_state(cfg, state_dir)
-        _import_configured(cfg, state, domain)
-    except (RotationError, DkimKeyError) as exc:
-        _fail(str(exc))
-    if show_status:
-        _status(cfg, state, domain)
-        _save(state, sdir)
-        return
-    if advance:
-        code = _advance(cfg, state, domain, grace_days)
-        _save(state, sdir)
-        sys.exit(code)
-    pending = [k for k in state.keys(domain) if k.state == PENDING]
-    if pending:
-        k = pending[-1]
-        click.echo(f"{domain}: key {k.selector} is already pending ({k.path}); publish:")
-    else:
-        k = _new_key(cfg, state, domain, sdir, selector, kind, bits)
-        _save(state, sdir)
-        click.echo(f"{domain}: new key {k.selector} written to {k.path} (mode 0600); publish:")
-    for line in _record_lines(domain, k):
-        click.echo(line)
-    click.echo(f"then, once DNS serves it: mxguard dkim rotate {domain} --advance"
-               + (f" --state-dir {sdir}" if state_dir else ""))
-
-
-def _save(state: RotationState, sdir: Path) -> None:
-    try:
-        sdir.mkdir(parents=True, exist_ok=True)
-        state.save()
-    except OSError as exc:
-        _fail(f"cannot write {state.path}: {exc.strerror or exc}")
-
-
-def _advance(cfg: Config, state: RotationState, domain: str, grace_days: int) -> int:
-    keys = state.keys(domain)
-    pending = [k for k in keys if k.state == PENDING]
-    if not pending:
-        click.echo(f"{domain}: no key is pending (make one with `mxguard dkim rotate "
-                   f"{domain}`)")
-        _status(cfg, state, domain)
-        return 0
-    new = pending[-1]
-    check = asyncio.run(_checks(cfg, domain, [new]))[new.selector]
-    if not check.ok:
-        click.echo(f"{domain}: not switching to {new.selector}: {check.text}")
-        click.echo("publish this record, wait for its TTL, then run --advance again:")
-        for line in _record_lines(domain, new):
-            click.echo(f"  {line}")
-        return 1
-    now = time.time()
-    old = [k for k in keys if k.state == ACTIVE]
+def activate(state: RotationState, domain: str, new: KeyState, grace_days: int,
+             now: float | None = None) -> list[KeyState]:
+    """``new`` signs from now on; the keys active until now are retired, their
+    records kept ``grace_days``. Returns the retired keys."""
+    now = time.time() if now is None else now
+    old = [k for k in state.keys(domain) if k.state == ACTIVE]
     for k in old:
         k.state, k.retired, k.remove_after = RETIRED, now, now + grace_days * DAY
     new.state, new.activated = ACTIVE, now
-    click.echo(f"{domain}: {check.text}")
-    click.echo(f"{domain}: signing switches to {new.selector} when mxguard reloads: "
-               "systemctl reload mxguard (or kill -HUP <pid>)")
-    for k in old:
-        click.echo(f"{domain}: {k.selector} retired; remove {k.selector}._domainkey.{domain} "
-                   f"TXT after {_date(k.remove_after)} (mxguard dkim rotate {domain} --status "
-                   "tells you when)")
-    return 0
+    return old
 
 
-__all__ = ["RecordCheck", "RotationError", "RotationState", "active_keys", "check_record",
-           "published_keys", "rotate"]
+__all__ = [
+    "ACTIVE", "DAY", "DEFAULT_GRACE_DAYS", "KEY_DIR", "PENDING", "REMOVED", "RETIRED",
+    "STATE_FILE", "DomainKey", "KeyState", "RecordCheck", "RotationError", "RotationState",
+    "activate", "active_keys", "check_record", "check_records", "import_configured",
+    "load_state", "make_key_dir", "new_key", "next_selector", "published_keys",
+    "state_dir_of", "write_key",
+]
