@@ -104,9 +104,15 @@ class RotationState:
         data = {"version": 1,
                 "domains": {d: [asdict(k) for k in keys] for d, keys in self.domains.items()}}
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o640)
-        _own_like(tmp, self.path.parent)
+        # Written as root into a directory the daemon user may write: never follow a
+        # planted symlink (unlink, then O_EXCL|O_NOFOLLOW; mode and owner on the fd).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fd, 0o640)
+            _own_fd_like(fd, self.path.parent)
+            fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.path)
 
     def keys(self, domain: str) -> list[KeyState]:
@@ -264,6 +270,17 @@ def _own_like(path: Path, ref: Path) -> None:
     try:
         st = ref.stat()
         os.chown(path, st.st_uid, st.st_gid)
+    except OSError:
+        pass
+
+
+def _own_fd_like(fd: int, ref: Path) -> None:
+    """:func:`_own_like` on an open file (no path, so no symlink to follow)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = ref.stat()
+        os.fchown(fd, st.st_uid, st.st_gid)
     except OSError:
         pass
 
