@@ -25,7 +25,7 @@ def main() -> None:
 def serve(config_path: str | None) -> None:
     """Run the daemon (policy door on [policy] listen) until SIGTERM."""
     from mxguard.server.daemon import StartupError
-    from mxguard.server.daemon import serve as run
+    from mxguard.server.serve import serve as run
 
     cfg = load_or_exit(config_path)
     try:

@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mxguard.config import Config
 from mxguard.core.transaction import Symbol
@@ -42,6 +42,13 @@ class Runtime:
     dry_run: bool = False
 
 
+class HasRuntime(Protocol):
+    """What a door needs of the daemon: the current Runtime (swapped on reload)."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+
 def symbol(rt: Runtime, name: str, detail: str = "") -> Symbol:
     """A symbol with its score from config (``[scores]`` or the built-in default)."""
     return Symbol(name, rt.config.score(name), detail)
@@ -55,4 +62,4 @@ async def off_loop(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-__all__ = ["INLINE_BYTES", "Runtime", "off_loop", "symbol"]
+__all__ = ["INLINE_BYTES", "HasRuntime", "Runtime", "off_loop", "symbol"]

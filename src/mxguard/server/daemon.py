@@ -243,26 +243,3 @@ def raise_fd_limit() -> None:
     if soft < want:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def serve(cfg: config.Config, config_path: str | None) -> int:
-    logs.setup(cfg.log)
-    raise_fd_limit()
-    from mxguard.server import workers
-
-    count = workers.worker_count(cfg.server.workers)
-    if count > 1:  # a master binding the sockets and forking the workers
-        return workers.serve(cfg, config_path, count)
-    daemon_coro = _run(cfg, config_path)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(daemon_coro)
-    else:
-        uvloop.run(daemon_coro)
-    return 0
-
-
-async def _run(cfg: config.Config, config_path: str | None) -> None:
-    daemon = Daemon(cfg, config_path)
-    await daemon.run()

@@ -10,10 +10,9 @@ then the score actions and the spam headers); the Verdict becomes a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from mxguard.checks import run_message
 from mxguard.core.runner import log_decision
+from mxguard.core.runtime import HasRuntime
 from mxguard.core.transaction import Action, Verdict
 from mxguard.server.milter_session import (
     BaseMilterHandler,
@@ -21,9 +20,6 @@ from mxguard.server.milter_session import (
     MilterResult,
     MilterSession,
 )
-
-if TYPE_CHECKING:
-    from mxguard.server.daemon import Daemon
 
 
 def milter_result(verdict: Verdict) -> MilterResult:
@@ -39,7 +35,7 @@ def milter_result(verdict: Verdict) -> MilterResult:
 
 
 class MxguardMilter(BaseMilterHandler):
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: HasRuntime) -> None:
         self.daemon = daemon
 
     async def on_end_of_message(self, session: MilterSession) -> MilterResult:

@@ -18,16 +18,13 @@ checks off for other clients.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from mxguard.checks import PIPELINE
 from mxguard.core.runner import evaluate, log_decision
+from mxguard.core.runtime import HasRuntime
 from mxguard.core.transaction import HeaderEdit, Stage, Transaction, Verdict
 from mxguard.protocols.policy import PolicyRequest, encode_action, encode_reply
 from mxguard.server.policy_headers import HeaderMemory
-
-if TYPE_CHECKING:
-    from mxguard.server.daemon import Daemon
 
 # Stages at which the policy door runs checks; other states answer DUNNO.
 CHECKED_STAGES = (Stage.HELO, Stage.MAIL, Stage.RCPT)
@@ -39,7 +36,7 @@ Session = tuple[str, str, str]
 class PolicyDoor:
     """Turns one policy request into one reply through the pipeline."""
 
-    def __init__(self, daemon: Daemon, max_sessions: int = MAX_SESSIONS) -> None:
+    def __init__(self, daemon: HasRuntime, max_sessions: int = MAX_SESSIONS) -> None:
         self.daemon = daemon
         self.headers = HeaderMemory()
         self.max_sessions = max_sessions

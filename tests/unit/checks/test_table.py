@@ -26,6 +26,12 @@ def test_rows_are_unique_per_stage_and_name_real_config() -> None:
             assert sym.startswith(("<", "RBL_", "URIBL_")) or sym in SYMBOL_SCORES, sym
 
 
+def test_config_knows_the_check_names() -> None:
+    from mxguard.config import CHECK_NAMES
+
+    assert tuple(sorted({r.name for r in PIPELINE.rows})) == CHECK_NAMES
+
+
 def test_policy_rows_come_before_the_message_rows() -> None:
     stages = [r.stage for r in PIPELINE.rows]
     assert stages == sorted(stages)
