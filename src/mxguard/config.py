@@ -317,6 +317,14 @@ class DmarcConfig:
                                  "gets", choices=("quarantine", "score", "reject"))
     reject_text: str = opt("Message rejected by the DMARC policy of {domain}: it failed SPF "
                            "and DKIM alignment", "reply text; {domain} is filled in")
+    temperror_action: str = opt("defer_reject", "what a DMARC temperror (DNS down) does: "
+                                "defer_reject = 451 4.7.5 when the domain is known to publish "
+                                "p=reject (its record, or one seen in the last day), else "
+                                "score; defer = 451 4.7.5 always; accept = score only",
+                                choices=("defer_reject", "defer", "accept"))
+    temperror_text: str = opt("DMARC policy of {domain} could not be checked (temporary DNS "
+                              "failure), please try again later", "reply text of a "
+                              "temperror deferral; {domain} is filled in")
     honour_pct: bool = opt(True, "apply pct= sampling of the policy")
     store_results: bool = opt(True, "keep per-message results for aggregate reports")
 

@@ -13,7 +13,10 @@ pct=): ``reject`` -> ``reject_action`` (default: ``550 5.7.1 reject_text``),
 ``quarantine`` -> ``quarantine_action`` (default: score only), ``none`` ->
 score only. ``extra["dmarc_action"]`` says what we do: ``reject``,
 ``quarantine`` (the milter answers SMFIR_QUARANTINE -- in enforce mode only),
-``score`` or ``none``. temperror and permerror never reject.
+``score``, ``defer`` or ``none``. permerror never refuses; a temperror (DNS
+down) answers ``451 4.7.5`` per ``temperror_action``: by default only for a
+domain known to publish p=reject (its record was read, or seen within a day:
+:class:`PolicyMemory`), so a forger cannot slip through a DNS outage.
 
 Symbols: DMARC_PASS, DMARC_REJECT, DMARC_QUARANTINE, DMARC_NONE_FAIL (failed,
 disposition as named), DMARC_NO_POLICY (none), DMARC_PERMERROR, DMARC_TEMPERROR.
@@ -26,6 +29,7 @@ in the :class:`~mxguard.store.results.ResultsStore` found at
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,6 +50,8 @@ RESULTS_SERVICE = "dmarc_results"  # rt.services key of the ResultsStore
 ORG_SERVICE = "dmarc_org"  # rt.services key of an OrgDomains (default: bundled PSL)
 MAX_TEXT = 400
 DEFAULT_REJECT_TEXT = DmarcConfig().reject_text
+DEFAULT_TEMPERROR_TEXT = DmarcConfig().temperror_text
+POLICY_SERVICE = "dmarc_policies"  # rt.services key of the PolicyMemory
 _FAIL_SYMBOLS = {"reject": "DMARC_REJECT", "quarantine": "DMARC_QUARANTINE",
                  "none": "DMARC_NONE_FAIL"}
 _SYMBOLS = {"pass": "DMARC_PASS", "none": "DMARC_NO_POLICY", "permerror": "DMARC_PERMERROR",
@@ -141,14 +147,79 @@ def _extra(res: DmarcResult, action: str) -> dict[str, str]:
             "dmarc_reason": res.reason}
 
 
+class PolicyMemory:
+    """The last policy (p=, or sp= for subdomains) each domain published, bounded
+    by age and count: what ``temperror_action = "defer_reject"`` knows when the
+    record cannot be fetched now."""
+
+    def __init__(self, size: int = 20000, ttl: float = 86400.0) -> None:
+        self.size, self.ttl = size, ttl
+        self._items: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def put(self, domain: str, policy: str, now: float) -> None:
+        if not domain:
+            return
+        self._items[domain] = (now + self.ttl, policy)
+        self._items.move_to_end(domain)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def get(self, domain: str, now: float) -> str | None:
+        item = self._items.get(domain)
+        if item is None or item[0] <= now:
+            self._items.pop(domain, None)
+            return None
+        return item[1]
+
+
+def policy_memory(rt: Runtime) -> PolicyMemory:
+    mem: PolicyMemory = rt.services.setdefault(POLICY_SERVICE, PolicyMemory())
+    return mem
+
+
+def _remember(rt: Runtime, res: DmarcResult) -> None:
+    if res.record is None:
+        return
+    mem, now = policy_memory(rt), rt.clock()
+    mem.put(res.from_domain, res.policy if res.policy_tag != "np" else res.record.p, now)
+    if res.record_domain and res.record_domain != res.from_domain:
+        mem.put(res.record_domain, res.record.p, now)
+
+
+def known_reject(rt: Runtime, res: DmarcResult) -> bool:
+    """Does the domain of a temperror publish p=reject, as far as we know?"""
+    if res.record is not None:  # the record was read; a later lookup failed (np=)
+        return res.policy == "reject" or res.record.p == "reject"
+    mem, now = policy_memory(rt), rt.clock()
+    return any(mem.get(d, now) == "reject" for d in (res.from_domain, res.org_domain) if d)
+
+
+def temperror_defers(rt: Runtime, res: DmarcResult) -> bool:
+    how = rt.config.dmarc.temperror_action
+    return res.result == "temperror" and (
+        how == "defer" or (how == "defer_reject" and known_reject(rt, res)))
+
+
+def temperror_text(cfg: DmarcConfig, domain: str) -> str:
+    try:
+        return _printable(cfg.temperror_text.format(domain=domain or "the sender's domain"))
+    except (KeyError, IndexError, ValueError):
+        return _printable(DEFAULT_TEMPERROR_TEXT.format(domain=domain))
+
+
 def build_result(rt: Runtime, res: DmarcResult) -> tuple[CheckResult, str]:
     """(CheckResult, action) for one DMARC result."""
     cfg = rt.config.dmarc
     action = action_for(cfg, res)
+    if temperror_defers(rt, res):
+        action = "defer"
+    _remember(rt, res)
     detail = res.from_domain if res.result != "permerror" else "permerror"
     decision = None
     if action == "reject":
         decision = Decision(Action.REJECT, 550, "5.7.1", reject_text(cfg, res.from_domain))
+    elif action == "defer":
+        decision = Decision(Action.DEFER, 451, "4.7.5", temperror_text(cfg, res.from_domain))
     reason = f"{res.result}:p={res.policy}:dis={res.disposition}:from={res.from_domain or '-'}"
     check = CheckResult(NAME, [symbol(rt, _symbol_name(res), detail)], decision, [], reason,
                         _extra(res, action))

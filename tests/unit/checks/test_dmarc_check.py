@@ -270,3 +270,44 @@ def test_dkim_auths_from_the_verifier_results() -> None:
     assert got == [DkimAuth("pass", "a.example", "s1", "AbCdEfGh", "@a.example"),
                    DkimAuth("fail", "b.example", reason="bad sig")]
     assert dmarc.dkim_auths([]) == []  # control
+
+
+# ------------------------------------------------------------------ temperror_action
+
+TEMP_ZONE: Zone = {
+    "_dmarc.seen.example": [("TXT", "v=DMARC1; p=reject")],
+    "_dmarc.seenq.example": [("TXT", "v=DMARC1; p=quarantine")],
+    "_dmarc.np.example": [("TXT", "v=DMARC1; p=reject; np=none")],
+    "sub.np.example": [("TIMEOUT", None)],  # the np= existence check cannot finish
+    "_dmarc.temp.example": [("TIMEOUT", None)],
+}
+
+TEMPERROR_CASES: list[tuple[str, str, str, bool, bool]] = [
+    # id, From, temperror_action, seen its record before the outage, deferred
+    ("never-seen-default", "a@temp.example", "defer_reject", False, False),  # control
+    ("never-seen-defer", "a@temp.example", "defer", False, True),
+    ("seen-reject-default", "a@seen.example", "defer_reject", True, True),
+    ("seen-quarantine-default", "a@seenq.example", "defer_reject", True, False),  # control
+    ("seen-reject-accept", "a@seen.example", "accept", True, False),  # control
+    ("np-lookup-fails-reject-record", "a@sub.np.example", "defer_reject", False, True),
+]
+
+
+@pytest.mark.parametrize("case", TEMPERROR_CASES, ids=[c[0] for c in TEMPERROR_CASES])
+async def test_temperror_action(case: tuple[str, str, str, bool, bool]) -> None:
+    _, frm, how, seen, deferred = case
+    with DNSServer(TEMP_ZONE) as srv:
+        rt = runtime(srv, temperror_action=how)
+        if seen:
+            before = await run(rt, frm)
+            assert before.result.result == "fail"
+            domain = frm.split("@")[1]
+            srv.set_zone({**TEMP_ZONE, f"_dmarc.{domain}": [("TIMEOUT", None)]})
+        out = await run(rt, frm)
+    assert out.result.result == "temperror"
+    assert [s.name for s in out.check.symbols] == ["DMARC_TEMPERROR"]
+    d = out.check.decision
+    assert (d is not None) is deferred
+    if d is not None:
+        assert (d.action, d.code, d.enhanced) == (Action.DEFER, 451, "4.7.5")
+        assert frm.split("@")[1] in d.text and out.action == "defer"
