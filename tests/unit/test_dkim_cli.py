@@ -150,3 +150,29 @@ def test_sign_with_bad_key_file(tmp_path: Path) -> None:
 def test_verify_bad_config(tmp_path: Path) -> None:
     res = run(["verify", "--config", str(tmp_path / "missing.toml")], MESSAGE)
     assert res.exit_code == 2 and "config error" in res.stderr
+
+
+@pytest.mark.parametrize(("planted", "force", "exit_code"), [
+    (True, True, 2),  # --force never writes through a symlink at the key path
+    (True, False, 2),  # without --force: refused as existing
+    (False, True, 0),  # control: --force replaces a plain key file
+])
+def test_genkey_never_writes_through_a_symlink(tmp_path: Path, planted: bool, force: bool,
+                                                exit_code: int) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    key = keydir / "example.com.s1.key"
+    if planted:
+        key.symlink_to(victim)
+    else:
+        key.write_text("old key\n")
+    res = run(["genkey", "-d", "example.com", "-s", "s1", "--dir", str(keydir),
+               *(["--force"] if force else [])])
+    assert res.exit_code == exit_code, res.output
+    assert victim.read_text() == "untouched\n"
+    if not planted:
+        assert not key.is_symlink() and stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert read_private_key(str(key))
+    assert [p.name for p in keydir.iterdir() if p.name.startswith(".mxguard-key-")] == []

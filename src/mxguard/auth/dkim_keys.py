@@ -15,10 +15,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import fnmatch
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -100,18 +103,35 @@ def generate_private_key(kind: str, bits: int = 2048) -> PrivateKey:
 
 def write_private_key(path: str | os.PathLike[str], key: PrivateKey, *,
                       replace: bool = False) -> None:
-    """Write ``key`` to ``path`` as PKCS#8 PEM, mode 0600.
+    """Write ``key`` to ``path`` as PKCS#8 PEM, mode 0600, never through a symlink.
 
     Without ``replace`` the file is created with ``O_EXCL``: an existing file,
     or a symlink planted at ``path``, is never followed or overwritten
-    (FileExistsError). Other failures raise OSError."""
+    (FileExistsError). With ``replace`` (``genkey --force``) a symlink at
+    ``path`` is refused (OSError) and the key is written to a new temporary
+    file beside it (``O_EXCL``, 0600) that then replaces ``path`` atomically.
+    Other failures raise OSError."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(pem)
+    target = os.fspath(path)
+    if not replace:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(pem)
+        return
+    if os.path.islink(target):
+        raise OSError(errno.ELOOP, "refusing to replace a symlink", target)
+    fd, tmp = tempfile.mkstemp(prefix=".mxguard-key-", dir=os.path.dirname(target) or ".")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(pem)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def check_key_permissions(path: str) -> None:
