@@ -119,6 +119,9 @@ class PolicyConfig:
     max_request_bytes: int = opt(65536, "longest request (and line) accepted before the "
                                  "connection is closed", lo=1024, hi=16 * 1024 * 1024)
     max_attributes: int = opt(256, "most attributes in one request", lo=16, hi=100000)
+    max_buffered_total: int = opt(16777216, "bytes of incomplete requests held for all "
+                                  "policy connections together; past it the connection "
+                                  "holding the most is closed (logged)", lo=1 << 20, hi=1 << 34)
     idle_timeout: float = opt(600.0, "seconds an idle connection is kept (Postfix's own "
                               "smtpd_policy_service_max_idle is 300)", lo=1, hi=86400)
     max_connections: int = opt(20000, "concurrent connections served; more are closed",
@@ -259,8 +262,28 @@ class MilterConfig:
     authserv_id: str = opt("", "authserv-id of Authentication-Results; empty: this host's name")
     max_body_memory: int = opt(1048576, "message bytes held in memory before spooling to a "
                                "temporary file", lo=4096, hi=1 << 30)
-    max_scan_size: int = opt(10485760, "bytes of a message that are checked; larger messages "
-                             "are checked partially (logged)", lo=65536, hi=1 << 31)
+    max_scan_size: int = opt(10485760, "bytes of a message that content checks (rules, Bayes, "
+                             "URIs) read; larger messages are scanned partially (logged); DKIM "
+                             "always hashes the whole body", lo=65536, hi=1 << 31)
+    max_message_size: int = opt(67108864, "bytes of a message (headers and body) kept in the "
+                                "spool; a larger one gets limit_action (keep it above Postfix's "
+                                "message_size_limit)", lo=65536, hi=1 << 34)
+    max_headers: int = opt(2000, "header lines per message (real mail has fewer than 200); "
+                           "more get limit_action", lo=100, hi=1000000)
+    max_header_bytes: int = opt(1048576, "bytes of header per message; more get limit_action",
+                                lo=65536, hi=1 << 30)
+    limit_action: str = opt("reject", "answer to a message past max_message_size, max_headers "
+                            "or max_header_bytes: reject (552 5.3.4), tempfail (452 4.3.4) or "
+                            "accept (delivered unchecked); logged", choices=("reject",
+                                                                             "tempfail",
+                                                                             "accept"))
+    max_packet: int = opt(262144, "largest milter packet accepted, else the connection is "
+                          "closed (Postfix sends 64 KB body pieces and one header per packet, "
+                          "at most header_size_limit, 102400)", lo=131072, hi=1 << 26)
+    max_buffered_total: int = opt(33554432, "bytes of incomplete packets and unhandled "
+                                  "commands held for all milter connections together; past it "
+                                  "the connection holding the most is closed (logged)",
+                                  lo=1 << 20, hi=1 << 34)
     idle_timeout: float = opt(600.0, "seconds an idle milter connection is kept", lo=1, hi=86400)
     max_connections: int = opt(20000, "concurrent milter connections", lo=1, hi=1000000)
     progress_interval: float = opt(5.0, "seconds between keep-alives while a check is slow",

@@ -244,3 +244,57 @@ def test_readable_dkim_key_stops_start_up_with_the_fix(tmp_path: Path, mode: int
     assert "exited 2" in text and "cannot start" in text
     assert f"chmod 600 {key}" in text
     assert "Traceback" not in text
+
+
+def _held_open(socks: list[socket.socket]) -> int:
+    """How many of ``socks`` mxguard has not closed (or reset)."""
+    open_ = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            while s.recv(65536):  # replies sent before (the milter's OPTNEG answer)
+                pass
+        except BlockingIOError:
+            open_ += 1
+        except OSError:
+            pass
+    return open_
+
+
+@pytest.mark.parametrize(("door", "conns", "size", "shed"), [
+    ("milter", 8, 200_000, True),
+    ("milter", 3, 200_000, False),  # control: within [milter] max_buffered_total
+    ("policy", 30, 60_000, True),
+    ("policy", 10, 60_000, False),  # control: within [policy] max_buffered_total
+])
+def test_incomplete_input_of_all_connections_is_bounded(tmp_path: Path, dns: DNSServer,
+                                                        door: str, conns: int, size: int,
+                                                        shed: bool) -> None:
+    mx = MxguardProcess(tmp_path, f'[dns]\nnameservers = ["{dns.address}"]\ntimeout = 2\n')
+    mx.config.write_text(mx.config.read_text()
+                         .replace("[milter]\n", "[milter]\nmax_buffered_total = 1048576\n")
+                         .replace("[policy]\n", "[policy]\nmax_buffered_total = 1048576\n"))
+    mx.start()
+    try:
+        from mxguard.protocols import milter as m
+
+        port = mx.milter_port if door == "milter" else mx.port
+        start = (m.OptNeg(6, 0x1FF, 0x1FFFFF).encode() + m.LEN.pack(size + 100) + b"L"
+                 if door == "milter" else policy_request()[:-1])
+        mx.wait_log("milter: listening")
+        socks = []
+        for _ in range(conns):
+            s = socket.create_connection(("127.0.0.1", port), 5)
+            s.sendall(start + b"x" * size)  # never the end of the packet / request
+            socks.append(s)
+        if shed:
+            mx.wait_log(f"{door}.max_buffered_total")
+        time.sleep(0.5)
+        held = _held_open(socks)
+        assert (held < conns) == shed, held
+        assert (f"{door}.max_buffered_total" in mx.log_text()) == shed
+        assert mx.client().ask(helo_name="mail.sender.test")  # the daemon keeps serving
+        for s in socks:
+            s.close()
+    finally:
+        assert mx.stop() == 0

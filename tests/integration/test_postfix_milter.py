@@ -78,9 +78,13 @@ def stack(tmp_path: Path, dns: DNSServer, sink: Sink,
     mx.config.write_text(mx.config.read_text().replace(
         "[milter]\n", f'[milter]\nauthserv_id = "{AUTHSERV}"\n'))
     mx.start()
-    pf = postfix_factory({**policy_wiring(mx.port), **milter_wiring(mx.milter_port)})
+    pf = postfix_factory({**policy_wiring(mx.port), **milter_wiring(mx.milter_port),
+                          "message_size_limit": str(BIG + 4 * 1024 * 1024)})
     yield mx, pf
     assert mx.stop() == 0
+
+
+BIG = 11 * 1024 * 1024  # over [milter] max_scan_size (10 MiB), under max_message_size
 
 
 def message(sender: str, *, extra: str = "", body: str = "Hello there.\r\n") -> bytes:
@@ -287,3 +291,69 @@ def test_report_safe_wraps_spam_and_attaches_the_original_unchanged(
         assert " ".join(ham.header("X-Spam-Status").split()).startswith("No, score=")
     finally:
         assert mx.stop() == 0
+
+
+def big_body(size: int) -> str:
+    line = "a line of a big message, long enough to be ordinary text %07d\r\n"
+    return "".join(line % i for i in range(size // len(line % 0) + 1))
+
+
+def dkimpy_verifies(data: bytes, keys: dict[str, object]) -> list[bool]:
+    """Every DKIM-Signature of ``data`` checked by dkimpy against our keys' records."""
+    import dkim
+
+    records = {f"{name}._domainkey.sender.test.".encode(): public_key_record(key).encode()
+               for name, key in keys.items()}  # type: ignore[arg-type]
+    count = data.split(b"\r\n\r\n", 1)[0].lower().count(b"\ndkim-signature:") + (
+        data.lower().startswith(b"dkim-signature:"))
+    d = dkim.DKIM(data)
+    return [d.verify(idx=i, dnsfunc=lambda name, timeout=5: records.get(name))
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("size", [BIG, 0])  # control: a small message
+def test_incoming_big_signed_mail_verifies_over_the_whole_body(stack: Stack, sink: Sink,
+                                                               keys: dict[str, object],
+                                                               size: int) -> None:
+    mx, pf = stack
+    raw = signed(keys["rsa"], "rsa",  # type: ignore[arg-type]
+                 message("alice@sender.test", body=big_body(size) if size else "Hi.\r\n"))
+    # envelope from other.test: SPF passes unaligned, so DMARC (p=reject) rests on DKIM
+    reply, ok = deliver(pf, raw, sender="x@other.test")
+    assert ok, reply
+    (msg,) = sink.wait_for(1, timeout=60)
+    ar = " ".join(msg.header("Authentication-Results").split())
+    assert "dkim=pass" in ar and "dmarc=pass" in ar, ar
+    assert len(msg.data) > size
+    partial = mx.log_text().count("content: partial scan")
+    assert partial == (1 if size else 0)  # content scoring only is partial, logged once
+
+
+@pytest.mark.parametrize("size", [BIG, 0])  # control: a small message
+def test_our_signature_of_big_outgoing_mail_verifies_with_dkimpy(stack: Stack, sink: Sink,
+                                                                 keys: dict[str, object],
+                                                                 size: int) -> None:
+    _mx, pf = stack
+    raw = message("alice@sender.test", body=big_body(size) if size else "Hi.\r\n")
+    reply, ok = deliver(pf, raw, source="127.0.0.1")
+    assert ok, reply
+    (msg,) = sink.wait_for(1, timeout=60)
+    assert dkimpy_verifies(msg.data, keys) == [True, True]  # rsa and ed25519
+
+
+@pytest.mark.parametrize(("lines", "refused"), [(5000, True), (150, False)])  # control
+def test_a_header_of_thousands_of_empty_lines_is_refused(stack: Stack, sink: Sink,
+                                                         lines: int, refused: bool) -> None:
+    mx, pf = stack
+    raw = message("alice@sender.test", extra="X:\r\n" * lines)
+    reply, ok = deliver(pf, raw)
+    assert ok is not refused, reply
+    if refused:
+        assert reply.startswith("552 5.3.4"), reply
+        mx.wait_log("milter.max_headers")
+        sink.wait_quiet(1.0)
+        assert sink.messages == []
+    else:
+        assert len(sink.wait_for(1)) == 1
+    reply, ok = deliver(pf, message("alice@sender.test"))  # the door keeps serving
+    assert ok, reply

@@ -168,6 +168,11 @@ class PacketDecoder(Generic[P]):
         """True when part of a packet has arrived but not its end."""
         return bool(self._buf)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held: the part of a packet that has arrived (at most ``max_packet`` + 4)."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[P]:
         if self._error is not None:
             raise MilterProtocolError(self._error)

@@ -13,7 +13,7 @@ from typing import ClassVar, Self
 
 VERSION = 6
 MAX_PACKET_LIMIT = 64 * 1024 * 1024  # hard ceiling for any declared length
-DEFAULT_MAX_PACKET = 1024 * 1024  # Postfix: body chunks 65535, headers <= header_size_limit
+DEFAULT_MAX_PACKET = 256 * 1024  # Postfix: body chunks 65535, headers <= header_size_limit
 BODY_CHUNK = 65535  # largest body piece per packet, both ways (libmilter MILTER_CHUNK_SIZE)
 
 # Actions the milter may request (SMFIF_*).

@@ -85,6 +85,11 @@ class PolicyDecoder:
         """True when part of a request has arrived but not its end."""
         return bool(self._buf)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held: the part of a request that has arrived (at most ``max_bytes``)."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[PolicyRequest]:
         if b"\0" in data:
             raise PolicyProtocolError("NUL byte in request")

@@ -161,7 +161,10 @@ class Daemon:
 
         m = cfg.milter
         settings = MilterServerSettings(
-            listen=m.listen, max_body_memory=m.max_body_memory, max_message_size=m.max_scan_size,
+            listen=m.listen, max_body_memory=m.max_body_memory,
+            max_message_size=m.max_message_size, max_headers=m.max_headers,
+            max_header_bytes=m.max_header_bytes, limit_action=m.limit_action,
+            max_packet=m.max_packet, max_buffered_total=m.max_buffered_total,
             idle_timeout=m.idle_timeout, max_connections=m.max_connections,
             progress_interval=m.progress_interval, fail_action=m.fail_action,
             stage_timeout=m.stage_timeout, eom_timeout=m.eom_timeout,

@@ -18,10 +18,19 @@ default: Postfix keeps the mail and the client retries) and a log line. Abort
 (``A``, sent by Postfix before every new message and on RSET) resets the
 message and keeps connect/HELO; ``K`` resets everything. Bad input closes only
 that connection. Bodies stay in memory up to ``max_body_memory`` and are
-spooled to a temporary file beyond; bytes past ``max_message_size`` are
-dropped (``session.truncated``) and Postfix is told to skip the rest of the
-body. Idle sweeper, ``max_connections`` and graceful close work like the
-policy server's.
+spooled to a temporary file beyond. A message past ``max_message_size``,
+``max_headers`` or ``max_header_bytes`` is dropped as it arrives (Postfix is
+told to skip the rest of its body when it understands SMFIR_SKIP and body
+replies are on) and answered at end of message by ``limit_action`` -- 552 5.3.4
+by default -- without running the handler, with a log line.
+
+Memory per connection is bounded by ``max_packet`` (the largest packet taken;
+the decoder holds at most one incomplete packet), ``MAX_QUEUED_BYTES`` of
+decoded commands waiting for the handler, and the message limits above; all
+connections together by ``max_buffered_total`` bytes of incomplete packets and
+waiting commands: past it, the connection holding the most is closed (logged).
+Idle sweeper, ``max_connections`` and graceful close work like the policy
+server's.
 """
 
 from __future__ import annotations
@@ -50,7 +59,12 @@ log = logging.getLogger("mxguard")
 
 FAIL_ACTIONS = ("tempfail", "accept", "reject")
 MAX_QUEUED = 64  # commands buffered per connection before we stop reading
-MAX_QUEUED_BYTES = 1024 * 1024
+MAX_QUEUED_BYTES = 256 * 1024
+# What a message past a limit gets: the remote client reads it (Postfix's own
+# wording for message_size_limit); the log line names the limit.
+LIMIT_TEXT = {"max_message_size": "Message size exceeds fixed limit",
+              "max_headers": "Message header exceeds fixed limit (too many lines)",
+              "max_header_bytes": "Message header exceeds fixed limit"}
 # Postfix writes milter commands with Nagle on; after a command that gets no reply
 # (DATA with SMFIP_NR_DATA, headers, ABORT, macros) its next write waits for our ACK,
 # which the kernel delays up to 40 ms when we have nothing to send: ACK at once.
@@ -63,7 +77,11 @@ class MilterServerSettings:
 
     listen: str = "127.0.0.1:8894"
     max_body_memory: int = 1024 * 1024  # body bytes held in memory, then a temp file
-    max_message_size: int = 64 * 1024 * 1024  # headers + body kept; the rest is skipped
+    max_message_size: int = 64 * 1024 * 1024  # headers + body kept; past it: limit_action
+    max_headers: int = 2000  # header lines per message; past it: limit_action
+    max_header_bytes: int = 1024 * 1024  # header bytes per message; past it: limit_action
+    limit_action: str = "reject"  # reject (552 5.3.4) | tempfail (452 4.3.4) | accept
+    max_buffered_total: int = 32 * 1024 * 1024  # incomplete packets + queued, all connections
     idle_timeout: float = 3600.0  # > Postfix smtpd_timeout: a milter socket idles during DATA
     max_connections: int = 1000
     progress_interval: float = 5.0  # seconds between SMFIR_PROGRESS while EOM runs
@@ -82,8 +100,11 @@ class MilterServerSettings:
     def __post_init__(self) -> None:
         if self.fail_action not in FAIL_ACTIONS:
             raise ValueError(f"milter fail_action must be one of {', '.join(FAIL_ACTIONS)}")
+        if self.limit_action not in FAIL_ACTIONS:
+            raise ValueError(f"milter limit_action must be one of {', '.join(FAIL_ACTIONS)}")
         for name in ("max_body_memory", "max_message_size", "idle_timeout", "max_connections",
-                     "progress_interval", "stage_timeout", "eom_timeout", "max_packet"):
+                     "progress_interval", "stage_timeout", "eom_timeout", "max_packet",
+                     "max_headers", "max_header_bytes", "max_buffered_total"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"milter {name} must be positive")
 
@@ -110,9 +131,12 @@ class _Connection(asyncio.Protocol):
         self.server = server
         s = server.settings
         self.decoder = m.CommandDecoder(s.max_packet)
-        self.session = MilterSession(s.max_body_memory, s.max_message_size, s.spool_dir)
+        self.session = MilterSession(s.max_body_memory, s.max_message_size, s.spool_dir,
+                                     max_headers=s.max_headers,
+                                     max_header_bytes=s.max_header_bytes)
         self.queue: deque[m.Command] = deque()
         self.queued_bytes = 0
+        self.counted = 0  # our share of server.buffered_total
         self.busy = False
         self.paused = False
         self.transport: asyncio.Transport | None = None
@@ -166,6 +190,7 @@ class _Connection(asyncio.Protocol):
                     continue
             self.queue.append(cmd)
             self.queued_bytes += _weight(cmd)
+        self.account()
         if self.transport is not None and (len(self.queue) > MAX_QUEUED
                                            or self.queued_bytes > MAX_QUEUED_BYTES):
             self.transport.pause_reading()
@@ -174,6 +199,15 @@ class _Connection(asyncio.Protocol):
             self.busy = True
             self.task = self.server.loop.create_task(self._work())
 
+    def account(self) -> None:
+        """Update our share of the buffered bytes of all connections; past
+        ``max_buffered_total``, the server closes whoever holds the most."""
+        held = 0 if self.closed else self.decoder.buffered + self.queued_bytes
+        self.server.buffered_total += held - self.counted
+        self.counted = held
+        if held and self.server.buffered_total > self.server.settings.max_buffered_total:
+            self.server.shed()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.decoder.pending or self.session.in_message:
             log.info("milter: %s disconnected in the middle of a %s", self.peer,
@@ -181,6 +215,10 @@ class _Connection(asyncio.Protocol):
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self.session.reset_connection()
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.server.buffered_total -= self.counted
+        self.counted = 0
         self.server.connections.discard(self)
         self.transport = None
 
@@ -209,6 +247,7 @@ class _Connection(asyncio.Protocol):
             while self.queue and not self.closed:
                 cmd = self.queue.popleft()
                 self.queued_bytes -= _weight(cmd)
+                self.account()
                 self.send(await self.handle(cmd))
                 self.maybe_resume()
         except m.MilterProtocolError as exc:
@@ -389,11 +428,24 @@ class _Connection(asyncio.Protocol):
             self.session.add_body(chunk)
         self.session.stage = Stage.EOM
         try:
-            result = await self.eom_result()
+            result = self.over_limit() if self.session.over_limit else await self.eom_result()
             return self.eom_replies(result)
         finally:
             self.server.stats["messages"] += 1
             self.session.reset_message()
+
+    def over_limit(self) -> MilterResult:
+        """The answer to a message past one of its limits (the handler is not run)."""
+        s, action = self.session, self.server.settings.limit_action
+        text = LIMIT_TEXT[s.over_limit]
+        result = {"reject": MilterResult.reject(text, 552, "5.3.4"),
+                  "tempfail": MilterResult.tempfail(text, 452, "4.3.4")}.get(action)
+        log.warning("milter: message over milter.%s (%d header lines, %d bytes) queue_id=%s "
+                    "client=%s; answering %s (milter.limit_action)", s.over_limit,
+                    s.header_count, s.received, s.queue_id or "-", s.client_address or "-",
+                    result.reply.reply() if result and result.reply else "accept, unchecked")
+        self.server.stats["over_limit"] += 1
+        return result or MilterResult()
 
     async def eom_result(self) -> MilterResult:
         task = asyncio.ensure_future(self.server.handler.on_end_of_message(self.session))
@@ -502,7 +554,9 @@ class MilterServer:
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.closing = False
-        self.stats = {"messages": 0, "protocol_errors": 0, "handler_errors": 0}
+        self.stats = {"messages": 0, "protocol_errors": 0, "handler_errors": 0,
+                      "over_limit": 0, "shed": 0}
+        self.buffered_total = 0  # incomplete packets + queued commands, all connections
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -517,6 +571,24 @@ class MilterServer:
         assert self._server is not None
         name = self._server.sockets[0].getsockname()
         return (str(name[0]), int(name[1])) if isinstance(name, tuple) else str(name)
+
+    def shed(self) -> None:
+        """Close connections, those holding the most first, until the buffered
+        bytes of all are within ``max_buffered_total`` again."""
+        limit = self.settings.max_buffered_total
+        for conn in sorted(self.connections, key=lambda c: c.counted, reverse=True):
+            if self.buffered_total <= limit or not conn.counted:
+                return
+            log.warning("milter: closing %s: it holds %d bytes of incomplete packets and "
+                        "waiting commands, all connections %d (milter.max_buffered_total %d)",
+                        conn.peer, conn.counted, self.buffered_total, limit)
+            self.stats["shed"] += 1
+            self.buffered_total -= conn.counted
+            conn.counted = 0
+            conn.queue.clear()
+            conn.queued_bytes = 0
+            if conn.transport is not None:
+                conn.transport.abort()
 
     async def _sweep(self) -> None:
         timeout = self.settings.idle_timeout

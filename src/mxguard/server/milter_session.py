@@ -3,11 +3,14 @@
 A :class:`MilterSession` holds what the MTA told us on one milter connection
 (client, HELO, macros; sender, recipients, headers and body of the current
 message). Bodies stay in memory up to ``max_body_memory`` and are spooled to a
-temporary file beyond; bytes past ``max_message_size`` are dropped
-(``session.truncated``). A :class:`MilterHandler` decides at each stage and
-answers ``None`` (continue) or a :class:`MilterResult`;
-:class:`BaseMilterHandler` continues everywhere. The server that feeds them
-is :mod:`mxguard.server.milter`.
+temporary file beyond. A message past one of its limits -- ``max_message_size``
+bytes of headers and body, ``max_headers`` header lines, ``max_header_bytes``
+bytes of headers -- is marked (``session.over_limit`` names the limit,
+``session.truncated`` is set) and everything kept of it so far is dropped, as is
+the rest as it arrives: the server answers it without running the handler. A
+:class:`MilterHandler` decides at each stage and answers ``None`` (continue)
+or a :class:`MilterResult`; :class:`BaseMilterHandler` continues everywhere.
+The server that feeds them is :mod:`mxguard.server.milter`.
 """
 
 from __future__ import annotations
@@ -87,9 +90,12 @@ class MilterSession:
     """
 
     def __init__(self, max_body_memory: int = 1024 * 1024,
-                 max_message_size: int = 64 * 1024 * 1024, spool_dir: str = "") -> None:
+                 max_message_size: int = 64 * 1024 * 1024, spool_dir: str = "", *,
+                 max_headers: int = 2000, max_header_bytes: int = 1024 * 1024) -> None:
         self.max_body_memory = max_body_memory
         self.max_message_size = max_message_size
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
         self.spool_dir = spool_dir or None
         self.headers_exact = False
         self._body: tempfile.SpooledTemporaryFile[bytes] | None = None
@@ -121,8 +127,11 @@ class MilterSession:
         self.rcpt_args: list[list[str]] = []
         self.headers: list[tuple[str, str]] = []
         self.header_bytes = 0
+        self.header_count = 0  # header lines received, kept or not
         self.body_size = 0
+        self.received = 0  # header and body bytes received, kept or not
         self.truncated = False
+        self.over_limit = ""  # the limit the message went past: "max_headers" ...
         self._on_disk = False
 
     def set_macros(self, stage: str, macros: dict[str, str]) -> None:
@@ -135,21 +144,29 @@ class MilterSession:
         self.mail_from, self.mail_args = sender, list(args)
 
     def add_header(self, name: str, value: str) -> bool:
+        """Store a header; False once the message is past a limit (nothing kept)."""
         size = len(name) + len(value) + 3
-        if self.truncated or self.message_size + size > self.max_message_size:
-            self.truncated = True
+        self.header_count += 1
+        self.received += size
+        if self.over_limit:
             return False
+        if self.header_count > self.max_headers:
+            return self.exceeded("max_headers")
+        if self.header_bytes + size > self.max_header_bytes:
+            return self.exceeded("max_header_bytes")
+        if self.message_size + size > self.max_message_size:
+            return self.exceeded("max_message_size")
         self.headers.append((name, value))
         self.header_bytes += size
         return True
 
     def add_body(self, chunk: bytes) -> bool:
-        """Store a body chunk; False once ``max_message_size`` is reached."""
-        if self.truncated:
+        """Store a body chunk; False once the message is past a limit (nothing kept)."""
+        self.received += len(chunk)
+        if self.over_limit:
             return False
-        room = self.max_message_size - self.message_size
-        if len(chunk) > room:
-            chunk, self.truncated = chunk[:room], True
+        if len(chunk) > self.max_message_size - self.message_size:
+            return self.exceeded("max_message_size")
         if self._body is None:
             self._body = tempfile.SpooledTemporaryFile(  # noqa: SIM115 -- lives per message
                 max_size=self.max_body_memory, prefix="mxguard-body-", dir=self.spool_dir)
@@ -158,7 +175,16 @@ class MilterSession:
         if self.body_size > self.max_body_memory and not self._on_disk:
             self._body.rollover()
             self._on_disk = True
-        return not self.truncated
+        return True
+
+    def exceeded(self, limit: str) -> bool:
+        """Mark the message as past ``limit`` and drop what was kept of it: it will
+        be refused unread, so neither headers nor body need to stay. False."""
+        self.over_limit, self.truncated = limit, True
+        self.headers = []
+        self.header_bytes = self.body_size = 0
+        self.close_body()
+        return False
 
     def close_body(self) -> None:
         if self._body is not None:

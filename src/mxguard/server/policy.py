@@ -4,8 +4,11 @@ One :class:`asyncio.Protocol` per Postfix connection, many requests per
 connection answered in order. Bad input (see :mod:`mxguard.protocols.policy`)
 is logged and closes only that connection. Idle connections are closed by a
 sweeper after ``[policy] idle_timeout``; connections past ``max_connections``
-are refused at once. :meth:`PolicyServer.close` stops accepting, lets in-flight
-requests finish, then closes what remains.
+are refused at once. A connection holds at most one incomplete request of
+``max_request_bytes``; all together at most ``max_buffered_total`` bytes: past
+it, the connection holding the most is closed (logged).
+:meth:`PolicyServer.close` stops accepting, lets in-flight requests finish,
+then closes what remains.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.last = 0.0
+        self.counted = 0  # our share of server.buffered_total
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         admit(self, transport, self.server.connections, self.server.cfg.max_connections,
@@ -84,6 +88,7 @@ class _Connection(asyncio.Protocol):
             self.server.stats["protocol_errors"] += 1
             self.close()
             return
+        self.account()
         for req in requests:
             if req.unknown:
                 self.server.note_unknown(req.unknown)
@@ -111,9 +116,20 @@ class _Connection(asyncio.Protocol):
             if self.server.closing and not self.decoder.pending:
                 self.close()
 
+    def account(self) -> None:
+        """Update our share of the buffered bytes of all connections; past
+        ``max_buffered_total``, the server closes whoever holds the most."""
+        held = self.decoder.buffered if self.transport is not None else 0
+        self.server.buffered_total += held - self.counted
+        self.counted = held
+        if held and self.server.buffered_total > self.server.cfg.max_buffered_total:
+            self.server.shed()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.decoder.pending:
+        if self.decoder.pending and self.counted:
             log.warning("policy: %s disconnected in the middle of a request", self.peer)
+        self.server.buffered_total -= self.counted
+        self.counted = 0
         self.server.connections.discard(self)
         self.transport = None
 
@@ -133,7 +149,8 @@ class PolicyServer:
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.closing = False
-        self.stats = {"requests": 0, "protocol_errors": 0}
+        self.stats = {"requests": 0, "protocol_errors": 0, "shed": 0}
+        self.buffered_total = 0  # incomplete requests, all connections
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._unknown_seen: set[str] = set()
@@ -149,6 +166,22 @@ class PolicyServer:
             if name not in self._unknown_seen and len(self._unknown_seen) < 1000:
                 self._unknown_seen.add(name)
                 log.info("policy: ignoring unknown attribute %r", name)
+
+    def shed(self) -> None:
+        """Close connections, those holding the most first, until the incomplete
+        requests of all fit in ``max_buffered_total`` again."""
+        limit = self.cfg.max_buffered_total
+        for conn in sorted(self.connections, key=lambda c: c.counted, reverse=True):
+            if self.buffered_total <= limit or not conn.counted:
+                return
+            log.warning("policy: closing %s: it holds %d bytes of an incomplete request, all "
+                        "connections %d (policy.max_buffered_total %d)", conn.peer,
+                        conn.counted, self.buffered_total, limit)
+            self.stats["shed"] += 1
+            self.buffered_total -= conn.counted
+            conn.counted = 0
+            if conn.transport is not None:
+                conn.transport.abort()
 
     async def _sweep(self) -> None:
         while True:

@@ -483,8 +483,58 @@ async def test_small_body_stays_in_memory() -> None:  # control
     assert probe.facts["size"] == 7
 
 
-async def test_body_past_max_message_size_is_skipped_and_marked() -> None:
-    probe = BodyProbe()
+class Counting(BodyProbe):
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    async def on_end_of_message(self, session: MilterSession) -> MilterResult:
+        self.runs += 1
+        return await super().on_end_of_message(session)
+
+
+BIG_BODY = b"x" * 65535 * 2
+REJECTED = [m.ReplyCode("552 5.3.4 Message size exceeds fixed limit")]
+SIZE_LIMITS = dict(max_message_size=100_000)
+
+
+@pytest.mark.parametrize(("settings", "headers", "body", "replies"), [
+    (SIZE_LIMITS, [("From", " a@b")], BIG_BODY, REJECTED),
+    (SIZE_LIMITS, [("From", " a@b")], BIG_BODY[:65535], None),  # control: fits
+    ({"max_headers": 100}, [("X", "")] * 101, b"hi\r\n", [m.ReplyCode(
+        "552 5.3.4 Message header exceeds fixed limit (too many lines)")]),
+    ({"max_headers": 100}, [("X", "")] * 100, b"hi\r\n", None),  # control: 100 are fine
+    ({"max_header_bytes": 65536}, [("X", " " + "v" * 30000)] * 3, b"hi\r\n", [m.ReplyCode(
+        "552 5.3.4 Message header exceeds fixed limit")]),
+    ({"max_header_bytes": 65536}, [("X", " " + "v" * 30000)] * 2, b"hi\r\n", None),  # control
+    ({**SIZE_LIMITS, "limit_action": "tempfail"}, [("From", " a@b")], BIG_BODY,
+     [m.ReplyCode("452 4.3.4 Message size exceeds fixed limit")]),
+    ({**SIZE_LIMITS, "limit_action": "accept"}, [("From", " a@b")], BIG_BODY, [m.Continue()]),
+])
+async def test_message_past_a_limit_gets_limit_action_without_the_handler(
+        settings: dict[str, Any], headers: list[tuple[str, str]], body: bytes,
+        replies: list[m.Reply] | None, caplog: pytest.LogCaptureFixture) -> None:
+    probe = Counting()
+    async with running(probe, skip_large_bodies=False, **settings) as server:
+        mta = await Mta.open(server)
+        await mta.start()
+        await mta.envelope()
+        await mta.send(m.Data(), *(m.Header(n, v) for n, v in headers), m.EndOfHeaders(),
+                       *(m.Body(body[i:i + 65535]) for i in range(0, len(body), 65535)))
+        got = await mta.ask(m.EndOfMessage())
+        assert got == (replies or [m.Continue()])
+        # the connection keeps serving: the next message is checked as usual
+        await mta.envelope()
+        assert await mta.content([("From", " a@b")], b"next\r\n") == [m.Continue()]
+        await mta.close()
+        over = server.stats["over_limit"]
+    assert probe.runs == (1 if replies else 2)  # past a limit: the handler is not run
+    assert over == (1 if replies else 0)
+    assert ("milter.limit_action" in caplog.text) == bool(replies)
+
+
+async def test_body_past_max_message_size_is_skipped_and_dropped() -> None:
+    probe = Counting()
     async with running(probe, max_message_size=100_000) as server:
         mta = await Mta.open(server)
         await mta.start()
@@ -492,25 +542,48 @@ async def test_body_past_max_message_size_is_skipped_and_marked() -> None:
         await mta.send(m.Data(), m.Header("From", " a@b"), m.EndOfHeaders())
         assert await mta.ask(m.Body(b"x" * 65535)) == [m.Continue()]
         assert await mta.ask(m.Body(b"x" * 65535)) == [m.Skip()]  # Postfix stops sending
-        assert await mta.ask(m.EndOfMessage()) == [m.Continue()]
+        assert await mta.ask(m.EndOfMessage()) == REJECTED
+        session = next(iter(server.connections)).session
+        assert session.headers == [] and session.body_size == 0  # nothing kept of it
         await mta.close()
-    assert probe.facts["truncated"] is True
-    assert probe.facts["size"] == 100_000 - len("From") - len(" a@b") - 3
+    assert probe.runs == 0
 
 
-async def test_without_skip_no_body_replies_are_asked_for() -> None:
-    probe = BodyProbe()
-    async with running(probe, max_message_size=100_000, skip_large_bodies=False) as server:
-        mta = await Mta.open(server)
-        neg = await mta.start()
-        assert neg.protocol & m.SMFIP_NR_BODY
-        await mta.envelope()
-        await mta.send(m.Data(), m.Header("From", " a@b"), m.EndOfHeaders(),
-                       m.Body(b"x" * 65535), m.Body(b"x" * 65535))  # no replies to wait for
-        assert await mta.ask(m.EndOfMessage()) == [m.Continue()]
-        await mta.close()
-    assert probe.facts["truncated"] is True  # the excess was read and dropped
-    assert probe.facts["size"] == 100_000 - len("From") - len(" a@b") - 3
+@pytest.mark.parametrize(("conns", "shed"), [(6, True), (3, False)])  # control: within budget
+async def test_incomplete_packets_of_all_connections_are_bounded(conns: int, shed: bool,
+                                                                 caplog: pytest.LogCaptureFixture
+                                                                 ) -> None:
+    partial = m.LEN.pack(200_001) + b"L" + b"x" * 150_000  # a header packet, never finished
+    async with running(Recorder(), max_buffered_total=600_000) as server:
+        mtas = []
+        for _ in range(conns):
+            mta = await Mta.open(server)
+            await mta.start()
+            await mta.send(partial)
+            mtas.append(mta)
+        for _ in range(100):
+            if server.buffered_total + server.stats["shed"] * 150_005 >= conns * 150_005:
+                break
+            await asyncio.sleep(0.02)
+        assert server.buffered_total <= 600_000
+        assert (server.stats["shed"] > 0) == shed
+        assert ("milter.max_buffered_total" in caplog.text) == shed
+        for _ in range(100):  # the closed ones are gone, the others kept
+            if len(server.connections) == conns - server.stats["shed"]:
+                break
+            await asyncio.sleep(0.02)
+        assert len(server.connections) == conns - server.stats["shed"]
+        fresh = await Mta.open(server)  # others are served meanwhile
+        await fresh.start()
+        await fresh.envelope()
+        assert await fresh.content([("From", " a@b")], b"hi\r\n") == [m.Continue()]
+        for mta in [*mtas, fresh]:
+            await mta.close()
+        for _ in range(100):
+            if not server.connections:
+                break
+            await asyncio.sleep(0.02)
+    assert server.buffered_total == 0  # every byte counted was given back
 
 
 class Refuser(BaseMilterHandler):
@@ -712,7 +785,7 @@ async def test_pipelined_flood_pauses_reading_then_resumes() -> None:
 
     gate = Gate()
     headers = [(f"X-H{i}", f" {'v' * 5000} {i}") for i in range(600)]  # > 64 packets, > 1 MiB
-    async with running(gate) as server:
+    async with running(gate, max_header_bytes=4 * 1024 * 1024) as server:
         mta = await Mta.open(server)
         await mta.start()
         await mta.send(m.Mail(("<a@b>",)), m.Data(), *(m.Header(n, v) for n, v in headers),
