@@ -20,12 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from mxguard.core.transaction import Mode
+from mxguard.redact import redact
 
 DAY = 86400
 
 
 class ConfigError(Exception):
-    """A configuration problem, phrased for the admin (file, key, allowed values)."""
+    """A configuration problem, phrased for the admin (file, key, allowed values);
+    a password in a value it quotes is masked."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 def opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -625,7 +630,9 @@ def dump(cfg: Config, *, docs: bool = True) -> str:
             if docs:
                 lines.append(f"# {f.metadata['doc']}")
             lines.append(f"{f.name} = {toml_value(value)}")
-    resolved = {("server", "state_dir"): cfg.state_dir, ("storage", "url"): cfg.storage_url}
+    # the storage URL without its password (config show is pasted into tickets)
+    resolved = {("server", "state_dir"): cfg.state_dir,
+                ("storage", "url"): redact(cfg.storage_url)}
     for name, section in sections:
         lines.append("")
         lines.append(f"[{name}]")
