@@ -261,10 +261,37 @@ class Daemon:
         await self.stop()
 
 
-def raise_fd_limit() -> None:
-    """Each Postfix smtpd process keeps a policy connection: allow thousands."""
+FD_RESERVE = 256  # descriptors besides connections: listeners, stores, DNS, logs, spool files
+
+
+def fd_need(cfg: config.Config) -> int:
+    """Descriptors the configured connection limits can take at once."""
+    milter = cfg.milter.max_connections if cfg.milter.enabled else 0
+    return cfg.policy.max_connections + milter + FD_RESERVE
+
+
+def raise_fd_limit(cfg: config.Config | None = None) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each Postfix smtpd process
+    keeps a policy and a milter connection: thousands), and warn, with the
+    numbers, when even that cannot cover ``[policy]`` + ``[milter]``
+    ``max_connections``: beyond it, accept() fails and clients are dropped.
+    Returns the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        with contextlib.suppress(ValueError, OSError):
+    need = fd_need(cfg) if cfg is not None else 0
+    want = hard if hard != resource.RLIM_INFINITY else max(65536, need)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the file descriptor limit from %d to %d: %s",
+                        soft, want, exc)
+    if cfg is not None and soft != resource.RLIM_INFINITY and soft < need:
+        milter = cfg.milter.max_connections if cfg.milter.enabled else 0
+        log.warning("file descriptor limit %d (hard limit %s) is below the %d that "
+                    "policy.max_connections = %d and milter.max_connections = %d need "
+                    "(+%d for the rest); connections beyond it are refused: raise "
+                    "LimitNOFILE= / ulimit -n, or lower max_connections", soft,
+                    "unlimited" if hard == resource.RLIM_INFINITY else hard, need,
+                    cfg.policy.max_connections, milter, FD_RESERVE)
+    return int(soft)
