@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from mxguard.core.transaction import Mode
+from mxguard.redact import redact
 
 DAY = 86400
 
 
 class ConfigError(Exception):
-    """A configuration problem, phrased for the admin (file, key, allowed values)."""
+    """A configuration problem, phrased for the admin (file, key, allowed values);
+    a password in a value it quotes is masked."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 def opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -578,6 +584,11 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
             ("sqlite:///", "redis://", "rediss://", "redis+sentinel://")):
         raise bad("url", obj.url, '"sqlite:///path/to/mxguard.db", "redis://host:port/db", '
                   '"rediss://..." or "redis+sentinel://host:port/mastername/db"')
+    if isinstance(obj, StorageConfig) and obj.url.startswith(
+            ("redis://", "rediss://", "redis+sentinel://")):
+        problem = storage_url_problem(obj.url)
+        if problem:
+            raise bad("url", obj.url, problem)
     if isinstance(obj, PipelineConfig):
         for name in obj.tempfail_on_error:
             if name not in CHECK_NAMES:
@@ -594,6 +605,54 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
         except (KeyError, IndexError, ValueError):
             raise bad("text", obj.text, "text with only {url} {seconds} {recipient} "
                       "{sender} {client} placeholders") from None
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+def _host_problem(host: str) -> str:
+    if not host:
+        return "a host"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            return "a host name or IP address"
+    return ""
+
+
+def storage_url_problem(url: str) -> str:
+    """What is wrong with the host, port or db of a Redis storage URL ("" if nothing),
+    so that ``config check`` catches what would otherwise fail at first use."""
+    scheme, _, rest = url.partition("://")
+    netloc, _, path = rest.partition("?")[0].partition("/")
+    netloc = netloc.rpartition("@")[2]
+    sentinel = scheme == "redis+sentinel"
+    items = netloc.split(",") if sentinel else [netloc]
+    form = ("redis+sentinel://host:port[,host:port]/mastername[/db]" if sentinel
+            else f"{scheme}://host[:port][/db]")
+    for item in items:
+        if item.startswith("["):
+            host, _, port = item[1:].partition("]")
+            if port and not port.startswith(":"):
+                return f"{form} ({item!r}: not host:port)"
+            port = port[1:]
+        else:
+            host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+        problem = _host_problem(host)
+        if problem:
+            return f"{form} with {problem} (got {item!r})"
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"{form} with a port from 1 to 65535 (got {port!r})"
+    parts = [p for p in path.split("/") if p]
+    if sentinel:
+        if not parts or len(parts) > 2:
+            return f"{form} (the master's name is missing)" if not parts else form
+        parts = parts[1:]
+    if len(parts) > 1 or (parts and not parts[0].isdigit()):
+        return f"{form} with a database number (got /{'/'.join(parts)})"
+    return ""
 
 
 def split_hostport(value: str, default_port: int) -> tuple[str, int]:
@@ -656,7 +715,9 @@ def dump(cfg: Config, *, docs: bool = True) -> str:
             if docs:
                 lines.append(f"# {f.metadata['doc']}")
             lines.append(f"{f.name} = {toml_value(value)}")
-    resolved = {("server", "state_dir"): cfg.state_dir, ("storage", "url"): cfg.storage_url}
+    # the storage URL without its password (config show is pasted into tickets)
+    resolved = {("server", "state_dir"): cfg.state_dir,
+                ("storage", "url"): redact(cfg.storage_url)}
     for name, section in sections:
         lines.append("")
         lines.append(f"[{name}]")

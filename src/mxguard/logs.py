@@ -21,11 +21,19 @@ import time
 
 from mxguard.config import LogConfig, split_hostport
 from mxguard.core.transaction import Transaction, Verdict
+from mxguard.redact import redact
 
 log = logging.getLogger("mxguard")
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every log line, its traceback included, without URL passwords."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup(cfg: LogConfig) -> None:
@@ -43,10 +51,10 @@ def setup(cfg: LogConfig) -> None:
             handler = logging.StreamHandler(sys.stderr)
             print(f"mxguard: cannot open syslog at {cfg.syslog_address} ({exc.strerror}); "
                   "logging to stderr", file=sys.stderr)
-        handler.setFormatter(logging.Formatter("mxguard[%(process)d]: %(message)s"))
+        handler.setFormatter(RedactingFormatter("mxguard[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s mxguard[%(process)d] "
+        handler.setFormatter(RedactingFormatter("%(asctime)s mxguard[%(process)d] "
                                                "%(levelname)s %(message)s"))
     for old in list(log.handlers):
         log.removeHandler(old)
@@ -124,7 +132,7 @@ class DecisionLog:
         if not direct:
             log.info("%s", line)
             return
-        self._lines.append(self._prefix() + line + "\n")
+        self._lines.append(self._prefix() + redact(line) + "\n")
         if not self._scheduled:
             self._scheduled = True
             try:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mxguard.testing.ports import free_port
@@ -78,12 +79,13 @@ class MxguardProcess:
         # Later sections for [policy]/[storage] in extra are merged by hand by callers.
         self.config.write_text(text + extra)
 
-    def start(self) -> MxguardProcess:
+    def start(self, preexec_fn: Callable[[], object] | None = None) -> MxguardProcess:
+        """Start ``mxguard serve``; ``preexec_fn`` runs in the child first (limits)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         logf = open(self.log, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mxguard", "serve", "--config", str(self.config)],
-            stdout=logf, stderr=logf, env=env)
+            stdout=logf, stderr=logf, env=env, preexec_fn=preexec_fn)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

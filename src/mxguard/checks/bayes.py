@@ -15,12 +15,14 @@ Config: ``[bayes]``; mode: ``[content] mode``. Symbols: BAYES_00 ... BAYES_999.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
 from mxguard.content.bayes import autolearn_decision, message_key_of
 from mxguard.content.message import parsed
 from mxguard.content.tokenizer import tokenize_message
+from mxguard.core.runner import log_failure
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, CheckResult, Transaction
 from mxguard.store.bayes_store import hashes
@@ -47,10 +49,12 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
                        data=(message_key_of(message), hs, result))
 
 
-def _learned(task: asyncio.Task[Any]) -> None:
+def _learned(task: asyncio.Task[Any], interval: float) -> None:
     _learning.discard(task)
     if not task.cancelled() and task.exception() is not None:
-        log.warning("bayes: autolearn failed: %s", task.exception())
+        # a read-only or unreachable store fails every learn: one line per interval
+        log_failure("autolearn-task", interval, "bayes: autolearn failed: %s",
+                    task.exception())
 
 
 async def autolearn(tx: Transaction, rt: Runtime) -> CheckResult | None:
@@ -71,7 +75,8 @@ async def autolearn(tx: Transaction, rt: Runtime) -> CheckResult | None:
             and not (rejected and not decision.spam)):
         task = asyncio.get_running_loop().create_task(clf.learn_hashes(key, hs, decision.spam))
         _learning.add(task)
-        task.add_done_callback(_learned)
+        task.add_done_callback(functools.partial(
+            _learned, interval=rt.config.storage.fail_open_log_interval))
     return CheckResult(AUTOLEARN, extra={"autolearn": status})
 
 

@@ -38,6 +38,7 @@ from mxguard.auth import authresults
 from mxguard.auth.dmarc import DkimAuth, DmarcResult, OrgDomains, SampleFn, SpfAuth, evaluate
 from mxguard.auth.spf import SpfResult
 from mxguard.config import DmarcConfig
+from mxguard.core.runner import log_failure
 from mxguard.core.runtime import Runtime, symbol
 from mxguard.core.transaction import Action, CheckResult, Decision, HeaderEdit, Mode, Transaction
 from mxguard.store.base import StoreError
@@ -273,8 +274,9 @@ def _store(rt: Runtime, res: DmarcResult, spf: SpfAuth | None, dkim: Sequence[Dk
     row = report_record(res, spf, dkim, tx, action, rt.config.mode(NAME), rt.clock())
     try:
         store.add(row)
-    except StoreError as exc:
-        log.warning("check=dmarc store_error=%r queue_id=%s", str(exc),
+    except StoreError as exc:  # one line per interval, not one per message
+        log_failure("dmarc-results", rt.config.storage.fail_open_log_interval,
+                    "check=dmarc store_error=%r queue_id=%s", str(exc),
                     tx.queue_id if tx and tx.queue_id else "-")
 
 

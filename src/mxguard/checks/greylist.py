@@ -46,7 +46,7 @@ from mxguard.checks.greylist_lists import (
     validate_entry,
 )
 from mxguard.config import Config, GreylistConfig
-from mxguard.core.runner import FAIL_ACTIONS
+from mxguard.core.runner import FAIL_ACTIONS, log_failure
 from mxguard.core.runtime import Runtime, symbol
 from mxguard.core.transaction import Action, CheckResult, Decision, HeaderEdit, Transaction
 from mxguard.store.backends import open_store
@@ -102,10 +102,11 @@ def _settings(cfg: Config) -> _Settings:
 class Greylister:
     """The greylisting service: lists, store, decisions, expiry."""
 
-    def __init__(self, cfg: Config, store: GreylistStore, secret: bytes,
+    def __init__(self, cfg: Config, store: GreylistStore, secret: bytes | None,
                  clock: Callable[[], float] = time.time,
                  settings: _Settings | None = None) -> None:
         self._s = settings if settings is not None else _settings(cfg)
+        self._fail_log_interval = cfg.storage.fail_open_log_interval
         self.store = store
         self.clock = clock
         self._secret = secret
@@ -117,6 +118,7 @@ class Greylister:
         self.store_errors = 0  # requests the store failed (answered with [policy] fail_action)
         self._store_failed_since = 0  # of them, since the store last worked
         self._store_logged = -math.inf
+        self.where = getattr(getattr(store, "conn", None), "where", type(store).__name__)
 
     def store_failed(self, interval: float) -> bool:
         """Count a request the store failed; True if it is to be logged (once per interval)."""
@@ -137,6 +139,19 @@ class Greylister:
             self._store_logged = -math.inf
 
     @property
+    def ready(self) -> bool:
+        """False while the store was never reached (Redis down at start)."""
+        return self._secret is not None
+
+    async def ensure_ready(self) -> None:
+        """Read the privacy key if start-up could not (raises StoreError while the
+        store is still away); logs the recovery once."""
+        if self._secret is not None:
+            return
+        self._secret = await self.store.secret(PRIVACY_SECRET)
+        log.warning("greylist: store %s recovered; greylisting again", self.where)
+
+    @property
     def cfg(self) -> GreylistConfig:
         return self._s.cfg
 
@@ -147,6 +162,7 @@ class Greylister:
     def reload(self, cfg: Config) -> None:
         """Build new lists from ``cfg``; swap them in only if all of them load."""
         self._s = _settings(cfg)
+        self._fail_log_interval = cfg.storage.fail_open_log_interval
 
     async def close(self) -> None:
         await self.store.close()
@@ -163,6 +179,7 @@ class Greylister:
         if spf is not None and spf.decision is not None and spf.decision.action is Action.REJECT:
             return None
         s = self._s
+        await self.ensure_ready()
         await self.refresh_dynamic()
         listed = self._whitelisted(tx, s)
         if listed is not None:
@@ -178,6 +195,7 @@ class Greylister:
         return await self._triplet(tx, g, key, record, (ckey, client), now)
 
     def _key(self, text: str) -> str:
+        assert self._secret is not None  # decide() made sure
         return hashed_key(self._secret, text)
 
     def _whitelisted(self, tx: Transaction, s: _Settings) -> Outcome | None:
@@ -296,7 +314,8 @@ class Greylister:
             try:
                 n = await self.expire_once()
             except StoreError as exc:
-                log.warning("greylist expiry failed: %s", exc)
+                log_failure("greylist-expiry", self._fail_log_interval,
+                            "greylist expiry failed: %s", exc)
                 n = 0
             if n:
                 log.debug("greylist expiry removed %d rows", n)
@@ -306,16 +325,30 @@ class Greylister:
 
 
 async def open_greylister(cfg: Config, store: GreylistStore | None = None,
-                          clock: Callable[[], float] = time.time) -> Greylister:
-    """Load the lists (raising WhitelistError first), open the store, read the key."""
+                          clock: Callable[[], float] = time.time, *,
+                          fail_open: bool = False) -> Greylister:
+    """Load the lists (raising WhitelistError first), open the store, read the key.
+
+    ``fail_open`` (the daemon): a store that cannot be reached now (Redis down)
+    does not raise; the greylister starts without its key, answers each request
+    with the fail mode (:meth:`Greylister.ensure_ready` raises StoreError) and
+    reads the key once the store is back."""
     settings = _settings(cfg)  # fail on a bad whitelist before touching the store
-    store = store if store is not None else open_store(cfg)
+    store = store if store is not None else open_store(cfg, connect=not fail_open)
     try:
-        secret = await store.secret(PRIVACY_SECRET)
-        return Greylister(cfg, store, secret, clock, settings)
+        secret: bytes | None = await store.secret(PRIVACY_SECRET)
+    except StoreError as exc:
+        if not fail_open:
+            await store.close()
+            raise
+        log.warning("greylist: store unavailable at start: %s; answering [policy] "
+                    "fail_action %s until it is back (reconnecting in the background)",
+                    exc, cfg.policy.fail_action)
+        secret = None
     except BaseException:
         await store.close()
         raise
+    return Greylister(cfg, store, secret, clock, settings)
 
 
 _warned_missing = False

@@ -16,6 +16,7 @@ import click
 
 from mxguard import config
 from mxguard.auth import spf as engine
+from mxguard.redact import redact
 
 CONFIG_HELP = "TOML config file (default: embedded defaults)"
 
@@ -38,7 +39,7 @@ CONFIG_OPTION = config_option()
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``mxguard: message`` on stderr and exit with ``code``."""
-    click.echo(f"mxguard: {message}", err=True)
+    click.echo(f"mxguard: {redact(message)}", err=True)
     sys.exit(code)
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from mxguard.cli.common import fail
+from mxguard.redact import redact
 from mxguard.store.base import (
     ClientRecord,
     GreylistStore,
@@ -57,12 +58,7 @@ def _kind(url: str) -> str:
 
 def _shown(url: str) -> str:
     """A URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    netloc = rest.split("/", 1)[0]
-    if "@" not in netloc:
-        return url
-    auth, _, tail = rest.partition("@")
-    return f"{scheme}{sep}{auth.split(':', 1)[0]}:***@{tail}"
+    return redact(url)
 
 
 R = TypeVar("R")

@@ -38,6 +38,7 @@ from mxguard.core.transaction import (
     Verdict,
 )
 from mxguard.core.verdict import apply_actions
+from mxguard.store.base import StoreError
 
 log = logging.getLogger("mxguard")
 
@@ -78,6 +79,17 @@ class ErrorLog:
 
 
 ERROR_LOG = ErrorLog()
+
+
+def log_failure(name: str, interval: float, message: str, *args: Any) -> None:
+    """A failure outside a check's run (autolearn in the background, DMARC results
+    writes, store maintenance): one warning per ``name`` per ``interval`` ([storage]
+    fail_open_log_interval), the next line saying how many were held back."""
+    suppressed = ERROR_LOG.allow(name, interval)
+    if suppressed is None:
+        return
+    more = f" (+{suppressed} more since the last line)" if suppressed else ""
+    log.warning(message + "%s", *args, more)
 
 
 class Direction(enum.Enum):
@@ -156,7 +168,8 @@ def _error_result(spec: CheckSpec, tx: Transaction, rt: Runtime, exc: BaseExcept
         log.error("check=%s error=%s detail=%r client=%s queue_id=%s fail=%s%s", spec.name,
                   type(exc).__name__, "timed out" if timeout else str(exc)[:200],
                   tx.client_address or "-", tx.queue_id or "-", behaviour, more,
-                  exc_info=not timeout and not suppressed)
+                  # a traceback is for a bug; a store failure says all in its message
+                  exc_info=not timeout and not suppressed and not isinstance(exc, StoreError))
     name = f"{spec.name.upper()}_{kind}"
     return CheckResult(spec.name, [Symbol(name, cfg.score(name), type(exc).__name__)],
                        decision=decision, reason=f"{kind.lower()}:{type(exc).__name__}")
@@ -335,4 +348,4 @@ def log_decision(door: str, tx: Transaction, verdict: Verdict, reply: str) -> No
 
 
 __all__ = ["FAIL_ACTIONS", "CheckFn", "CheckSpec", "Direction", "Pipeline", "evaluate",
-           "log_decision", "run_message", "run_rows"]
+           "log_decision", "log_failure", "run_message", "run_rows"]

@@ -19,13 +19,17 @@ from typing import Any
 
 from mxguard import __version__, config, logs
 from mxguard.checks.rules import RULES_SERVICE
+from mxguard.core.runner import log_failure
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Mode
 from mxguard.dns import Resolver
+from mxguard.redact import redact
 from mxguard.server.policy import PolicyServer
 from mxguard.server.policy_door import PolicyDoor
 
 log = logging.getLogger("mxguard")
+
+RECONNECT_INTERVAL = 1.0  # seconds between tries of a store that was down at start
 
 class StartupError(Exception):
     """A problem that stops start-up, phrased for the admin."""
@@ -58,11 +62,17 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
     from mxguard.checks import dmarc as dm
     from mxguard.checks.greylist import open_greylister
     from mxguard.store.backends import open_results_store
+    from mxguard.store.base import StoreError
 
     services: dict[str, Any] = {dkim_sign.KEYTABLE_SERVICE: load_keys(cfg)}
-    services["greylist"] = await _maybe_await(open_greylister(cfg))
+    # fail_open: a store that is down at start (Redis) is not a reason to refuse to
+    # start; each request gets the fail mode until it is back (Daemon._reconnect)
+    services["greylist"] = await open_greylister(cfg, fail_open=True)
     if cfg.milter.enabled and cfg.dmarc.store_results:
-        services[dm.RESULTS_SERVICE] = open_results_store(cfg)
+        try:  # Redis connects on first use; a SQLite file may be unusable now
+            services[dm.RESULTS_SERVICE] = open_results_store(cfg)
+        except StoreError as exc:
+            log.error("dmarc results: not recorded until mxguard is restarted: %s", exc)
     if cfg.milter.enabled:
         services.update(open_content_services(cfg))
     return services
@@ -126,10 +136,22 @@ class Daemon:
         run_expiry = getattr(greylister, "run_expiry", None)
         if run_expiry is not None:
             self._tasks.append(loop.create_task(run_expiry()))
+        if greylister is not None and not greylister.ready:
+            self._tasks.append(loop.create_task(self._reconnect(greylister)))
         self._tasks.append(loop.create_task(self._flush_results()))
         self._tasks.append(loop.create_task(self._bayes_maintenance()))
         log.info("mxguard %s started (config %s, storage %s, pid %d)", __version__,
-                 cfg.source, cfg.storage_url, os.getpid())
+                 cfg.source, redact(cfg.storage_url), os.getpid())
+
+    async def _reconnect(self, greylister: Any) -> None:
+        """Started without its store (Redis down): try again until it answers, even
+        when no request comes; :meth:`Greylister.ensure_ready` logs the recovery."""
+        from mxguard.store.base import StoreError
+
+        while not greylister.ready:
+            await asyncio.sleep(RECONNECT_INTERVAL)
+            with contextlib.suppress(StoreError):
+                await greylister.ensure_ready()
 
     async def _flush_results(self) -> None:
         """Per-message DMARC results are batched: write them out every few seconds."""
@@ -142,7 +164,9 @@ class Daemon:
                 try:
                     store.flush()
                 except Exception as exc:  # a full disk must not stop the daemon
-                    log.warning("dmarc results: flush failed: %s", exc)
+                    log_failure("dmarc-results", self.runtime.config.storage
+                                .fail_open_log_interval, "dmarc results: flush failed: %s",
+                                exc)
 
     async def _bayes_maintenance(self) -> None:
         """Token access times and expiry in small batches, never a long sweep."""
@@ -153,7 +177,8 @@ class Daemon:
                 try:
                     await clf.maintenance()
                 except Exception as exc:
-                    log.warning("bayes: maintenance failed: %s", exc)
+                    log_failure("bayes-maintenance", self.runtime.config.storage
+                                .fail_open_log_interval, "bayes: maintenance failed: %s", exc)
 
     async def start_milter(self, cfg: config.Config) -> None:
         from mxguard.server.milter import MilterServer, MilterServerSettings
@@ -239,10 +264,37 @@ class Daemon:
         await self.stop()
 
 
-def raise_fd_limit() -> None:
-    """Each Postfix smtpd process keeps a policy connection: allow thousands."""
+FD_RESERVE = 256  # descriptors besides connections: listeners, stores, DNS, logs, spool files
+
+
+def fd_need(cfg: config.Config) -> int:
+    """Descriptors the configured connection limits can take at once."""
+    milter = cfg.milter.max_connections if cfg.milter.enabled else 0
+    return cfg.policy.max_connections + milter + FD_RESERVE
+
+
+def raise_fd_limit(cfg: config.Config | None = None) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each Postfix smtpd process
+    keeps a policy and a milter connection: thousands), and warn, with the
+    numbers, when even that cannot cover ``[policy]`` + ``[milter]``
+    ``max_connections``: beyond it, accept() fails and clients are dropped.
+    Returns the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        with contextlib.suppress(ValueError, OSError):
+    need = fd_need(cfg) if cfg is not None else 0
+    want = hard if hard != resource.RLIM_INFINITY else max(65536, need)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the file descriptor limit from %d to %d: %s",
+                        soft, want, exc)
+    if cfg is not None and soft != resource.RLIM_INFINITY and soft < need:
+        milter = cfg.milter.max_connections if cfg.milter.enabled else 0
+        log.warning("file descriptor limit %d (hard limit %s) is below the %d that "
+                    "policy.max_connections = %d and milter.max_connections = %d need "
+                    "(+%d for the rest); connections beyond it are refused: raise "
+                    "LimitNOFILE= / ulimit -n, or lower max_connections", soft,
+                    "unlimited" if hard == resource.RLIM_INFINITY else hard, need,
+                    cfg.policy.max_connections, milter, FD_RESERVE)
+    return int(soft)

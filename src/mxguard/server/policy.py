@@ -74,6 +74,7 @@ class _Connection(asyncio.Protocol):
         self.peer = "-"
         self.last = 0.0
         self.counted = 0  # our share of server.buffered_total
+        self.eof = False  # the client half-closed: answer what it sent, then close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         admit(self, transport, self.server.connections, self.server.cfg.max_connections,
@@ -99,6 +100,12 @@ class _Connection(asyncio.Protocol):
             self.busy = True
             self.server.loop.create_task(self._work())
 
+    def eof_received(self) -> bool:
+        """A client that half-closes after its request still gets the reply: keep
+        the sending side open while requests are pending; :meth:`_work` closes."""
+        self.eof = True
+        return self.busy or bool(self.queue)
+
     async def _work(self) -> None:
         try:
             while self.queue:
@@ -113,7 +120,7 @@ class _Connection(asyncio.Protocol):
         finally:
             self.busy = False
             self.last = self.server.loop.time()
-            if self.server.closing and not self.decoder.pending:
+            if self.eof or (self.server.closing and not self.decoder.pending):
                 self.close()
 
     def account(self) -> None:

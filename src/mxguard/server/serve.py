@@ -12,7 +12,7 @@ from mxguard.server.daemon import Daemon, raise_fd_limit
 
 def serve(cfg: config.Config, config_path: str | None) -> int:
     logs.setup(cfg.log)
-    raise_fd_limit()
+    raise_fd_limit(cfg)
     count = workers.worker_count(cfg.server.workers)
     if count > 1:  # a master binding the sockets and forking the workers
         return workers.serve(cfg, config_path, count)

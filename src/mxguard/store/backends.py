@@ -26,15 +26,21 @@ if TYPE_CHECKING:
     from mxguard.config import Config
 
 
-def open_store(cfg: Config) -> GreylistStore:
+def open_store(cfg: Config, *, connect: bool = True) -> GreylistStore:
     """The store named by ``cfg.storage_url``: ``sqlite:///PATH`` or, for several MX
     hosts sharing one greylist, ``redis://``, ``rediss://`` or ``redis+sentinel://``
-    (see :mod:`mxguard.store.redis`)."""
+    (see :mod:`mxguard.store.redis`).
+
+    No backend connects in here but SQLite with ``connect`` (the default: a CLI
+    command fails at once on a file it cannot open); with ``connect=False`` an
+    unusable file raises StoreError on first use instead, so the daemon starts
+    and serves its fail mode. A Redis store connects on first use either way."""
     url = cfg.storage_url
     if url.startswith("sqlite:///"):
         from mxguard.store.sqlite import SqliteGreylistStore
 
-        return SqliteGreylistStore(sqlite_path(url), busy_timeout=cfg.storage.busy_timeout)
+        return SqliteGreylistStore(sqlite_path(url), busy_timeout=cfg.storage.busy_timeout,
+                                   connect=connect)
     if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
         try:
             from mxguard.store.redis import RedisGreylistStore

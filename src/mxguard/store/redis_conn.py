@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from mxguard.redact import redact
 from mxguard.store.base import StoreError
 
 try:
@@ -92,12 +93,12 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         sentinels.append((host, port))
     parts = [p for p in path.split("/") if p]
     if not sentinels or not parts or len(parts) > 2:
-        raise StoreError(f"storage.url {_redact(url)!r}: expected "
+        raise StoreError(f"storage.url {redact(url)!r}: expected "
                          "redis+sentinel://host:port[,host:port]/mastername[/db]")
     try:
         db = int(parts[1]) if len(parts) == 2 else 0
     except ValueError:
-        raise StoreError(f"storage.url {_redact(url)!r}: db {parts[1]!r} is not a number") \
+        raise StoreError(f"storage.url {redact(url)!r}: db {parts[1]!r} is not a number") \
             from None
     options = {k: v[-1] for k, v in parse_qs(query).items()}
     return SentinelUrl(sentinels, unquote(parts[0]), db, username, password, options)
@@ -112,17 +113,7 @@ def _hostport(item: str, default: int, url: str) -> tuple[str, int]:
     try:
         return host, int(port) if port else default
     except ValueError:
-        raise StoreError(f"storage.url {_redact(url)!r}: bad port in {item!r}") from None
-
-
-def _redact(url: str) -> str:
-    """The URL without its password (for messages and logs)."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest.split("/", 1)[0]:
-        return url
-    auth, _, tail = rest.partition("@")
-    user = auth.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{tail}"
+        raise StoreError(f"storage.url {redact(url)!r}: bad port in {item!r}") from None
 
 
 def describe_url(url: str) -> str:
@@ -168,7 +159,7 @@ def redis_client(url: str, timeout: float) -> Any:
         pool = aioredis.ConnectionPool.from_url(url, **common)
         return aioredis.Redis(connection_pool=pool)
     except (ValueError, TypeError) as exc:
-        raise StoreError(f"storage.url {_redact(url)!r}: {exc}") from None
+        raise StoreError(f"storage.url {redact(url)!r}: {exc}") from None
 
 
 def sync_redis_client(url: str, timeout: float) -> Any:
@@ -195,7 +186,7 @@ def sync_redis_client(url: str, timeout: float) -> Any:
                                        password=s.password, **common)
         return syncredis.Redis.from_url(url, **common)
     except (ValueError, TypeError) as exc:
-        raise StoreError(f"storage.url {_redact(url)!r}: {exc}") from None
+        raise StoreError(f"storage.url {redact(url)!r}: {exc}") from None
 
 
 def glob_escape(text: str) -> str:

@@ -97,7 +97,7 @@ CACHE_KIB = 64 * 1024  # page cache of the connection: the hot greylist rows sta
 class SqliteGreylistStore(GreylistStore):
     """Greylist state in one SQLite file (``path``; ``:memory:`` for tests)."""
 
-    def __init__(self, path: str, busy_timeout: float = 2.0) -> None:
+    def __init__(self, path: str, busy_timeout: float = 2.0, *, connect: bool = True) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
         self.commits = 0  # commits done: with group commit, far fewer than writes
@@ -105,7 +105,8 @@ class SqliteGreylistStore(GreylistStore):
         self._conn: sqlite3.Connection | None = None
         self._batch: asyncio.Future[None] | None = None
         self._closed = False
-        self._connection()
+        if connect:  # else the first call opens it (a daemon started while it cannot)
+            self._connection()
 
     # ------------------------------------------------------------ plumbing
 
