@@ -45,6 +45,7 @@ from typing import Any
 
 from mxguard.content import evals
 from mxguard.content.evals import EVALS, NET_EVALS, RuleLists, ScanContext
+from mxguard.content.evals.base import DomainSet
 from mxguard.content.mime import ParsedMessage, rendered_body
 from mxguard.content.rules_meta import HitMap, MetaError, compile_meta
 from mxguard.content.rules_parser import ParsedRules, RuleDef, apply_replace_tags, parse_paths
@@ -186,9 +187,9 @@ class RuleSet:
         self.stats = LoadStats(files=list(parsed.files), errors=list(parsed.errors),
                                warnings=list(parsed.warnings),
                                ignored_settings=Counter(parsed.ignored))
-        self.lists = RuleLists(frozenset(parsed.url_shorteners),
-                               frozenset(parsed.freemail_domains),
-                               {k: frozenset(v) for k, v in parsed.uri_host_lists.items()})
+        self.lists = RuleLists(DomainSet(parsed.url_shorteners),
+                               DomainSet(parsed.freemail_domains),
+                               {k: DomainSet(v) for k, v in parsed.uri_host_lists.items()})
         self.rules: dict[str, Rule] = {}
         self.zero: set[str] = set()  # defined rules that never fire here (net, unsupported)
         for rdef in parsed.rules.values():
