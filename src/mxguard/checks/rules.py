@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from mxguard.content.message import parsed
 from mxguard.content.rules import RuleSet, ScanResult, load_rules, score_set
-from mxguard.core.runtime import Runtime, off_loop
+from mxguard.core.runtime import Runtime, check_deadline, off_loop
 from mxguard.core.transaction import CheckResult, Symbol, Transaction
 
 NAME = "rules"
@@ -37,7 +37,7 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
     ready = bayes is not None and isinstance(bayes.data, tuple) and bayes.data[2].ready
     result: ScanResult = await off_loop(
         tx.size, ruleset(rt).scan, message, tx=tx, now=rt.clock(), bayes_prob=None,
-        score_set=score_set(rt.config, ready))
+        score_set=score_set(rt.config, ready), deadline=check_deadline())
     symbols = [Symbol(h.name, h.score, h.description) for h in result.hits]
     return CheckResult(NAME, symbols, reason=f"score={result.score:g}:rules={len(result.hits)}",
                        data=result, extra={"content_score": f"{result.score:g}"})

@@ -45,11 +45,13 @@ from typing import Any
 
 from mxguard.content import evals
 from mxguard.content.evals import EVALS, NET_EVALS, RuleLists, ScanContext
+from mxguard.content.evals.base import DomainSet
 from mxguard.content.mime import ParsedMessage, rendered_body
 from mxguard.content.rules_meta import HitMap, MetaError, compile_meta
 from mxguard.content.rules_parser import ParsedRules, RuleDef, apply_replace_tags, parse_paths
 from mxguard.content.rules_prefilter import Prefilter, hyperscan_available, required_literals
 from mxguard.content.rules_regex import RegexError, compile_regex
+from mxguard.core.runtime import past_deadline
 
 log = logging.getLogger("mxguard")
 
@@ -186,9 +188,9 @@ class RuleSet:
         self.stats = LoadStats(files=list(parsed.files), errors=list(parsed.errors),
                                warnings=list(parsed.warnings),
                                ignored_settings=Counter(parsed.ignored))
-        self.lists = RuleLists(frozenset(parsed.url_shorteners),
-                               frozenset(parsed.freemail_domains),
-                               {k: frozenset(v) for k, v in parsed.uri_host_lists.items()})
+        self.lists = RuleLists(DomainSet(parsed.url_shorteners),
+                               DomainSet(parsed.freemail_domains),
+                               {k: DomainSet(v) for k, v in parsed.uri_host_lists.items()})
         self.rules: dict[str, Rule] = {}
         self.zero: set[str] = set()  # defined rules that never fire here (net, unsupported)
         for rdef in parsed.rules.values():
@@ -320,18 +322,26 @@ class RuleSet:
     # -- scanning -------------------------------------------------------------
 
     def scan(self, msg: ParsedMessage, *, tx: Any = None, now: float | None = None,
-             bayes_prob: float | None = None, score_set: int = 0) -> ScanResult:
+             bayes_prob: float | None = None, score_set: int = 0,
+             deadline: float | None = None) -> ScanResult:
+        """Run every rule on ``msg``. ``deadline`` (``time.monotonic()``): checked
+        between rules; past it the scan stops with
+        :class:`~mxguard.core.runtime.Overrun` (a TimeoutError: the rules check
+        ends as RULES_TIMEOUT, its worker thread is free again)."""
         started = time.monotonic()
         ctx = ScanContext(msg, tx, time.time() if now is None else now, bayes_prob, self.lists)
         hits = HitMap()
-        self._scan_headers(ctx, hits)
+        self._scan_headers(ctx, hits, deadline)
         texts = _texts(msg, ctx)
+        past_deadline(deadline)
         for kind in ("body", "rawbody", "full"):
             text = texts[kind]
             for rule in self.prefilters[kind].candidates(text):
+                past_deadline(deadline)
                 _count(rule, text, hits)
-        self._scan_uris(msg, hits)
-        self._scan_evals(ctx, hits)
+        self._scan_uris(msg, hits, deadline)
+        self._scan_evals(ctx, hits, deadline)
+        past_deadline(deadline)
         for meta in self.metas:
             try:
                 if meta.meta_fn is not None and meta.meta_fn(hits):
@@ -340,9 +350,11 @@ class RuleSet:
                 continue
         return self._result(hits, score_set, time.monotonic() - started)
 
-    def _scan_headers(self, ctx: ScanContext, hits: HitMap) -> None:
+    def _scan_headers(self, ctx: ScanContext, hits: HitMap, deadline: float | None) -> None:
         cache: dict[str, list[str]] = {}
-        for rule in self.header_rules:
+        for n, rule in enumerate(self.header_rules):
+            if not n % 16:
+                past_deadline(deadline)
             if rule.exists:  # pseudo-headers (ToCc, MESSAGEID ...) too
                 if ctx.msg.get(rule.exists) or header_values(ctx.msg, rule.exists, ctx):
                     hits[rule.name] = 1
@@ -363,18 +375,20 @@ class RuleSet:
             if matched != rule.negate:
                 hits[rule.name] = 1
 
-    def _scan_uris(self, msg: ParsedMessage, hits: HitMap) -> None:
+    def _scan_uris(self, msg: ParsedMessage, hits: HitMap, deadline: float | None) -> None:
         urls = [u.url.encode("utf-8", "replace") for u in msg.uris]
         if not urls:
             return
         for rule in self.prefilters["uri"].candidates(b"\n".join(urls)):
+            past_deadline(deadline)
             assert rule.regex is not None
             n = sum(1 for u in urls if rule.regex.search(u))
             if n:
                 hits[rule.name] = min(n, rule.maxhits or n) if rule.multiple else 1
 
-    def _scan_evals(self, ctx: ScanContext, hits: HitMap) -> None:
+    def _scan_evals(self, ctx: ScanContext, hits: HitMap, deadline: float | None) -> None:
         for rule in self.eval_rules:
+            past_deadline(deadline)
             assert rule.eval_fn is not None
             try:
                 value = rule.eval_fn(ctx, *rule.eval_args)

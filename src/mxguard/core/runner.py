@@ -26,7 +26,7 @@ from typing import Any
 
 from mxguard import logs
 from mxguard.config import Config
-from mxguard.core.runtime import Runtime
+from mxguard.core.runtime import CHECK_DEADLINE, Runtime
 from mxguard.core.transaction import (
     Action,
     CheckResult,
@@ -302,11 +302,16 @@ async def run_rows(tx: Transaction, rt: Runtime, rows: Sequence[CheckSpec],
         if spec.direction is not ANY and (spec.direction is OUTGOING) is not outgoing:
             continue
         started = clock()
+        # CPU-bound work (the rule scan, in place or in a worker thread) reads the
+        # deadline and stops itself: a thread cannot be cancelled like a task.
+        token = CHECK_DEADLINE.set(time.monotonic() + budget)
         try:
             result = await within(spec.fn(tx, rt), budget)
         except Exception as exc:  # a bug, a store or DNS failure, a timeout: fail behaviour
             result = _error_result(spec, tx, rt, exc)
             mode = Mode.ENFORCE if result.decision is not None else Mode.SCORE
+        finally:
+            CHECK_DEADLINE.reset(token)
         timings[spec.name] = (clock() - started) * 1000.0
         if result is None:
             continue

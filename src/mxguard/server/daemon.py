@@ -1,6 +1,11 @@
 """``mxguard serve``: start the doors, handle signals, reload.
 
-* SIGTERM / SIGINT: stop accepting, finish in-flight requests, exit 0.
+* SIGTERM / SIGINT: stop accepting, finish in-flight requests for up to
+  ``[server] shutdown_grace`` seconds, exit 0. A content scan still running in
+  a worker thread (:data:`mxguard.core.runtime.WORKERS`, daemon threads) does
+  not hold up the exit; should the shutdown itself not end within the grace
+  (plus :data:`EXIT_MARGIN`), a watchdog thread logs it, flushes the logs and
+  ends the process (``os._exit``).
 * SIGHUP: reload the config file and the whitelist files; the new config is
   swapped in as one object only when all of it loads. A bad file is refused
   with a log line and the old config stays. Connections are not dropped.
@@ -15,6 +20,8 @@ import logging
 import os
 import resource
 import signal
+import sys
+import threading
 from typing import Any
 
 from mxguard import __version__, config, logs
@@ -30,6 +37,39 @@ from mxguard.server.policy_door import PolicyDoor
 log = logging.getLogger("mxguard")
 
 RECONNECT_INTERVAL = 1.0  # seconds between tries of a store that was down at start
+EXIT_MARGIN = 2.0  # seconds past shutdown_grace before the watchdog ends the process
+
+
+def flush_logs() -> None:
+    """Write out the decision log and every log handler (before an ``os._exit``)."""
+    with contextlib.suppress(Exception):
+        logs.decisions.flush()
+    for logger in (logging.getLogger(), log):
+        for handler in logger.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def force_exit(reason: str, code: int) -> None:
+    """Log ``reason``, flush the logs, end the process now (no interpreter teardown)."""
+    from mxguard.core.runtime import WORKERS
+
+    log.error("shutdown: %s (scans in progress=%d): exiting now", reason, WORKERS.busy)
+    flush_logs()
+    os._exit(code)
+
+
+def start_exit_watchdog(grace: float) -> threading.Timer:
+    """A daemon timer that ends the process if the shutdown outlasts ``grace``."""
+    timer = threading.Timer(grace + EXIT_MARGIN, force_exit,
+                            (f"not finished {grace + EXIT_MARGIN:g} s after SIGTERM", 1))
+    timer.daemon = True
+    timer.start()
+    return timer
+
 
 class StartupError(Exception):
     """A problem that stops start-up, phrased for the admin."""
@@ -234,10 +274,9 @@ class Daemon:
     async def stop(self) -> None:
         logs.decisions.flush()
         grace = self.runtime.config.server.shutdown_grace
-        if self.policy is not None:
-            await self.policy.close(grace)
-        if self.milter is not None:
-            await self.milter.close(grace)
+        # Both doors drain at once: the grace is one deadline, not one per door.
+        closing = [door.close(grace) for door in (self.policy, self.milter) if door is not None]
+        await asyncio.gather(*closing)
         for task in self._tasks:
             task.cancel()
         await close_services(self.runtime.services)
@@ -249,19 +288,36 @@ class Daemon:
         # not kill the daemon (its default action); it reloads once started.
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
+        watchdog: list[threading.Timer] = []
 
         async def reload_when_started() -> None:
             await started.wait()
             await self.reload()
 
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        def on_stop(signum: int, frame: Any) -> None:
+            # A plain signal handler, not loop.add_signal_handler: it runs as soon
+            # as the main thread runs Python again, even while a scan holds the
+            # loop, and arms the watchdog before the loop hears of the signal.
+            if not watchdog:
+                watchdog.append(start_exit_watchdog(self.runtime.config.server.shutdown_grace))
+            with contextlib.suppress(RuntimeError):  # the loop is closed already
+                loop.call_soon_threadsafe(self.stopping.set)
+
+        previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_when_started()))
-        await self.start()
-        started.set()
-        await self.stopping.wait()
-        log.info("shutting down: finishing in-flight requests")
-        await self.stop()
+        try:
+            await self.start()
+            started.set()
+            await self.stopping.wait()
+            log.info("shutting down: finishing in-flight requests")
+            if not watchdog:  # stopped by other means than a signal
+                watchdog.append(start_exit_watchdog(self.runtime.config.server.shutdown_grace))
+            await self.stop()
+        finally:
+            for timer in watchdog:
+                timer.cancel()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 FD_RESERVE = 256  # descriptors besides connections: listeners, stores, DNS, logs, spool files

@@ -7,7 +7,7 @@ import asyncio
 
 from mxguard import config, logs
 from mxguard.server import workers
-from mxguard.server.daemon import Daemon, raise_fd_limit
+from mxguard.server.daemon import Daemon, force_exit, raise_fd_limit
 
 
 def serve(cfg: config.Config, config_path: str | None) -> int:
@@ -23,6 +23,10 @@ def serve(cfg: config.Config, config_path: str | None) -> int:
         asyncio.run(daemon_coro)
     else:
         uvloop.run(daemon_coro)
+    from mxguard.core.runtime import WORKERS
+
+    if WORKERS.busy:  # a scan still runs in a worker: do not tear the interpreter down under it
+        force_exit("shutdown done, a content scan still running in a worker thread", 0)
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +30,25 @@ def register(name: str) -> Callable[[EvalFn], EvalFn]:
     return deco
 
 
+class DomainSet(frozenset[str]):
+    """A domain list (``url_shortener``, ``freemail_domains``, ``enlist_uri_host``)
+    that knows its deepest entry (``depth``, in labels), so a lookup walks only
+    that many labels of a host, however many labels the host has."""
+
+    depth: int
+
+    def __new__(cls, domains: Iterable[str] = ()) -> DomainSet:
+        self = super().__new__(cls, domains)
+        self.depth = max((d.count(".") + 1 for d in self), default=0)
+        return self
+
+
 @dataclass
 class RuleLists:
     """List settings from the rule files that evals use."""
 
-    url_shorteners: frozenset[str] = frozenset()
-    freemail_domains: frozenset[str] = frozenset()
+    url_shorteners: frozenset[str] = DomainSet()
+    freemail_domains: frozenset[str] = DomainSet()
     uri_host_lists: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
@@ -82,23 +95,35 @@ class ScanContext:
 # ------------------------------------------------------------------ helpers
 
 
+ADDRESS_WINDOW = 4096  # characters of a header value parsed first for its first address
+
+
+def _addresses(value: str, want_at: bool) -> list[tuple[str, str]]:
+    """``getaddresses`` of ``value``, or of its first :data:`ADDRESS_WINDOW`
+    characters when that already holds a complete first address (a pair
+    followed by another): the evals read only the first address, and a
+    To: of 100,000 recipients must not be parsed again by every eval."""
+    try:
+        if len(value) > ADDRESS_WINDOW:
+            pairs = email.utils.getaddresses([value[:ADDRESS_WINDOW]])
+            for i, (_, addr) in enumerate(pairs[:-1]):
+                if "@" in addr or (not want_at and i == 0):
+                    return pairs[i:i + 1]
+        return email.utils.getaddresses([value])
+    except Exception:
+        return []
+
+
 def address(value: str) -> str:
     """The first address of a header value (lower case), '' if none."""
-    try:
-        pairs = email.utils.getaddresses([value])
-    except Exception:
-        return ""
-    for _, addr in pairs:
+    for _, addr in _addresses(value, True):
         if "@" in addr:
             return addr.strip().lower()
     return ""
 
 
 def display_name(value: str) -> str:
-    try:
-        pairs = email.utils.getaddresses([value])
-    except Exception:
-        return ""
+    pairs = _addresses(value, False)
     return pairs[0][0].strip() if pairs else ""
 
 
@@ -142,16 +167,24 @@ def num(value: str, default: float = 0.0) -> float:
 
 
 def in_domain_list(domain: str, domains: frozenset[str]) -> bool:
-    """``domain`` or a parent listed; ``*.example`` entries match subdomains."""
-    if not domain:
+    """``domain`` or a parent listed; ``*.example`` entries match subdomains.
+
+    Linear in the length of ``domain``: only its last ``depth`` labels can
+    match an entry of the list (a host of thousands of labels costs one
+    ``rsplit``), and each candidate suffix is one set lookup."""
+    if not domain or not domains:
         return False
-    labels = domain.split(".")
+    depth = domains.depth if isinstance(domains, DomainSet) else \
+        max(d.count(".") + 1 for d in domains)
+    tail = domain.rsplit(".", depth)  # the last `depth` labels, the rest in tail[0]
+    labels = tail[1:] if len(tail) > depth else tail
+    deeper = len(tail) > depth  # labels left of the ones walked: a wildcard may match
     for i in range(len(labels)):
         candidate = ".".join(labels[i:])
-        if candidate in domains or (i and "*." + candidate in domains):
+        if candidate in domains or ((i or deeper) and "*." + candidate in domains):
             return True
     return False
 
 
-__all__ = ["EVALS", "NET_EVALS", "EvalFn", "RuleLists", "ScanContext", "address", "display_name",
-           "domain_of", "in_domain_list", "num", "org_domain", "register"]
+__all__ = ["EVALS", "NET_EVALS", "DomainSet", "EvalFn", "RuleLists", "ScanContext", "address",
+           "display_name", "domain_of", "in_domain_list", "num", "org_domain", "register"]
