@@ -8,8 +8,7 @@ the top from the results of the rows before it. Always on for incoming mail.
 from __future__ import annotations
 
 from mxguard.auth import authresults
-from mxguard.auth.dmarc import SpfAuth
-from mxguard.checks.dmarc import DmarcOutcome, authentication_results, dkim_auths
+from mxguard.checks.dmarc import DmarcOutcome, auth_inputs, authentication_results
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import CheckResult, Edit, HeaderChange, Transaction
 
@@ -23,11 +22,7 @@ def authserv_id(rt: Runtime) -> str:
 
 async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
     headers = tx.message.headers if tx.message is not None else []
-    spf_result = tx.results.get("spf")
-    spf = spf_result.data if spf_result is not None and isinstance(spf_result.data, SpfAuth) \
-        else None
-    dkim_result = tx.results.get("dkim_verify")
-    dkim = dkim_auths(dkim_result.data or []) if dkim_result is not None else None
+    spf, dkim = auth_inputs(tx)
     dmarc_result = tx.results.get("dmarc")
     dmarc = dmarc_result.data if dmarc_result is not None and isinstance(
         dmarc_result.data, DmarcOutcome) else None

@@ -299,6 +299,17 @@ async def evaluate_message(headers: Iterable[tuple[str, str]], spf: SpfAuth | No
     return DmarcOutcome(res, check, action)
 
 
+def auth_inputs(tx: Transaction) -> tuple[SpfAuth | None, list[DkimAuth] | None]:
+    """The SPF and DKIM results the rows before left in ``tx.results`` (None: that
+    check did not run), as DMARC and Authentication-Results take them."""
+    spf_result = tx.results.get("spf")
+    spf = spf_result.data if spf_result is not None and isinstance(spf_result.data, SpfAuth) \
+        else None
+    dkim_result = tx.results.get("dkim_verify")
+    dkim = dkim_auths(dkim_result.data or []) if dkim_result is not None else None
+    return spf, dkim
+
+
 async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
     """The DMARC row (end of message, after SPF and DKIM): the From domain's
     policy on the SPF and DKIM results already in ``tx.results``. A failing
@@ -306,12 +317,8 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
     gets a quarantine decision (the milter answers SMFIR_QUARANTINE)."""
     if tx.message is None:
         return None
-    spf_result = tx.results.get("spf")
-    spf = spf_result.data if spf_result is not None and isinstance(spf_result.data, SpfAuth) \
-        else None
-    dkim_result = tx.results.get("dkim_verify")
-    dkim = dkim_auths(dkim_result.data or []) if dkim_result is not None else []
-    outcome = await evaluate_message(tx.message.headers, spf, dkim, rt, tx=tx)
+    spf, dkim = auth_inputs(tx)
+    outcome = await evaluate_message(tx.message.headers, spf, dkim or [], rt, tx=tx)
     check = outcome.check
     if outcome.action == "quarantine" and check.decision is None:
         check.decision = Decision(Action.QUARANTINE, 0, "",

@@ -30,9 +30,9 @@ import asyncio
 import ipaddress
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mxguard.core.transaction import CheckResult, Symbol
 from mxguard.dns import DnsTempError, Resolver
@@ -228,28 +228,15 @@ async def lookup(resolver: Resolver, cfg: DnsblConfig, client_ip: str | None,
     return result
 
 
-def message_uri_hosts(tx: Transaction) -> list[str]:
-    """URI hosts of the message, from a parsed message the content check left on
-    the transaction (``tx.results["content"].data`` with ``uris``, or ``.parsed.uris``)."""
-    content = tx.results.get("content")
-    data: Any = content.data if content is not None else None
-    for candidate in (data, getattr(data, "parsed", None), getattr(data, "message", None)):
-        uris: Sequence[Any] | None = getattr(candidate, "uris", None)
-        if uris is not None:
-            return [u.host for u in uris if getattr(u, "host", "")]
-    return []
-
-
 async def check(tx: Transaction, rt: Runtime,
                 parsed: ParsedMessage | None = None) -> CheckResult | None:
     """The ``dnsbl`` check at end of message: the client IP and the URI hosts of
-    ``parsed`` (or of a parsed message found on ``tx``; none: client IP only).
+    ``parsed`` (None: client IP only).
     The caller skips it when ``rt.config.mode("dnsbl")`` is off."""
     cfg = rt.config.dnsbl
     if not (cfg.client_zones or cfg.uri_zones):
         return None
-    hosts = ([u.host for u in parsed.uris if u.host] if parsed is not None
-             else message_uri_hosts(tx))
+    hosts = [u.host for u in parsed.uris if u.host] if parsed is not None else []
     try:
         res = await lookup(rt.resolver, cfg, tx.client_address, hosts,
                            scores=rt.config.scores)
@@ -260,4 +247,4 @@ async def check(tx: Transaction, rt: Runtime,
 
 
 __all__ = ["DnsblConfigError", "DnsblResult", "Zone", "check", "ip_query_label", "listable_ip",
-           "lookup", "message_uri_hosts", "parse_zones", "symbol_name", "uri_domains"]
+           "lookup", "parse_zones", "symbol_name", "uri_domains"]
