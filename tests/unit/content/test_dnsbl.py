@@ -21,7 +21,7 @@ from mxguard.content.dnsbl import (
     symbol_name,
     uri_domains,
 )
-from mxguard.core.transaction import CheckResult, Transaction
+from mxguard.core.transaction import Transaction
 from mxguard.dns import Resolver
 from mxguard.testing.dns import DNSServer
 
@@ -195,11 +195,12 @@ def runtime(dns: DNSServer, dnsbl: DnsblConfig) -> SimpleNamespace:
 async def test_check_uses_client_and_parsed_uris(dns: DNSServer) -> None:
     tx = Transaction(client_address="8.8.8.8")
     parsed = SimpleNamespace(uris=[SimpleNamespace(host="www.spammer.example")])
-    tx.results["content"] = CheckResult("content", data=parsed)
-    res = await check(tx, runtime(dns, cfg()))  # type: ignore[arg-type]
+    res = await check(tx, runtime(dns, cfg()), parsed)  # type: ignore[arg-type]
     assert res is not None and res.check == "dnsbl"
     assert {s.name for s in res.symbols} == {"RBL_BL_TEST", "URIBL_URI_TEST"}
     assert "hits=2" in res.reason
+    control = await check(tx, runtime(dns, cfg()))  # type: ignore[arg-type]
+    assert control is not None and {s.name for s in control.symbols} == {"RBL_BL_TEST"}
 
 
 async def test_check_without_zones_does_nothing(dns: DNSServer) -> None:
