@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mxguard.core.transaction import Mode
-from mxguard.redact import redact
+from mxguard.redact import redact, remember
 
 DAY = 86400
 
@@ -681,6 +681,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{src}: not valid TOML: {exc}") from None
     cfg: Config = _build(Config, data, "", src)
+    remember(cfg.storage.url)
     return dataclasses.replace(cfg, source=src)
 
 

@@ -21,7 +21,7 @@ import time
 
 from mxguard.config import LogConfig, split_hostport
 from mxguard.core.transaction import Transaction, Verdict
-from mxguard.redact import redact
+from mxguard.redact import redact, redact_known
 
 log = logging.getLogger("mxguard")
 
@@ -132,7 +132,7 @@ class DecisionLog:
         if not direct:
             log.info("%s", line)
             return
-        self._lines.append(self._prefix() + redact(line) + "\n")
+        self._lines.append(self._prefix() + redact_known(line) + "\n")
         if not self._scheduled:
             self._scheduled = True
             try:

@@ -94,3 +94,13 @@ def test_storage_url_checked_at_load(tmp_path: Path, url: str, error: str | None
     assert message.startswith(f"{path}: key 'storage.url'"), message  # file and key
     assert error in message
     assert "pw" not in message.replace("password", "")
+
+
+def test_remembered_passwords_are_masked_in_decision_lines() -> None:
+    from mxguard import redact as r
+
+    r.remember("redis://:hunter2-decision@127.0.0.1:6379/0?sentinel_password=pw-two-x")
+    line = "action=accept reason=x:hunter2-decision y=pw-two-x"
+    assert r.redact_known(line) == "action=accept reason=x:*** y=***"
+    control = "action=accept sender=a@example.com reply=https://example.org/greylist"
+    assert r.redact_known(control) == control
