@@ -56,6 +56,7 @@ MODE_DOC = "enforce | score | observe | off"
 # The names of the pipeline's checks (mxguard.checks.PIPELINE; a test keeps the two
 # equal), for keys that name checks. Config knows no check module.
 CHECK_NAMES = ("authresults", "autolearn", "bayes", "dkim_sign", "dkim_verify", "dmarc",
+               "dmarc_failure",
                "dnsbl", "greylist", "helo", "report_safe", "rules", "spam_headers", "spf")
 
 # Default score of every symbol a check can emit; [scores] in the file overrides.
@@ -356,6 +357,24 @@ class DmarcConfig:
                               "temperror deferral; {domain} is filled in")
     honour_pct: bool = opt(True, "apply pct= sampling of the policy")
     store_results: bool = opt(True, "keep per-message results for aggregate reports")
+    failure_reports: bool = opt(False, "send DMARC failure reports (RFC 9991) to the ruf= "
+                                "addresses of failing domains (off, as most receivers do)")
+    failure_report_body: str = opt("headers", "what of the failing message a report carries: "
+                                   "headers = its header only (text/rfc822-headers); full = "
+                                   "also the body, links defanged, non-text parts removed",
+                                   choices=("headers", "full"))
+    failure_report_redact: bool = opt(True, "replace the local parts of addresses in reports "
+                                      "by a keyed hash (RFC 6590)")
+    failure_reports_per_domain_hour: int = opt(10, "failure reports per policy domain per "
+                                               "clock hour (per worker process)", lo=1,
+                                               hi=100000)
+    failure_reports_per_hour: int = opt(100, "failure reports per clock hour in all (per "
+                                        "worker process)", lo=1, hi=1000000)
+    failure_report_from: str = opt("", "From and envelope sender of failure reports; empty: "
+                                   "postmaster@ the authserv-id ([milter] authserv_id)")
+    failure_sendmail: list[str] = opt(["/usr/sbin/sendmail"], "the sendmail command the "
+                                      "reports are piped to (absolute path, then arguments, "
+                                      'e.g. ["/usr/sbin/sendmail", "-C", "/etc/postfix"])')
 
 
 @dataclass(frozen=True)
@@ -593,6 +612,14 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
         for name in obj.tempfail_on_error:
             if name not in CHECK_NAMES:
                 raise bad("tempfail_on_error", name, "check names: " + ", ".join(CHECK_NAMES))
+    if isinstance(obj, DmarcConfig):
+        if obj.failure_report_from and not re.fullmatch(r"[^@\s<>,\"]+@[A-Za-z0-9.-]+\.?",
+                                                        obj.failure_report_from):
+            raise bad("failure_report_from", obj.failure_report_from,
+                      'an address like "dmarc-reports@example.org" (or "" for the default)')
+        if not obj.failure_sendmail or not obj.failure_sendmail[0].startswith("/"):
+            raise bad("failure_sendmail", obj.failure_sendmail,
+                      'a command starting with an absolute path, e.g. ["/usr/sbin/sendmail"]')
     if isinstance(obj, HeloConfig):
         for net in obj.exempt_networks:
             try:

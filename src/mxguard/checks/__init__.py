@@ -18,6 +18,7 @@ from mxguard.checks import (
     dkim_sign,
     dkim_verify,
     dmarc,
+    dmarc_failure,
     dnsbl,
     greylist,
     helo,
@@ -88,6 +89,10 @@ PIPELINE = Pipeline(
                   "learn clearly-spam / clearly-ham mail in the background", (),
                   "[bayes] autolearn, autolearn_spam, autolearn_ham", IN,
                   enabled=lambda cfg: cfg.bayes.enabled and _content_on(cfg)),
+        CheckSpec(dmarc_failure.NAME, Stage.DONE, "dmarc", dmarc_failure.check,
+                  "DMARC failure reports (RFC 9991) to ruf= addresses, rate-limited, sent in "
+                  "the background", (), "[dmarc] failure_reports", IN,
+                  enabled=lambda cfg: cfg.dmarc.failure_reports),
         CheckSpec(spam_headers.NAME, Stage.DONE, "content", spam_headers.check,
                   "X-Spam-Flag, X-Spam-Status, X-Spam-Level (X-Spam-Report)", (),
                   "[content] header_prefix, add_report", IN, enabled=_content_on),
