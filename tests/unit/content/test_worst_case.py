@@ -241,7 +241,11 @@ async def test_pool_is_bounded_and_skips_abandoned_work() -> None:
     busy = [asyncio.ensure_future(pool.run(job, f"busy{i}")) for i in range(2)]
     queued = asyncio.ensure_future(pool.run(job, "abandoned"))
     kept = asyncio.ensure_future(pool.run(job, "kept"))
-    await asyncio.sleep(0.2)
+    for _ in range(500):  # both threads started (no fixed sleep: a loaded machine is slow)
+        if len(ran) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)  # room for a third thread to start, if there were one
     assert sorted(ran) == ["busy0", "busy1"]  # at most 2 threads
     queued.cancel()  # its caller gave up (its budget ran out) while it was queued
     with pytest.raises(asyncio.CancelledError):
