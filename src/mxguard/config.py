@@ -356,6 +356,23 @@ class DmarcConfig:
                               "temperror deferral; {domain} is filled in")
     honour_pct: bool = opt(True, "apply pct= sampling of the policy")
     store_results: bool = opt(True, "keep per-message results for aggregate reports")
+    report_interval: str = opt("daily", "aggregate reports (RFC 9990): daily = the daemon "
+                               "sends one report per UTC day and policy domain with rua=; "
+                               "off = only `mxguard dmarc report --send` sends",
+                               choices=("daily", "off"))
+    report_org_name: str = opt("", "org_name of the reports (RFC 9990 §2.1.1); empty: the "
+                               "domain of report_email")
+    report_email: str = opt("", "From address and contact email of the reports, e.g. "
+                            "dmarc-reports@mx.example.com; empty: reports are not sent")
+    report_max_size: int = opt(10 * 1024 * 1024, "largest compressed report sent, bytes "
+                               "(a destination's own !size limit may be smaller)",
+                               lo=1024, hi=1024**3)
+    sendmail: str = opt("/usr/sbin/sendmail", "command that submits report mail to the local "
+                        "Postfix (split like a shell would; recipients are appended)")
+    report_retries: int = opt(5, "attempts to send one report when sendmail refuses it; "
+                              "back-off doubles from 5 minutes", lo=1, hi=50)
+    results_max_age: int = opt(14, "days per-message results and sent-report bookkeeping "
+                               "are kept; older ones are deleted", lo=2, hi=400)
 
 
 @dataclass(frozen=True)
