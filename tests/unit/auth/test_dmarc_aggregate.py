@@ -164,8 +164,20 @@ def test_filename_subject_and_mail() -> None:
     msg = agg.report_message(report, data, to=["agg@example.com"], submitter="mx.test",
                              now=T0 + 86400)
     parsed_msg: Message = email.message_from_bytes(msg.as_bytes())
-    assert str(parsed_msg["Subject"]).replace("\r", "").replace("\n", "") == (f"Report Domain: example.com Submitter: mx.test "
-                                     f"Report-ID: <{report.report_id}>")
+    subject = str(parsed_msg["Subject"]).replace("\r", "").replace("\n", "")  # unfolded
+    assert subject == (f"Report Domain: example.com Submitter: mx.test "
+                       f"Report-ID: <{report.report_id}>")
     parts = [p for p in parsed_msg.walk() if p.get_content_type() == "application/gzip"]
     assert len(parts) == 1 and parts[0].get_filename() == name
     assert parts[0].get_payload(decode=True) == data
+
+
+def test_parsedmarc_reads_the_report_back() -> None:
+    # an independent parser (parsedmarc, which knows RFC 9990's namespace) sees the counts
+    import parsedmarc
+    report = build([rec(), rec(), rec(source_ip="192.0.2.9", dkim_aligned=False,
+                                      dmarc_result="pass")]) or _no()
+    out = parsedmarc.parse_aggregate_report_xml(agg.report_xml(report).decode(), offline=True)
+    assert out["policy_published"]["domain"] == "example.com"
+    got = sorted((r["source"]["ip_address"], r["count"]) for r in out["records"])
+    assert got == [("192.0.2.1", 2), ("192.0.2.9", 1)]
