@@ -372,9 +372,25 @@ class DmarcConfig:
                                         "worker process)", lo=1, hi=1000000)
     failure_report_from: str = opt("", "From and envelope sender of failure reports; empty: "
                                    "postmaster@ the authserv-id ([milter] authserv_id)")
-    failure_sendmail: list[str] = opt(["/usr/sbin/sendmail"], "the sendmail command the "
-                                      "reports are piped to (absolute path, then arguments, "
-                                      'e.g. ["/usr/sbin/sendmail", "-C", "/etc/postfix"])')
+    report_interval: str = opt("daily", "aggregate reports (RFC 9990): daily = the daemon "
+                               "sends one report per UTC day and policy domain with rua=; "
+                               "off = only `mxguard dmarc report --send` sends",
+                               choices=("daily", "off"))
+    report_org_name: str = opt("", "org_name of the reports (RFC 9990 §2.1.1); empty: the "
+                               "domain of report_email")
+    report_email: str = opt("", "From address and contact email of the reports, e.g. "
+                            "dmarc-reports@mx.example.com; empty: reports are not sent")
+    report_max_size: int = opt(10 * 1024 * 1024, "largest compressed report sent, bytes "
+                               "(a destination's own !size limit may be smaller)",
+                               lo=1024, hi=1024**3)
+    sendmail: str = opt("/usr/sbin/sendmail", "command that submits aggregate and failure "
+                        "report mail to the local Postfix (an absolute path, then options, "
+                        'split like a shell would, e.g. "/usr/sbin/sendmail -C /etc/postfix"; '
+                        "recipients are appended)")
+    report_retries: int = opt(5, "attempts to send one report when sendmail refuses it; "
+                              "back-off doubles from 5 minutes", lo=1, hi=50)
+    results_max_age: int = opt(14, "days per-message results and sent-report bookkeeping "
+                               "are kept; older ones are deleted", lo=2, hi=400)
 
 
 @dataclass(frozen=True)
@@ -617,9 +633,15 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
                                                         obj.failure_report_from):
             raise bad("failure_report_from", obj.failure_report_from,
                       'an address like "dmarc-reports@example.org" (or "" for the default)')
-        if not obj.failure_sendmail or not obj.failure_sendmail[0].startswith("/"):
-            raise bad("failure_sendmail", obj.failure_sendmail,
-                      'a command starting with an absolute path, e.g. ["/usr/sbin/sendmail"]')
+        import shlex
+
+        try:
+            argv = shlex.split(obj.sendmail)
+        except ValueError:
+            argv = []
+        if not argv or not argv[0].startswith("/"):
+            raise bad("sendmail", obj.sendmail,
+                      'a command starting with an absolute path, e.g. "/usr/sbin/sendmail"')
     if isinstance(obj, HeloConfig):
         for net in obj.exempt_networks:
             try:

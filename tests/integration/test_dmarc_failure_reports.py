@@ -68,7 +68,7 @@ def test_failing_message_produces_a_report_at_the_sink(
         '[greylist]\nmode = "off"\n[dkim]\ninternal_hosts = ["127.0.0.1/32"]\n'
         "[dmarc]\nfailure_reports = true\n"
         f'failure_report_from = "dmarc-reports@mx.example.test"\n'
-        f'failure_sendmail = ["{sendmail}", "-C", "{pf.config_dir}"]\n')
+        f'sendmail = "{sendmail} -C {pf.config_dir}"\n')
     mx.start()
     wait_listening(mx.milter_port)
     try:

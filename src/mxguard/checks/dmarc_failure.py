@@ -9,7 +9,7 @@ waits. In the background: each external ``ruf=`` destination is verified
 (``<policy domain>._report._dmarc.<destination domain>`` TXT ``v=DMARC1``,
 RFC 9990 §4 as RFC 9991 §5 applies it; a DNS failure skips that destination),
 the report is built (:func:`mxguard.auth.dmarc_failure_report.build`) and piped
-to ``[dmarc] failure_sendmail`` (the local Postfix's sendmail). A failure to
+to ``[dmarc] sendmail`` (the local Postfix's sendmail). A failure to
 send is logged once per ``[storage] fail_open_log_interval``.
 
 Rate limits (RFC 9991 §2 and §8.1): at most ``failure_reports_per_domain_hour``
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
@@ -167,8 +168,8 @@ async def _spf_dns(rt: Runtime, res: DmarcResult, spf: SpfAuth | None) -> tuple[
 
 
 async def sendmail(rt: Runtime, data: bytes, sender: str, recipients: Sequence[str]) -> bool:
-    """Pipe one message to ``[dmarc] failure_sendmail``; False (logged) on failure."""
-    argv = [*rt.config.dmarc.failure_sendmail, "-i", "-f", sender, "--", *recipients]
+    """Pipe one message to ``[dmarc] sendmail``; False (logged) on failure."""
+    argv = [*shlex.split(rt.config.dmarc.sendmail), "-i", "-f", sender, "--", *recipients]
     async with reporter(rt).senders():
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -65,6 +65,7 @@ def config_show(file: str | None, no_docs: bool) -> None:
 def _register() -> None:
     from mxguard.cli.demo import demo
     from mxguard.cli.dkim import dkim
+    from mxguard.cli.dmarc import dmarc
     from mxguard.cli.dns import dns
     from mxguard.cli.doctor import doctor
     from mxguard.cli.greylist import greylist
@@ -74,7 +75,7 @@ def _register() -> None:
     from mxguard.cli.spf import spf
     from mxguard.cli.storage import storage
 
-    for command in (greylist, spf, dkim, scan, rules, learn, bayes, storage, postfix, dns,
+    for command in (greylist, spf, dkim, dmarc, scan, rules, learn, bayes, storage, postfix, dns,
                     doctor, demo):
         main.add_command(command)
 

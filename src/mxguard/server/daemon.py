@@ -30,6 +30,7 @@ from mxguard.core.runner import log_failure
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Mode
 from mxguard.dns import Resolver
+from mxguard.jobs import dmarc_reports
 from mxguard.redact import redact
 from mxguard.server.policy import PolicyServer
 from mxguard.server.policy_door import PolicyDoor
@@ -180,6 +181,7 @@ class Daemon:
             self._tasks.append(loop.create_task(self._reconnect(greylister)))
         self._tasks.append(loop.create_task(self._flush_results()))
         self._tasks.append(loop.create_task(self._bayes_maintenance()))
+        self._tasks.append(loop.create_task(dmarc_reports.run_forever(cfg)))
         log.info("mxguard %s started (config %s, storage %s, pid %d)", __version__,
                  cfg.source, redact(cfg.storage_url), os.getpid())
 

@@ -83,7 +83,7 @@ def calls(sendmail: Path) -> list[dict[str, Any]]:
 
 def runtime(dns: DNSServer, sendmail: Path, **opts: Any) -> Runtime:
     opts.setdefault("failure_reports", True)
-    cfg = Config(dmarc=DmarcConfig(failure_sendmail=[str(sendmail)], **opts),
+    cfg = Config(dmarc=DmarcConfig(sendmail=str(sendmail), **opts),
                  dns=DnsConfig(nameservers=[dns.address], timeout=0.3),
                  milter=MilterConfig(authserv_id="mx.receiver.test"))
     resolver = Resolver(DnsConfig(nameservers=[dns.address], timeout=0.3, cache_size=0))
@@ -381,8 +381,8 @@ async def test_dry_run_sends_nothing(dns: DNSServer, sendmail: Path) -> None:
 @pytest.mark.parametrize(("text", "ok"), [
     ('failure_report_from = "dmarc@example.org"', True),
     ('failure_report_from = "not an address"', False),
-    ('failure_sendmail = ["/usr/sbin/sendmail", "-C", "/etc/postfix"]', True),
-    ('failure_sendmail = ["sendmail"]', False),
+    ('sendmail = "/usr/sbin/sendmail -C /etc/postfix"', True),
+    ('sendmail = "sendmail"', False),
     ('failure_report_body = "none"', False),
 ])
 def test_config_keys(tmp_path: Path, text: str, ok: bool) -> None:
