@@ -355,7 +355,12 @@ class DmarcConfig:
     temperror_text: str = opt("DMARC policy of {domain} could not be checked (temporary DNS "
                               "failure), please try again later", "reply text of a "
                               "temperror deferral; {domain} is filled in")
-    honour_pct: bool = opt(True, "apply pct= sampling of the policy")
+    rfc: str = opt("9989", "which DMARC rules evaluate: 9989 = RFC 9989 (DNS tree walk "
+                   "for policy and organizational domain, psd=, np= on NXDOMAIN, t= test "
+                   "mode; pct/rf/ri ignored); 7489 = RFC 7489 (Public Suffix List, pct= "
+                   "sampling, RFC 9091 np=)", choices=("9989", "7489"))
+    honour_pct: bool = opt(True, "apply pct= sampling of the policy (rfc = \"7489\" only; "
+                           "RFC 9989 removed pct=)")
     store_results: bool = opt(True, "keep per-message results for aggregate reports")
     failure_reports: bool = opt(False, "send DMARC failure reports (RFC 9991) to the ruf= "
                                 "addresses of failing domains (off, as most receivers do)")

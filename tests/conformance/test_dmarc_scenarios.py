@@ -2,8 +2,9 @@
 through the loopback DNS server and :func:`mxguard.auth.dmarc.evaluate`.
 
 The scenario answers are one implementation's (authheaders 0.16.3), not RFC
-text. Where RFC 7489 says otherwise we follow the RFC and write the reason in
-:data:`RFC_OVERRIDES`. Mapping of the fixture's DNS notation to the zone:
+text. Every case runs under both ``rfc`` modes (RFC 9989, the default, and
+RFC 7489); where the RFC of that mode says otherwise we follow the RFC and
+write the reason in :data:`RFC_OVERRIDES`. Mapping of the fixture's DNS notation to the zone:
 
 * a string: a TXT record; ``"@file X"``: the TXT record read from file X;
 * ``""``: the name exists without TXT records (NOERROR, NODATA);
@@ -18,7 +19,8 @@ part of any scenario (input: none).
 
 ``authheaders`` reasons map onto ours: "Used From Domain Record" = the record
 was found at the From domain; "Used Org Domain Record" = at the
-organizational domain.
+organizational domain; "Used Tree Walk, org one level below PSD" = a psd=y
+record, the organizational domain one label below its name.
 
 ``test_scenario_count`` prints ``DMARC scenarios: N/N``.
 """
@@ -46,8 +48,16 @@ PSL_FILE = str(DATA / "psl" / "public_suffix_list.dat")
 SPEC: dict[str, Any] = yaml.safe_load((AUTHHEADERS / "scenarios.yaml").read_text())
 CASES: list[dict[str, Any]] = SPEC["cases"]
 
-# Where we follow RFC 7489 instead of authheaders' answer: message -> (expect, why).
-RFC_OVERRIDES: dict[str, tuple[dict[str, str], str]] = {
+# Where we follow the RFC instead of authheaders' answer:
+# rfc mode -> message -> (expect, why).
+RFC_OVERRIDES: dict[str, dict[str, tuple[dict[str, str], str]]] = {"9989": {
+    "test_nop.message": (
+        {"dmarc": "fail", "policy": "none"},
+        "RFC 9989 §4.7: a record without p= is read as p=none, so the record at "
+        "nop.example.org applies (monitoring): the unaligned message fails with policy "
+        "none. authheaders (and RFC 7489 §6.6.3 step 6, no rua=) ignore the record.",
+    ),
+}, "7489": {
     "test.gov.message": (
         {"dmarc": "none", "header_from": "example.gov", "policy": "none"},
         "authheaders runs the DMARCbis tree walk (opt-in `dmarcbis`), which treats "
@@ -55,9 +65,10 @@ RFC_OVERRIDES: dict[str, tuple[dict[str, str], str]] = {
         "organizational domain of example.gov is example.gov itself (gov is a public "
         "suffix), _dmarc.example.gov has no record, so no policy is found: dmarc=none. "
         "RFC 9091's PSD lookup needs an out-of-band list of participating PSDs; we "
-        "implement only its np= tag.",
+        "implement only its np= tag. (RFC 9989 mode follows authheaders here.)",
     ),
-}
+}}
+RFCS = ("9989", "7489")
 
 
 def _txt(value: str) -> str:
@@ -118,25 +129,27 @@ def from_values(raw: bytes) -> list[str]:
     return [str(v) for v in msg.get_all("From", [])]
 
 
-def expected(case: dict[str, Any]) -> dict[str, str]:
-    if case["message"] in RFC_OVERRIDES:
-        return RFC_OVERRIDES[case["message"]][0]
+def expected(case: dict[str, Any], rfc: str) -> dict[str, str]:
+    if case["message"] in RFC_OVERRIDES[rfc]:
+        return RFC_OVERRIDES[rfc][case["message"]][0]
     return {k: str(v) for k, v in case["expect"].items()}
 
 
-async def run_case(case: dict[str, Any], dns: DNSServer) -> tuple[DmarcResult, list[DkimAuth]]:
+async def run_case(case: dict[str, Any], dns: DNSServer,
+                   rfc: str) -> tuple[DmarcResult, list[DkimAuth]]:
     raw = (AUTHHEADERS / case["message"]).read_bytes()
     sigs = dkim_by_oracle(raw) if "dkim" in case["checks"] else []
     if case.get("prior_ar"):
         sigs = dkim_from_ar(case["prior_ar"])
     resolver = Resolver(DnsConfig(nameservers=[dns.address], timeout=1.0, cache_size=0))
     res = await evaluate(resolver, from_values(raw), None, sigs, org=ORG,
-                         sample=lambda pct: True)
+                         sample=lambda pct: True, rfc=rfc)
     return res, sigs
 
 
-def mismatches(case: dict[str, Any], res: DmarcResult, sigs: list[DkimAuth]) -> list[str]:
-    exp = expected(case)
+def mismatches(case: dict[str, Any], res: DmarcResult, sigs: list[DkimAuth],
+               rfc: str) -> list[str]:
+    exp = expected(case, rfc)
     got = {"dmarc": res.result, "header_from": res.from_domain or "none",
            "policy": res.policy, "dkim": sigs[0].result if sigs else "none",
            "dkim_d": sigs[0].domain if sigs else "none"}
@@ -146,28 +159,35 @@ def mismatches(case: dict[str, Any], res: DmarcResult, sigs: list[DkimAuth]) -> 
     elif reason == "Used Org Domain Record":
         used_org = res.record_domain == res.org_domain != res.from_domain
         got["dmarc_reason"] = reason if used_org else res.reason
+    elif reason == "Used Tree Walk, org one level below PSD":  # RFC 9989 §4.10.2
+        below = res.record is not None and res.record.psd == "y" and \
+            res.org_domain.partition(".")[2] == res.record_domain
+        got["dmarc_reason"] = reason if below else res.reason
     return [f"{k}: expected {v!r}, got {got.get(k)!r}" for k, v in exp.items()
             if got.get(k) != v]
 
 
+@pytest.mark.parametrize("rfc", RFCS)
 @pytest.mark.parametrize("case", CASES, ids=[c["message"] for c in CASES])
-async def test_scenario(case: dict[str, Any], dns: DNSServer) -> None:
-    res, sigs = await run_case(case, dns)
-    assert mismatches(case, res, sigs) == [], res
+async def test_scenario(case: dict[str, Any], dns: DNSServer, rfc: str) -> None:
+    res, sigs = await run_case(case, dns, rfc)
+    assert mismatches(case, res, sigs, rfc) == [], res
 
 
-async def test_scenario_count(dns: DNSServer) -> None:
-    results = await asyncio.gather(*(run_case(c, dns) for c in CASES))
-    good = sum(not mismatches(c, *r) for c, r in zip(CASES, results, strict=True))
-    overridden = sum(c["message"] in RFC_OVERRIDES for c in CASES)
-    print(f"\nDMARC scenarios: {good}/{len(CASES)} "
-          f"({overridden} with an RFC 7489 expectation instead of authheaders')")
+@pytest.mark.parametrize("rfc", RFCS)
+async def test_scenario_count(dns: DNSServer, rfc: str) -> None:
+    results = await asyncio.gather(*(run_case(c, dns, rfc) for c in CASES))
+    good = sum(not mismatches(c, *r, rfc) for c, r in zip(CASES, results, strict=True))
+    overridden = sum(c["message"] in RFC_OVERRIDES[rfc] for c in CASES)
+    print(f"\nDMARC scenarios (RFC {rfc}): {good}/{len(CASES)} "
+          f"({overridden} with an RFC {rfc} expectation instead of authheaders')")
     assert good == len(CASES)
 
 
 def test_overrides_name_real_cases() -> None:
     """Control: every RFC override names a scenario, and differs from authheaders."""
     names = {c["message"]: c for c in CASES}
-    for message, (exp, why) in RFC_OVERRIDES.items():
-        assert message in names and why
-        assert exp["dmarc"] != names[message]["expect"]["dmarc"]
+    for overrides in RFC_OVERRIDES.values():
+        for message, (exp, why) in overrides.items():
+            assert message in names and why
+            assert exp["dmarc"] != names[message]["expect"]["dmarc"]

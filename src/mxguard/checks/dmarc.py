@@ -8,15 +8,19 @@ verifier's results). Output: a :class:`DmarcOutcome` --
 the :class:`~mxguard.auth.dmarc.DmarcResult` (for Authentication-Results) and
 the :class:`CheckResult` the pipeline merges under ``[dmarc] mode``.
 
+Rules: ``[dmarc] rfc`` -- "9989" (default: DNS tree walk, t= test mode) or
+"7489" (Public Suffix List, pct= sampling under ``honour_pct``).
+
 Actions (``[dmarc]``), for a failing message by its DMARC disposition (after
-pct=): ``reject`` -> ``reject_action`` (default: ``550 5.7.1 reject_text``),
-``quarantine`` -> ``quarantine_action`` (default: score only), ``none`` ->
-score only. ``extra["dmarc_action"]`` says what we do: ``reject``,
-``quarantine`` (the milter answers SMFIR_QUARANTINE -- in enforce mode only),
-``score``, ``defer`` or ``none``. permerror never refuses; a temperror (DNS
-down) answers ``451 4.7.5`` per ``temperror_action``: by default only for a
-domain known to publish p=reject (its record was read, or seen within a day:
-:class:`PolicyMemory`), so a forger cannot slip through a DNS outage.
+t= or, in RFC 7489 mode, pct=): ``reject`` -> ``reject_action`` (default:
+``550 5.7.1 reject_text``), ``quarantine`` -> ``quarantine_action`` (default:
+score only), ``none`` -> score only. ``extra["dmarc_action"]`` says what we
+do: ``reject``, ``quarantine`` (the milter answers SMFIR_QUARANTINE -- in
+enforce mode only), ``score``, ``defer`` or ``none``. permerror never refuses;
+a temperror (DNS down) answers ``451 4.7.5`` per ``temperror_action``: by
+default only for a domain known to publish p=reject (its record was read, or
+seen within a day: :class:`PolicyMemory`), so a forger cannot slip through a
+DNS outage.
 
 Symbols: DMARC_PASS, DMARC_REJECT, DMARC_QUARANTINE, DMARC_NONE_FAIL (failed,
 disposition as named), DMARC_NO_POLICY (none), DMARC_PERMERROR, DMARC_TEMPERROR.
@@ -48,7 +52,7 @@ NAME = "dmarc"
 SYMBOLS = ("DMARC_PASS", "DMARC_REJECT", "DMARC_QUARANTINE", "DMARC_NONE_FAIL",
            "DMARC_NO_POLICY", "DMARC_PERMERROR", "DMARC_TEMPERROR")
 RESULTS_SERVICE = "dmarc_results"  # rt.services key of the ResultsStore
-ORG_SERVICE = "dmarc_org"  # rt.services key of an OrgDomains (default: bundled PSL)
+ORG_SERVICE = "dmarc_org"  # rt.services key of an OrgDomains (rfc 7489; default: bundled PSL)
 MAX_TEXT = 400
 DEFAULT_REJECT_TEXT = DmarcConfig().reject_text
 DEFAULT_TEMPERROR_TEXT = DmarcConfig().temperror_text
@@ -145,7 +149,9 @@ def _extra(res: DmarcResult, action: str) -> dict[str, str]:
             "dmarc_from": res.from_domain or "-", "dmarc_org": res.org_domain or "-",
             "dmarc_aligned": ",".join(n for n, ok in (("spf", res.spf_aligned),
                                                       ("dkim", res.dkim_aligned)) if ok) or "-",
-            "dmarc_reason": res.reason}
+            "dmarc_reason": res.reason, "dmarc_rfc": res.rfc,
+            "dmarc_testing": "y" if res.testing else "n",
+            "dmarc_psd": res.record.psd if res.record is not None else "-"}
 
 
 class PolicyMemory:
@@ -239,6 +245,8 @@ def _applied(res: DmarcResult, action: str, mode: Mode) -> tuple[str, str, str]:
     applied = action if mode is Mode.ENFORCE and action in ("reject", "quarantine") else "none"
     if res.sampled_out:
         return applied, "sampled_out", f"pct={res.record.pct if res.record else 100}"
+    if res.testing and applied != res.policy:  # RFC 9989 t=y weakened the policy
+        return applied, "policy_test_mode", "t=y"
     if applied != res.disposition:
         return applied, "local_policy", f"mode={mode.value} action={action}"
     return applied, "", ""
@@ -293,7 +301,7 @@ async def evaluate_message(headers: Iterable[tuple[str, str]], spf: SpfAuth | No
     res = await evaluate(rt.resolver, from_values(headers), spf, dkim,
                          org=org if isinstance(org, OrgDomains) else None, sample=sample,
                          honour_pct=rt.config.dmarc.honour_pct,
-                         multiple_domains=multiple_domains)
+                         multiple_domains=multiple_domains, rfc=rt.config.dmarc.rfc)
     check, action = build_result(rt, res)
     _store(rt, res, spf, dkim, tx, action)
     return DmarcOutcome(res, check, action)

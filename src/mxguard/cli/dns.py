@@ -11,7 +11,9 @@
   lines, each problem with its fix: SPF (the checks of ``mxguard spf lint``:
   syntax, DNS-querying terms vs 10, void lookups, whether ``--ip`` passes),
   DKIM (record present and matching the local private key, per selector),
-  DMARC (syntax, policy, reports), MX, the forward-confirmed reverse DNS of
+  DMARC against RFC 9989 (the record the tree walk finds; removed tags
+  pct/rf/ri, p=, t=, rua= and the authorization record of an external rua=
+  destination), MX, the forward-confirmed reverse DNS of
   ``--ip`` and whether the ``--helo`` name resolves to it. DNS errors and
   timeouts are reported as findings. Exit code 0 without FAIL lines, 1 with
   some, 2 for bad arguments or a bad config.
@@ -233,14 +235,22 @@ async def _dmarc_texts(resolver: Resolver, name: str) -> tuple[list[str], list[s
 
 
 async def _dmarc_section(resolver: Resolver, domain: str, lint: Lint) -> None:
+    """The record RFC 9989 receivers find for ``domain`` (tree walk, §4.10.1),
+    linted: removed tags, p=, rua= and its external destinations."""
     publish = f'_dmarc.{domain}. IN TXT "{dmarc_record(domain)}"'
+    walk = dmarc.TreeWalk(resolver)
     try:
         found, near = await _dmarc_texts(resolver, domain)
-        org = dmarc.default_org_domains().organizational(domain)
         where = domain
-        if not found and not near and org != domain:
-            found, near = await _dmarc_texts(resolver, org)
-            where = org
+        if not found and not near:
+            discovered = await walk.discover(domain)
+            if discovered.domain:
+                where = discovered.domain
+                found, near = await _dmarc_texts(resolver, where)
+            elif discovered.result == "temperror":
+                lint.say("FAIL", f"{discovered.reason} (DMARC tree walk)", "check the zone's "
+                         "name servers; receivers get temperror meanwhile")
+                return
     except DnsTempError as exc:
         lint.say("FAIL", f"DNS error: {exc}", "check the zone's name servers; receivers get "
                  "temperror meanwhile")
@@ -257,7 +267,7 @@ async def _dmarc_section(resolver: Resolver, domain: str, lint: Lint) -> None:
                  "them all", "keep one")
         return
     try:
-        record = dmarc.parse_record(found[0])
+        record = dmarc.parse_record(found[0], "9989")
     except (dmarc.RecordError, dmarc.RecordIgnored) as exc:
         kind = "malformed (permerror)" if isinstance(exc, dmarc.RecordError) else "ignored"
         lint.say("FAIL", f"_dmarc.{where}: {kind}: {exc}", f"replace it: {publish}")
@@ -265,15 +275,32 @@ async def _dmarc_section(resolver: Resolver, domain: str, lint: Lint) -> None:
     inherited = f" (the record of {where} applies to {domain})" if where != domain else ""
     lint.say("PASS", f"one DMARC record: {record.raw}{inherited}")
     _dmarc_policy(lint, record, domain, where)
+    await _rua_authorized(resolver, walk, lint, record, where)
+
+
+def _has_tag(record: dmarc.DmarcRecord, name: str) -> bool:
+    try:
+        return name in dmarc.split_tags(record.raw)
+    except dmarc.RecordError:
+        return False
 
 
 def _dmarc_policy(lint: Lint, record: dmarc.DmarcRecord, domain: str, where: str) -> None:
     policy = record.sp if where != domain and record.sp else record.p
     for warning in record.warnings:
         lint.say("WARN", f"{warning}: receivers use the default", "fix or remove the tag")
-    if record.p_implied:
+    for tag in record.removed:
+        fix = "remove it; t=y is RFC 9989's test mode" if tag == "pct" else "remove it"
+        lint.say("WARN", f"{tag}= was removed by RFC 9989: receivers ignore it", fix)
+    if record.p_implied and not _has_tag(record, "p"):
+        lint.say("WARN", "no p=: RFC 9989 receivers read p=none, older ones may ignore the "
+                 "record", "write p=none, p=quarantine or p=reject")
+    elif record.p_implied:
         lint.say("WARN", "no valid p=: read as p=none", "write p=none, p=quarantine or "
                  "p=reject")
+    if record.t:
+        lint.say("WARN", "t=y: test mode, receivers apply reject as quarantine and "
+                 "quarantine as none", "remove t=y when the reports are clean")
     if policy == "none":
         lint.say("WARN", "p=none: monitoring only, mail forging your domain is still "
                  "delivered", "when the reports show only your servers: p=quarantine, then "
@@ -281,12 +308,42 @@ def _dmarc_policy(lint: Lint, record: dmarc.DmarcRecord, domain: str, where: str
     else:
         verb = "reject" if policy == "reject" else "quarantine"
         lint.say("PASS", f"policy {policy}: receivers {verb} mail that fails DMARC")
-    if record.pct < 100:
-        lint.say("WARN", f"pct={record.pct}: the policy applies to {record.pct}% of failing "
-                 "mail", "raise to pct=100 once the reports are clean")
     if not record.rua:
         lint.say("WARN", "no rua=: you get no aggregate reports",
                  f"add rua=mailto:{REPORT_LOCAL_PART}@{domain}")
+
+
+def _mailto_domain(uri: str) -> str | None:
+    if not uri.lower().startswith("mailto:"):
+        return None
+    address = uri[7:].partition("!")[0].partition("?")[0]
+    return dmarc.normalize_domain(address.rpartition("@")[2]) if "@" in address else None
+
+
+async def _rua_authorized(resolver: Resolver, walk: dmarc.TreeWalk, lint: Lint,
+                          record: dmarc.DmarcRecord, where: str) -> None:
+    """External rua= destinations need ``<domain>._report._dmarc.<dest>`` TXT
+    "v=DMARC1" (RFC 9990, verifying external destinations), else receivers send
+    them nothing."""
+    for uri in record.rua:
+        dest = _mailto_domain(uri)
+        if dest is None:
+            continue
+        try:
+            if await walk.org(dest) == await walk.org(where):
+                continue
+            name = f"{where}._report._dmarc.{dest}"
+            answer = await resolver.query(name, "TXT")
+        except DnsTempError as exc:
+            lint.say("WARN", f"rua {uri}: DNS error checking its authorization: {exc}",
+                     "check again later")
+            continue
+        if any(isinstance(t, str) and t.strip().startswith("v=DMARC1") for t in answer.records):
+            lint.say("PASS", f"rua {uri}: {dest} accepts reports for {where}")
+        else:
+            lint.say("WARN", f"rua {uri}: external destination without authorization "
+                     f"record: receivers send it no reports",
+                     f'ask {dest} to publish {name}. IN TXT "v=DMARC1"')
 
 
 async def _mx_section(resolver: Resolver, domain: str, lint: Lint) -> list[str]:

@@ -1,5 +1,6 @@
-"""The DMARC engine (RFC 7489, RFC 9091 np=): records, organizational domains,
-alignment, policies, several From domains, temporary errors.
+"""The DMARC engine in RFC 7489 mode (RFC 7489, RFC 9091 np=; RFC 9989 mode:
+test_dmarc_9989.py): records, organizational domains, alignment, policies,
+several From domains, temporary errors.
 
 Table-driven; every table has a control row that takes the other branch.
 Policy discovery runs against the loopback DNS server.
@@ -108,7 +109,7 @@ def test_bundled_list_agrees_on_the_basics() -> None:
     ("v=DMARC1; p=reject; np=bogus", {"np": None, "warnings": ("invalid np=bogus",)}),
 ])
 def test_parse_record(text: str, want: dict[str, Any]) -> None:
-    rec = parse_record(text)
+    rec = parse_record(text, "7489")
     for key, value in want.items():
         assert getattr(rec, key) == value, key
 
@@ -128,7 +129,7 @@ def test_parse_record(text: str, want: dict[str, Any]) -> None:
 ])
 def test_parse_record_rejects(text: str, error: type[Exception]) -> None:
     with pytest.raises(error):
-        parse_record(text)
+        parse_record(text, "7489")
     assert parse_record("v=DMARC1; p=none").p == "none"  # control
 
 
@@ -258,6 +259,7 @@ async def run(dns: DNSServer, frm: str | list[str], spf: SpfAuth | None = None,
               dkim: list[DkimAuth] | None = None, **opts: Any) -> DmarcResult:
     values = [frm] if isinstance(frm, str) else frm
     opts.setdefault("sample", lambda pct: True)
+    opts.setdefault("rfc", "7489")
     return await evaluate(resolver(dns), values, spf, dkim or [], org=ORG, **opts)
 
 

@@ -29,6 +29,7 @@ ZONE: Zone = {
     "_dmarc.quar.example": [("TXT", "v=DMARC1; p=quarantine")],
     "_dmarc.none.example": [("TXT", "v=DMARC1; p=none")],
     "_dmarc.half.example": [("TXT", "v=DMARC1; p=reject; pct=50")],
+    "_dmarc.trial.example": [("TXT", "v=DMARC1; p=reject; t=y")],
     "_dmarc.bad.example": [("TXT", "v=DMARC1; p=none; reject")],
     "_dmarc.temp.example": [("TIMEOUT", None)],
 }
@@ -111,7 +112,8 @@ async def test_extra_carries_result_policy_and_domain(dns: DNSServer) -> None:
 
 
 async def test_pct_sampled_out_reject_becomes_quarantine(dns: DNSServer) -> None:
-    rt = runtime(dns, quarantine_action="quarantine")
+    """RFC 7489 §6.6.4 (rfc = "7489" only)."""
+    rt = runtime(dns, quarantine_action="quarantine", rfc="7489")
     out = await run(rt, "a@half.example", sample=lambda pct: False)
     assert (out.result.disposition, out.action, out.check.decision) == \
         ("quarantine", "quarantine", None)
@@ -120,8 +122,35 @@ async def test_pct_sampled_out_reject_becomes_quarantine(dns: DNSServer) -> None
 
 
 async def test_honour_pct_off(dns: DNSServer) -> None:
-    out = await run(runtime(dns, honour_pct=False), "a@half.example", sample=lambda p: False)
+    out = await run(runtime(dns, honour_pct=False, rfc="7489"), "a@half.example",
+                    sample=lambda p: False)
     assert out.action == "reject"
+
+
+@pytest.mark.parametrize(("rfc", "frm", "action", "testing"), [
+    # RFC 9989 §4.7: t=y applies reject as quarantine
+    ("9989", "a@trial.example", "quarantine", "y"),
+    ("9989", "a@half.example", "reject", "n"),  # control: pct= removed, never sampled
+    ("7489", "a@trial.example", "reject", "n"),  # control: t= unknown to RFC 7489
+])
+async def test_rfc_option_reaches_evaluation(dns: DNSServer, rfc: str, frm: str, action: str,
+                                             testing: str) -> None:
+    rt = runtime(dns, quarantine_action="quarantine", rfc=rfc)
+    out = await run(rt, frm, sample=lambda pct: pct >= 100)  # pct=50 would be outside
+    assert (out.action, out.check.extra["dmarc_testing"], out.check.extra["dmarc_rfc"]) == \
+        (action, testing, rfc)
+
+
+async def test_test_mode_is_recorded_as_override(dns: DNSServer) -> None:
+    """RFC 9989 t=y: the weakened disposition is stored with its reason."""
+    rt = runtime(dns, quarantine_action="quarantine")
+    store = with_store(rt)
+    await run(rt, "a@trial.example", tx=tx())
+    await run(rt, "a@rej.example", tx=tx())  # control: no t=, no override
+    rows = {r.header_from: r for r in store.query("2026-05-28")}
+    assert (rows["trial.example"].disposition, rows["trial.example"].override) == \
+        ("quarantine", "policy_test_mode")
+    assert (rows["rej.example"].disposition, rows["rej.example"].override) == ("reject", "")
 
 
 @pytest.mark.parametrize(("text", "want"), [
@@ -206,7 +235,7 @@ async def test_stored_disposition_is_what_was_applied(dns: DNSServer, mode: Mode
 
 
 async def test_sampled_out_is_recorded(dns: DNSServer) -> None:
-    rt = runtime(dns)
+    rt = runtime(dns, rfc="7489")
     store = with_store(rt)
     await run(rt, "a@half.example", tx=tx(), sample=lambda pct: False)
     row = store.query("2026-05-28")[0]
