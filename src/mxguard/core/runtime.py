@@ -159,15 +159,16 @@ class WorkerPool:
                 elif not job.cancelled:
                     with self._lock:
                         self.busy += 1
+                    result: Any = None
+                    error: BaseException | None = None
                     try:
                         result = job.context.run(job.fn, *job.args, **job.kwargs)
                     except BaseException as exc:  # handed to the awaiting check
-                        self._deliver(job, None, exc)
-                    else:
-                        self._deliver(job, result, None)
+                        error = exc
                     finally:
-                        with self._lock:
+                        with self._lock:  # not busy once the caller can see the result
                             self.busy -= 1
+                    self._deliver(job, result, error)
             finally:
                 with self._lock:
                     self._pending -= 1
