@@ -65,6 +65,7 @@ def config_show(file: str | None, no_docs: bool) -> None:
 def _register() -> None:
     from mxguard.cli.demo import demo
     from mxguard.cli.dkim import dkim
+    from mxguard.cli.dmarc_received import dmarc
     from mxguard.cli.dns import dns
     from mxguard.cli.doctor import doctor
     from mxguard.cli.greylist import greylist
@@ -75,7 +76,7 @@ def _register() -> None:
     from mxguard.cli.storage import storage
 
     for command in (greylist, spf, dkim, scan, rules, learn, bayes, storage, postfix, dns,
-                    doctor, demo):
+                    doctor, demo, dmarc):
         main.add_command(command)
 
 
