@@ -330,6 +330,8 @@ def _gunzip(data: bytes, limits: Limits) -> bytes:
         raise ReportError(f"broken gzip data: {exc}") from None
     if len(out) > limits.max_xml_bytes or d.unconsumed_tail:
         raise ReportError(f"gzip data expands beyond {limits.max_xml_bytes} bytes: refused")
+    if not d.eof:
+        raise ReportError("broken gzip data: truncated")
     return out
 
 
