@@ -230,6 +230,18 @@ def ingest(file: str | None, mbox_path: str | None, maildir_path: str | None,
     if len(sources) > 1:
         fail("give one of FILE, -, --mbox FILE or --maildir DIR")
     pipe = not sources or file == "-"
+    if not pipe:
+        _ingest(file, mbox_path, maildir_path, progress, config_path, pipe=False)
+        return
+    try:
+        _ingest(file, mbox_path, maildir_path, progress, config_path, pipe=True)
+    except Exception as exc:  # a bug must not bounce the mail: Postfix keeps it, retries
+        fail(f"ingest failed ({type(exc).__name__}: {exc}); temporary failure: Postfix "
+             "retries", EX_TEMPFAIL)
+
+
+def _ingest(file: str | None, mbox_path: str | None, maildir_path: str | None,
+            progress: bool | None, config_path: str | None, *, pipe: bool) -> None:
     cfg = load_or_exit(config_path)
     limit = Limits().max_message_bytes
     if mbox_path is not None:
