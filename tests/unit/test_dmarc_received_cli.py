@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from mxguard.cli import main
 from mxguard.cli.dmarc_received import EX_TEMPFAIL
+from mxguard.testing.dns import DNSServer
 from mxguard.testing.ports import free_port
 from tests.support import DATA
 from tests.unit.auth.dmarc_reports import Rec, gz, plain_mail, report_mail, report_xml, zipped
@@ -199,7 +200,7 @@ def test_summary_text_and_json(tmp_path: Path) -> None:
     assert set(doms) == {"ours.example", "theirs.example"}
     src = {s["source_ip"]: s for s in doms["ours.example"]["sources"]}
     assert src["192.0.2.1"] == {
-        "source_ip": "192.0.2.1", "messages": 10, "dmarc_pass": 10, "dmarc_fail": 0,
+        "source_ip": "192.0.2.1", "name": "", "messages": 10, "dmarc_pass": 10, "dmarc_fail": 0,
         "dkim_aligned": 10, "spf_aligned": 10, "dispositions": {"none": 10},
         "top_failures": [], "header_from": ["ours.example"], "reporters": ["Reporter Inc"]}
     assert src["198.51.100.7"]["top_failures"][0] == {"reason": "no DKIM signature",
@@ -223,3 +224,20 @@ def test_summary_since(tmp_path: Path, name: str, since: str, found: bool) -> No
 def test_summary_bad_since_exits_2(tmp_path: Path) -> None:
     code, _, err = run("summary", "-c", conf(tmp_path), "--since", "yesterday")
     assert code == 2 and "'yesterday' is not a date YYYY-MM-DD" in err
+
+
+def test_summary_resolve_names_sources(tmp_path: Path) -> None:
+    zone = {"1.2.0.192.in-addr.arpa": [("PTR", "mail.ours.example")]}
+    with DNSServer(zone) as srv:
+        cfg = conf(tmp_path)
+        Path(cfg).write_text(Path(cfg).read_text()
+                             + f'[dns]\nnameservers = ["{srv.address}"]\ntimeout = 2.0\n')
+        run("ingest", "-c", cfg, "-", stdin=report(records=[
+            Rec("192.0.2.1", 2), Rec("192.0.2.2", 1)]))
+        code, out, _ = run("summary", "-c", cfg, "--resolve")
+        assert code == 0
+        assert "192.0.2.1 (mail.ours.example)" in out
+        row = next(line for line in out.splitlines() if "192.0.2.2" in line)
+        assert row.split()[:2] == ["192.0.2.2", "1"]  # control: no PTR, no name
+        code, out, _ = run("summary", "-c", cfg)  # control: without --resolve, no lookup
+        assert "mail.ours.example" not in out

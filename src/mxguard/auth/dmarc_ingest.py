@@ -464,6 +464,7 @@ class SourceSummary:
     """What one sending source did with one of our domains, summed over reports."""
 
     source_ip: str
+    name: str = ""  # the source's reverse DNS name, when looked up (summary --resolve)
     messages: int = 0
     dmarc_pass: int = 0
     dmarc_fail: int = 0
@@ -475,7 +476,7 @@ class SourceSummary:
     reporters: set[str] = field(default_factory=set)
 
     def as_dict(self, top: int = 3) -> dict[str, Any]:
-        return {"source_ip": self.source_ip, "messages": self.messages,
+        return {"source_ip": self.source_ip, "name": self.name, "messages": self.messages,
                 "dmarc_pass": self.dmarc_pass, "dmarc_fail": self.dmarc_fail,
                 "dkim_aligned": self.dkim_aligned, "spf_aligned": self.spf_aligned,
                 "dispositions": dict(sorted(self.dispositions.items())),

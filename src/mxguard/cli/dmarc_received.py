@@ -7,13 +7,17 @@ zip report files) and keeps the reports (:mod:`mxguard.store.received_reports`);
 or failed DMARC and why.
 
 ``mxguard dmarc ingest [FILE | - | --mbox FILE | --maildir DIR]`` (standard
-input when nothing is given) -- as a Postfix pipe transport::
+input when nothing is given) -- as a Postfix pipe transport (pipe(8) never
+runs a command as root: the user must be able to write the store, e.g. own
+/var/lib/mxguard/mxguard-received.db and its directory)::
 
     # master.cf
-    dmarc-rua unix  -       n       n       -       4       pipe
-      flags=Rq user=mxguard argv=/usr/local/bin/mxguard dmarc ingest
+    dmarcrua  unix  -       n       n       -       -       pipe
+      user=mxguard argv=/usr/local/bin/mxguard dmarc ingest
       --config /etc/mxguard/mxguard.toml -
-    # transport_maps: dmarc-reports@example.com  dmarc-rua:
+    # main.cf
+    transport_maps = inline:{ dmarc-reports@example.com=dmarcrua: }
+    dmarcrua_destination_recipient_limit = 1
 
 Exit status: 0 done (a mail that holds no report, a report refused -- a bomb,
 a DTD, broken XML -- or one of a domain not in ``[dmarc] received_domains``
@@ -25,6 +29,7 @@ so Postfix keeps the mail and retries.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import mailbox
@@ -302,9 +307,33 @@ def _day(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
 
 
-def domain_summary(domain: str, reports: list[AggregateReport], top: int) -> dict[str, Any]:
+MAX_RESOLVE = 200  # sources looked up per summary, most mail first
+
+
+async def _names(ips: list[str], cfg: config.Config) -> dict[str, str]:
+    """Reverse DNS names of ``ips`` (the first PTR; "" for none or a failure)."""
+    from mxguard.dns import DnsTempError, Resolver, reverse_name
+
+    resolver = Resolver(cfg.dns)
+    sem = asyncio.Semaphore(20)
+
+    async def one(ip: str) -> tuple[str, str]:
+        async with sem:
+            try:
+                answer = await resolver.query(reverse_name(ip), "PTR")
+            except (DnsTempError, ValueError):
+                return ip, ""
+            return ip, str(answer.records[0]).rstrip(".") if answer.records else ""
+
+    return dict(await asyncio.gather(*(one(ip) for ip in ips[:MAX_RESOLVE])))
+
+
+def domain_summary(domain: str, reports: list[AggregateReport], top: int,
+                   names: dict[str, str] | None = None) -> dict[str, Any]:
     """One domain's figures (the ``--json`` shape)."""
     sources = summarize(reports, domain)
+    for s in sources:
+        s.name = (names or {}).get(s.source_ip, "")
     mine = [r for r in reports if r.domain == domain]
     messages = sum(s.messages for s in sources)
     return {"domain": domain, "reports": len(mine),
@@ -334,7 +363,8 @@ def render(summary: dict[str, Any]) -> str:
     for s in summary["sources"]:
         disp = " ".join(f"{k}={v}" for k, v in s["dispositions"].items())
         why = "; ".join(f"{f['reason']} ({f['messages']})" for f in s["top_failures"])
-        lines.append(f"  {s['source_ip']:<39} {s['messages']:>7} {s['dmarc_pass']:>7} "
+        source = f"{s['source_ip']} ({s['name']})" if s["name"] else s["source_ip"]
+        lines.append(f"  {source:<39} {s['messages']:>7} {s['dmarc_pass']:>7} "
                      f"{s['dmarc_fail']:>7} {s['dkim_aligned']:>7} {s['spf_aligned']:>7}  "
                      f"{disp}" + (f"; {why}" if why else ""))
     return "\n".join(lines)
@@ -346,10 +376,13 @@ def render(summary: dict[str, Any]) -> str:
               help="only reports whose period ends on or after this UTC day")
 @click.option("--top", default=3, show_default=True, type=click.IntRange(0, 100),
               help="failure reasons shown per source")
+@click.option("--resolve", is_flag=True,
+              help=f"show each source's reverse DNS name (PTR; first {MAX_RESOLVE} sources, "
+              "[dns] settings)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_with_config
-def summary(domain: str | None, since: dt.date | None, top: int, as_json: bool,
-            config_path: str | None) -> None:
+def summary(domain: str | None, since: dt.date | None, top: int, resolve: bool,
+            as_json: bool, config_path: str | None) -> None:
     """Per sending source: messages, DMARC pass/fail, SPF/DKIM aligned counts,
     dispositions and the top failure reasons, from the reports received.
 
@@ -366,7 +399,11 @@ def summary(domain: str | None, since: dt.date | None, top: int, as_json: bool,
     except StoreError as exc:
         fail(str(exc))
     domains = sorted({r.domain for r in reports})
-    out = [domain_summary(d, reports, top) for d in domains]
+    names: dict[str, str] = {}
+    if resolve:
+        ips = [s.source_ip for s in summarize(reports)]
+        names = asyncio.run(_names(ips, cfg))
+    out = [domain_summary(d, reports, top, names) for d in domains]
     if as_json:
         click.echo(json.dumps({"domains": out}, indent=2))
         return
