@@ -365,7 +365,7 @@ class DmarcConfig:
     received_max_bytes: int = opt(32 * 1024 * 1024, "bytes of XML one received report may "
                                   "have once decompressed (gzip / zip bombs are refused)",
                                   lo=4096, hi=1024 * 1024 * 1024)
-    received_max_records: int = opt(100000, "<record> elements one received report may "
+    received_max_records: int = opt(100000, "`<record>` elements one received report may "
                                     "have", lo=1, hi=10**7)
 
 
