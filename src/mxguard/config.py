@@ -396,6 +396,17 @@ class DmarcConfig:
                               "back-off doubles from 5 minutes", lo=1, hi=50)
     results_max_age: int = opt(14, "days per-message results and sent-report bookkeeping "
                                "are kept; older ones are deleted", lo=2, hi=400)
+    received_domains: list[str] = opt([], "domains whose received aggregate reports "
+                                      "`mxguard dmarc ingest` keeps (our own, whose rua= "
+                                      "points at us); empty: any domain")
+    received_max_age_days: int = opt(400, "days a received aggregate report is kept, counted "
+                                     "from the end of its date range; older ones are not "
+                                     "stored and are purged at each ingest", lo=1, hi=3650)
+    received_max_bytes: int = opt(32 * 1024 * 1024, "bytes of XML one received report may "
+                                  "have once decompressed (gzip / zip bombs are refused)",
+                                  lo=4096, hi=1024 * 1024 * 1024)
+    received_max_records: int = opt(100000, "`<record>` elements one received report may "
+                                    "have", lo=1, hi=10**7)
 
 
 @dataclass(frozen=True)

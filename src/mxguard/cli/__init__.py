@@ -63,6 +63,7 @@ def config_show(file: str | None, no_docs: bool) -> None:
 
 
 def _register() -> None:
+    from mxguard.cli import dmarc_received  # noqa: F401 - adds ingest and summary to dmarc
     from mxguard.cli.demo import demo
     from mxguard.cli.dkim import dkim
     from mxguard.cli.dmarc import dmarc

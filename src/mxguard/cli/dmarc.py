@@ -26,7 +26,7 @@ from mxguard.store.base import StoreError
 
 @click.group("dmarc")
 def dmarc() -> None:
-    """DMARC aggregate reports: build, send, show what was sent."""
+    """DMARC aggregate reports: ours (report, status) and the ones we receive (ingest, summary)."""
 
 
 def _period(value: str | None) -> str:

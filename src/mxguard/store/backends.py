@@ -7,7 +7,10 @@ Each kind of state has one interface module and its backends:
 * Bayes tokens: :mod:`mxguard.store.bayes_store` (:class:`BayesStore`, with
   the SQLite and in-memory backends), backend :mod:`mxguard.store.redis_bayes`;
 * DMARC results: :mod:`mxguard.store.results` (:class:`ResultsStore`, with the
-  SQLite backend), backend :mod:`mxguard.store.redis_results`.
+  SQLite backend), backend :mod:`mxguard.store.redis_results`;
+* received DMARC aggregate reports: :mod:`mxguard.store.received_reports`
+  (:class:`ReceivedReportsStore`, with the SQLite backend), backend
+  :mod:`mxguard.store.redis_received`.
 
 The choice by URL lives here, above them all, so no interface module imports
 its backends (which import it). Redis backends are imported only when a Redis
@@ -20,6 +23,11 @@ from typing import TYPE_CHECKING
 
 from mxguard.store.base import GreylistStore, StoreError, sqlite_path
 from mxguard.store.bayes_store import BayesStore, SqliteBayesStore, bayes_sqlite_path
+from mxguard.store.received_reports import (
+    ReceivedReportsStore,
+    SqliteReceivedReports,
+    received_path,
+)
 from mxguard.store.results import ResultsStore, SqliteResultsStore, results_path
 
 if TYPE_CHECKING:
@@ -88,4 +96,20 @@ def open_results_store(cfg: Config) -> ResultsStore:
                               busy_timeout=cfg.storage.busy_timeout)
 
 
-__all__ = ["open_bayes_store", "open_results_store", "open_store"]
+def open_received_reports(cfg: Config) -> ReceivedReportsStore:
+    """The store of received aggregate reports for ``cfg.storage_url``: for a Redis
+    URL the shared Redis (:class:`~mxguard.store.redis_received.RedisReceivedReports`),
+    else a SQLite file next to the greylist database
+    (:func:`~mxguard.store.received_reports.received_path`). Kept
+    ``[dmarc] received_max_age_days``."""
+    url = cfg.storage_url
+    age = cfg.dmarc.received_max_age_days
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        from mxguard.store.redis_received import RedisReceivedReports
+
+        return RedisReceivedReports(url, max_age_days=age, timeout=cfg.storage.redis_timeout)
+    return SqliteReceivedReports(received_path(url), max_age_days=age,
+                                 busy_timeout=cfg.storage.busy_timeout)
+
+
+__all__ = ["open_bayes_store", "open_received_reports", "open_results_store", "open_store"]
