@@ -46,6 +46,7 @@ _OVERRIDES = frozenset({"forwarded", "sampled_out", "trusted_forwarder", "mailin
                         "local_policy", "other"})
 _SIZE = re.compile(r"^(\d+)([kmgt]?)$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+TEST_MODE = "policy_test_mode"  # the override checks/dmarc stores for a t=y record
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,7 @@ class Report:
     adkim: str
     aspf: str
     fo: str
-    testing: str  # "y" when the record asked for testing mode (pct=0 read as t=y)
+    testing: str  # "y" when the record asked for testing mode (t=y, or pct=0 of RFC 7489)
     rua: tuple[str, ...]
     rows: tuple[Row, ...] = field(default=())
 
@@ -157,7 +158,9 @@ def build_report(domain: str, day: str, records: Iterable[ResultRecord], *, org_
                   begin=begin, end=end, domain=domain, p=last.p, sp=last.sp or last.p,
                   np=last.np, adkim=last.adkim if last.adkim in ("r", "s") else "r",
                   aspf=last.aspf if last.aspf in ("r", "s") else "r", fo=last.fo,
-                  testing="y" if last.pct == 0 else "n", rua=last.rua, rows=rows)
+                  testing="y" if last.pct == 0 or any(r.override == TEST_MODE for r in recs)
+                  else "n",
+                  rua=last.rua, rows=rows)
 
 
 def _el(name: str, value: str | int, indent: int) -> str:

@@ -181,3 +181,18 @@ def test_parsedmarc_reads_the_report_back() -> None:
     assert out["policy_published"]["domain"] == "example.com"
     got = sorted((r["source"]["ip_address"], r["count"]) for r in out["records"])
     assert got == [("192.0.2.1", 2), ("192.0.2.9", 1)]
+
+
+@pytest.mark.parametrize(("override", "testing"), [("policy_test_mode", "y"), ("", "n")])
+def test_testing_flag_follows_the_t_y_override(override: str, testing: str) -> None:
+    from mxguard.auth.dmarc_aggregate import build_report
+    from mxguard.store.results import ResultRecord
+
+    rows = [ResultRecord(ts=1_780_000_000.0, source_ip="192.0.2.1", header_from="t.test",
+                         policy_domain="t.test", p="reject", rua=("mailto:r@t.test",),
+                         dmarc_result="fail", override=override),
+            ResultRecord(ts=1_780_000_100.0, source_ip="192.0.2.2", header_from="t.test",
+                         policy_domain="t.test", p="reject", rua=("mailto:r@t.test",),
+                         dmarc_result="pass")]
+    report = build_report("t.test", "2026-05-28", rows, org_name="mx.test", email="d@mx.test")
+    assert report is not None and report.testing == testing
