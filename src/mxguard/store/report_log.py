@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
 
 STATES = ("sending", "sent", "retry", "failed")
@@ -236,6 +234,8 @@ class RedisReportLog(ReportLog):
         return f"{self._p}rlog:{period}:{domain}:{destination}"
 
     def _call(self, doing: str, fn: Any) -> Any:
+        from redis.exceptions import RedisError  # not at import: SQLite users never load redis
+
         try:
             return fn()
         except (RedisError, OSError) as exc:
@@ -310,6 +310,8 @@ class RedisReportLog(ReportLog):
                                                   args=[token]))
 
     def close(self) -> None:
+        from redis.exceptions import RedisError
+
         with contextlib.suppress(RedisError, OSError):
             self._client.close()
 
