@@ -225,6 +225,16 @@ def test_mail_queued_by_postfix_while_mxguard_is_down_is_delivered(
     pf.wait_for_log(r"milter|451|4\.7\.1", timeout=10)
     assert sink.wait_quiet(1.0) == []
     mx.start()
+    # start() returns once the policy door listens; the milter door opens right after.
+    # A flush before it listens would defer the mail again until Postfix's next retry.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", mx.milter_port), 0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, mx.log_text()
+            time.sleep(0.05)
     t0 = time.monotonic()
     pf.flush()
     (msg,) = sink.wait_for(1, timeout=20)
