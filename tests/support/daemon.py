@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,11 +92,24 @@ class MxguardProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mxguard exited {self.proc.returncode}:\n{self.log_text()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                for port in self._ports():
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"mxguard did not listen:\n{self.log_text()}")
+
+    def _ports(self) -> list[int]:
+        """The policy port, and the milter port when the milter door is on (it opens
+        just after the policy door: a test must not talk to it before)."""
+        try:
+            milter = tomllib.loads(self.config.read_text()).get("milter", {})
+        except (OSError, tomllib.TOMLDecodeError):
+            return [self.port]
+        host, _, port = str(milter.get("listen", "")).rpartition(":")
+        if milter.get("enabled", True) is False or host != "127.0.0.1" or not port.isdigit():
+            return [self.port]
+        return [self.port, int(port)]
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
