@@ -192,5 +192,15 @@ def sqlite_path(url: str) -> str:
     return rest if rest == ":memory:" else "/" + rest
 
 
+def sibling_path(main_path: str, kind: str) -> str:
+    """The SQLite file of one kind of state next to the main one:
+    ``/x/mxguard.db`` + ``dmarc`` -> ``/x/mxguard-dmarc.db`` (``:memory:`` stays).
+    A file per kind, so a long batch of one never holds the lock another waits for."""
+    if main_path == ":memory:":
+        return main_path
+    root, ext = os.path.splitext(main_path)
+    return f"{root}-{kind}{ext or '.db'}"
+
+
 __all__ = ["ClientRecord", "GreylistStore", "StoreError", "StoreStats", "TripletRecord",
-           "WhitelistEntry"]
+           "WhitelistEntry", "sibling_path", "sqlite_path"]

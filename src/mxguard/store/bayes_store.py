@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -40,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from mxguard.store.base import StoreError, connect_sqlite
+from mxguard.store.base import StoreError, connect_sqlite, sibling_path
 
 T = TypeVar("T")
 
@@ -527,10 +526,7 @@ def bayes_sqlite_path(main_path: str) -> str:
 
     A file of its own, so a long learn batch (``mxguard learn``) or an expiry
     batch never holds the lock that greylisting writes wait for on the event loop."""
-    if main_path == ":memory:":
-        return main_path
-    root, ext = os.path.splitext(main_path)
-    return f"{root}-bayes{ext or '.db'}"
+    return sibling_path(main_path, "bayes")
 
 
 def hashes(tokens: Iterable[str]) -> list[int]:

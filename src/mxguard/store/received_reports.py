@@ -25,10 +25,9 @@ import contextlib
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 from mxguard.auth.dmarc_ingest import AggregateReport
-from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
+from mxguard.store.base import StoreError, connect_sqlite, sibling_path, sqlite_path
 
 DAY = 86400.0
 ADDED = "added"
@@ -71,11 +70,7 @@ class ReceivedReportsStore(ABC):
 
 def received_path(storage_url: str) -> str:
     """The file for a storage URL: ``.../mxguard.db`` -> ``.../mxguard-received.db``."""
-    path = sqlite_path(storage_url)
-    if path == ":memory:":
-        return path
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}-received{p.suffix or '.db'}"))
+    return sibling_path(sqlite_path(storage_url), "received")
 
 
 SCHEMA = """

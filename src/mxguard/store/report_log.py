@@ -24,10 +24,9 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
+from mxguard.store.base import StoreError, connect_sqlite, sibling_path, sqlite_path
 
 STATES = ("sending", "sent", "retry", "failed")
 
@@ -89,11 +88,7 @@ def _may_claim(entry: LogEntry | None, now: float) -> bool:
 
 
 def report_log_path(storage_url: str) -> str:
-    path = sqlite_path(storage_url)
-    if path == ":memory:":
-        return path
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}-reports{p.suffix or '.db'}"))
+    return sibling_path(sqlite_path(storage_url), "reports")
 
 
 SCHEMA = """

@@ -36,10 +36,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
-from mxguard.store.base import StoreError, connect_sqlite, sqlite_path
+from mxguard.store.base import StoreError, connect_sqlite, sibling_path, sqlite_path
 
 DAY = 86400.0
 
@@ -160,11 +159,7 @@ def _record(row: Sequence[Any]) -> ResultRecord:
 
 def results_path(storage_url: str) -> str:
     """The results file for a storage URL: ``.../mxguard.db`` -> ``.../mxguard-dmarc.db``."""
-    path = sqlite_path(storage_url)
-    if path == ":memory:":
-        return path
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}-dmarc{p.suffix or '.db'}"))
+    return sibling_path(sqlite_path(storage_url), "dmarc")
 
 
 class SqliteResultsStore(ResultsStore):
