@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages the integration tests drive (Debian/Ubuntu):
-#   postfix, redis-server, opendkim, opendkim-tools
+#   postfix, redis-server, opendkim, opendkim-tools, chromium + chromium-driver (the
+#   dashboard's browser test), dovecot (IMAPSieve learning test)
 #
 # Idempotent and non-interactive. Installs only what is missing and runs
 # `apt-get update` only when something is missing. Never starts or enables
@@ -10,7 +11,8 @@
 # Usage: scripts/install-test-deps.sh        (as root, or with sudo available)
 set -euo pipefail
 
-PACKAGES=(postfix redis-server opendkim opendkim-tools)
+PACKAGES=(postfix redis-server opendkim opendkim-tools chromium chromium-driver
+          dovecot-core dovecot-imapd dovecot-sieve)
 
 log() { echo "install-test-deps: $*"; }
 die() { echo "install-test-deps: ERROR: $*" >&2; exit 1; }
@@ -45,7 +47,7 @@ stop_system_services() {
     if command -v postfix >/dev/null 2>&1 && [ -f /etc/postfix/main.cf ]; then
         "${SUDO[@]}" postfix stop >/dev/null 2>&1 || true
     fi
-    for svc in postfix redis-server opendkim; do
+    for svc in postfix redis-server opendkim dovecot; do
         "${SUDO[@]}" service "$svc" stop >/dev/null 2>&1 || true
     done
 }

@@ -297,6 +297,8 @@ class MilterConfig:
                                    lo=0.5, hi=300)
     stage_timeout: float = opt(25.0, "seconds a check may take before end of message "
                                "(below Postfix's milter_command_timeout of 30 s)", lo=1, hi=600)
+    explain_header: bool = opt(False, "add X-Mxguard-Reason: the deciding check and the top "
+                               "symbols")
     eom_timeout: float = opt(240.0, "seconds the end-of-message checks may take (keep-alives "
                              "are sent meanwhile)", lo=1, hi=3600)
 
@@ -472,6 +474,37 @@ class DnsblConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    enabled: bool = opt(True, "keep one record per milter message and per refused or deferred "
+                        "policy request (mxguard history, the dashboard)")
+    max_age_days: int = opt(30, "days a record is kept", lo=1, hi=3650)
+    max_records: int = opt(1000000, "records kept; the oldest go first", lo=100, hi=10**9)
+    policy_actions: list[str] = opt(["reject", "defer", "defer_if_permit"], "policy decisions "
+                                    "recorded (milter messages are always recorded)")
+    privacy: bool = opt(False, "keep only keyed hashes of addresses, no Subject")
+    queue_size: int = opt(10000, "records waiting to be written; past it the oldest are "
+                          "dropped (counted, logged)", lo=100, hi=10**7)
+    flush_interval: float = opt(1.0, "seconds between batched writes", lo=0.05, hi=60)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    enabled: bool = opt(True, "serve the dashboard, its API and /metrics")
+    listen: str = opt("127.0.0.1:11380", 'dashboard socket "host:port" (loopback unless you '
+                      "change it)")
+    user: str = opt("admin", "login name of the dashboard")
+    password_hash: str = opt("", "hash from `mxguard web passwd`; empty: read-only pages for "
+                             "loopback clients only")
+    session_ttl: int = opt(8 * 3600, "seconds a login session lasts", lo=60, hi=30 * DAY)
+    metrics_networks: list[str] = opt(["127.0.0.0/8", "::1/128"], "client CIDRs that may "
+                                      "read /metrics without a login")
+    keep_messages: int = opt(0, "raw bytes of the last N milter messages kept for the "
+                             "learn buttons (0: none)", lo=0, hi=100000)
+    login_attempts: int = opt(5, "failed logins per client per minute before it must wait",
+                              lo=1, hi=1000)
+
+
+@dataclass(frozen=True)
 class Config:
     observe: bool = opt(False, "turn every enforce into observe: log what would be done, "
                         "change nothing")
@@ -491,6 +524,8 @@ class Config:
     actions: ActionsConfig = field(default_factory=ActionsConfig)
     bayes: BayesConfig = field(default_factory=BayesConfig)
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     scores: dict[str, float] = opt({}, "symbol = score overrides of the built-in scores")
     source: str = field(default="(defaults)", compare=False, metadata={"internal": True})
 

@@ -346,11 +346,37 @@ async def run_message(tx: Transaction, rt: Runtime, pipeline: Pipeline) -> Verdi
     return verdict
 
 
-def log_decision(door: str, tx: Transaction, verdict: Verdict, reply: str) -> None:
-    """The one decision line per request / message."""
+# Services under this key: callables ``(door, tx, verdict, reply) -> None`` told of every
+# decision after its log line (metrics, history). They run on the loop, once per request or
+# message: they must be cheap and must not block (queue the work, write it later).
+OBSERVERS_SERVICE = "decision_observers"
+DecisionObserver = Callable[[str, Transaction, Verdict, str], None]
+
+
+def add_observer(services: dict[str, Any], observer: DecisionObserver) -> None:
+    """Register ``observer`` for every decision of the daemon whose services these are."""
+    services.setdefault(OBSERVERS_SERVICE, []).append(observer)
+
+
+def log_decision(door: str, tx: Transaction, verdict: Verdict, reply: str,
+                 rt: Runtime | None = None) -> None:
+    """The one decision line per request / message; then the observers of ``rt``."""
     prefix = "" if door == "policy" else f"door={door} "
     logs.decisions.emit(prefix + logs.decision_line(tx, verdict, reply))
+    if rt is None:
+        return
+    observers = rt.services.get(OBSERVERS_SERVICE)
+    if not observers:
+        return
+    for observer in observers:
+        try:
+            observer(door, tx, verdict, reply)
+        except Exception as exc:  # an observer's bug never costs the mail its answer
+            log_failure(f"observer-{getattr(observer, '__name__', 'observer')}",
+                        rt.config.storage.fail_open_log_interval,
+                        "decision observer failed: %s: %s", type(exc).__name__, exc)
 
 
-__all__ = ["FAIL_ACTIONS", "CheckFn", "CheckSpec", "Direction", "Pipeline", "evaluate",
-           "log_decision", "log_failure", "run_message", "run_rows"]
+__all__ = ["FAIL_ACTIONS", "OBSERVERS_SERVICE", "CheckFn", "CheckSpec", "DecisionObserver",
+           "Direction", "Pipeline", "add_observer", "evaluate", "log_decision", "log_failure",
+           "run_message", "run_rows"]

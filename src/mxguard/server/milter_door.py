@@ -44,7 +44,7 @@ class MxguardMilter(BaseMilterHandler):
         tx.message = session.message()
         verdict = await run_message(tx, rt)
         result = milter_result(verdict)
-        log_decision("milter", tx, verdict, result.action.value)
+        log_decision("milter", tx, verdict, result.action.value, rt)
         return result
 
 

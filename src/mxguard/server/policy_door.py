@@ -73,7 +73,7 @@ class PolicyDoor:
         header = self.headers.next_header(tx.instance, wanted)
         verdict.headers = [header] if header is not None else []
         action = encode_action(verdict, mta_prefix=helo_context)
-        log_decision("policy", tx, verdict, action)
+        log_decision("policy", tx, verdict, action, rt)
         return encode_reply(action)
 
 

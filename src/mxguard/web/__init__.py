@@ -1,0 +1,1 @@
+"""The dashboard, its JSON API and /metrics, served in the daemon's loop."""
