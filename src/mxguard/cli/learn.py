@@ -24,13 +24,16 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
@@ -311,19 +314,50 @@ def _with_classifier(config_path: str | None,
 # ------------------------------------------------------------ commands
 
 
-@click.command("learn")
+class _LearnCommand(click.Command):
+    """``mxguard learn [OPTIONS] PATH...``, with ``mxguard learn dovecot-setup`` as a
+    command of its own (a PATH of that name would have to be written ``./dovecot-setup``)."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        if args and args[0] in _SUBCOMMANDS:
+            sub = _SUBCOMMANDS[args[0]]
+            return sub.make_context(f"{info_name or 'learn'} {args[0]}", args[1:],
+                                    parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if ctx.command is not self:
+            return ctx.command.invoke(ctx)
+        return super().invoke(ctx)
+
+
+@click.command("learn", cls=_LearnCommand)
 @_with_config
 @click.option("--spam", "kind", flag_value="spam", help="the messages are spam")
 @click.option("--ham", "kind", flag_value="ham", help="the messages are ham (not spam)")
 @click.option("--forget", is_flag=True, help="un-learn the messages instead")
+@click.option("--stdin", "from_stdin", is_flag=True,
+              help="read one message from standard input (what Dovecot's sieve pipe sends)")
 @click.option("--progress/--no-progress", default=None,
               help="show a progress line on stderr (default: when stderr is a terminal)")
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
-def learn(config_path: str | None, kind: str | None, forget: bool, progress: bool | None,
-          paths: Sequence[str]) -> None:
-    """Learn messages as spam or ham: files, directories, mbox files, Maildirs, - (stdin)."""
+@click.argument("paths", nargs=-1, type=click.Path())
+def learn(config_path: str | None, kind: str | None, forget: bool, from_stdin: bool,
+          progress: bool | None, paths: Sequence[str]) -> None:
+    """Learn messages as spam or ham: files, directories, mbox files, Maildirs, - (stdin).
+
+    `mxguard learn --stdin --spam|--ham` learns the one message on standard input
+    (exit 0 also when it was learned before); `mxguard learn dovecot-setup` writes
+    the Dovecot IMAPSieve scripts that call it when users move mail into or out
+    of Junk."""
     if kind is None and not forget:
         fail("learn: give --spam or --ham (or --forget)", 2)
+    if from_stdin and paths:
+        fail("learn: --stdin reads one message from standard input; give no PATH with it", 2)
+    if not from_stdin and not paths:
+        fail("learn: give PATH... (files, directories, mbox, Maildir, - for stdin) or --stdin", 2)
+    if from_stdin:
+        paths = ("-",)
     show = sys.stderr.isatty() if progress is None else progress
     stream = sys.stderr if show else None
 
@@ -343,6 +377,133 @@ def learn(config_path: str | None, kind: str | None, forget: bool, progress: boo
         click.echo(f"mxguard: learn: {line}", err=True)
     click.echo(summary.line())
     sys.exit(1 if summary.errors else 0)
+
+
+# ------------------------------------------------------------ Dovecot IMAPSieve
+
+SIEVE_FILES = ("report-spam.sieve", "report-ham.sieve")
+PIPE_PROGRAMS = ("mxguard-learn-spam", "mxguard-learn-ham")
+DOVECOT_CONF = "90-mxguard-imapsieve.conf"
+DEFAULT_SIEVE_DIR = "/etc/dovecot/sieve-mxguard"
+DEFAULT_BIN_DIR = "/etc/dovecot/sieve-mxguard/bin"
+DEFAULT_CONF_DIR = "/etc/dovecot/conf.d"
+_FOLDER_NAME = re.compile(r"^[^\x00-\x1f\x7f\"\\*%]{1,200}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SetupFile:
+    """One file of the Dovecot set-up: where it goes, its text, its mode."""
+
+    path: Path
+    text: str
+    mode: int
+
+
+def default_mxguard_command() -> str:
+    """How the pipe programs start this mxguard: the ``mxguard`` script beside this
+    interpreter, else one on PATH, else ``python -m mxguard``."""
+    beside = Path(sys.executable).parent / "mxguard"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return shlex.quote(str(beside.absolute()))
+    found = shutil.which("mxguard")
+    if found:
+        return shlex.quote(str(Path(found).absolute()))
+    return f"{shlex.quote(sys.executable)} -m mxguard"
+
+
+def dovecot_files(*, mxguard: str, config_path: str | None, sieve_dir: str = DEFAULT_SIEVE_DIR,
+                  bin_dir: str = DEFAULT_BIN_DIR, conf_dir: str = DEFAULT_CONF_DIR,
+                  junk: str = "Junk", trash: str = "Trash") -> list[SetupFile]:
+    """The sieve scripts, pipe programs and dovecot config snippet, filled in.
+
+    ``mxguard`` is the command line (already shell-quoted) that starts mxguard;
+    ``config_path`` the config the programs pass with ``--config`` (None: none)."""
+    for what, name in (("--junk", junk), ("--trash", trash)):
+        if not _FOLDER_NAME.match(name):
+            raise click.BadParameter(f"{name!r}: a folder name without control characters, "
+                                     '", \\, * or %', param_hint=what)
+    for what, d in (("--sieve-dir", sieve_dir), ("--bin-dir", bin_dir),
+                    ("--conf-dir", conf_dir)):
+        if not os.path.isabs(d) or any(c in d for c in "\n\r\"#"):
+            raise click.BadParameter(f"{d!r}: an absolute path without quotes, # or newlines",
+                                     param_hint=what)
+    conf_arg = f" --config {shlex.quote(str(Path(config_path).absolute()))}" if config_path else ""
+    values = {"@MXGUARD@": mxguard, "@CONFIG@": conf_arg, "@JUNK@": junk, "@TRASH@": trash,
+              "@SIEVE_DIR@": sieve_dir.rstrip("/") or "/",
+              "@BIN_DIR@": bin_dir.rstrip("/") or "/"}
+    source = resources.files("mxguard") / "data" / "sieve"
+
+    def fill(name: str) -> str:
+        text = (source / name).read_text(encoding="utf-8")
+        for key, value in values.items():
+            text = text.replace(key, value)
+        return text
+
+    out = [SetupFile(Path(sieve_dir) / n, fill(n), 0o644) for n in SIEVE_FILES]
+    out += [SetupFile(Path(bin_dir) / n, fill(n), 0o755) for n in PIPE_PROGRAMS]
+    out.append(SetupFile(Path(conf_dir) / DOVECOT_CONF, fill(DOVECOT_CONF), 0o644))
+    return out
+
+
+def write_setup_file(f: SetupFile) -> None:
+    """Write ``f`` (directories made as needed); never through a symlink."""
+    f.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 f.mode)
+    try:
+        os.fchmod(fd, f.mode)
+        data = f.text.encode("utf-8")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+@click.command("dovecot-setup")
+@config_option("mxguard config file the pipe programs pass to `mxguard learn` "
+               "(default: none, the built-in defaults)", metavar="FILE")
+@click.option("--print", "mode", flag_value="print", default=True,
+              help="print every file with its path (the default)")
+@click.option("--install", "mode", flag_value="install",
+              help="write the files (as root: into Dovecot's directories)")
+@click.option("--sieve-dir", default=DEFAULT_SIEVE_DIR, show_default=True,
+              help="directory of report-spam.sieve and report-ham.sieve")
+@click.option("--bin-dir", default=DEFAULT_BIN_DIR, show_default=True,
+              help="sieve_pipe_bin_dir: the mxguard-learn-spam/-ham programs")
+@click.option("--conf-dir", default=DEFAULT_CONF_DIR, show_default=True,
+              help=f"directory of {DOVECOT_CONF}")
+@click.option("--junk", default="Junk", show_default=True, help="the users' spam folder")
+@click.option("--trash", default="Trash", show_default=True,
+              help="moving out of Junk into this folder teaches nothing")
+@click.option("--mxguard", "mxguard_cmd", default=None, metavar="COMMAND",
+              help="how the programs start mxguard (default: this installation's mxguard)")
+def dovecot_setup(config_path: str | None, mode: str, sieve_dir: str, bin_dir: str,
+                  conf_dir: str, junk: str, trash: str, mxguard_cmd: str | None) -> None:
+    """Dovecot IMAPSieve scripts: moving mail into Junk learns spam, out of it ham."""
+    if config_path is not None:
+        load_or_exit(config_path)  # a config the programs could not load: say so now
+    files = dovecot_files(mxguard=mxguard_cmd or default_mxguard_command(),
+                          config_path=config_path, sieve_dir=sieve_dir, bin_dir=bin_dir,
+                          conf_dir=conf_dir, junk=junk, trash=trash)
+    if mode == "print":
+        for f in files:
+            click.echo(f"# ==> {f.path} (mode {f.mode:o}) <==")
+            click.echo(f.text)
+        return
+    for f in files:
+        try:
+            write_setup_file(f)
+        except OSError as exc:
+            fail(f"learn dovecot-setup: cannot write {f.path}: {exc.strerror or exc}", 1)
+        click.echo(f"wrote {f.path}")
+    scripts = " ".join(shlex.quote(str(f.path)) for f in files if f.path.suffix == ".sieve")
+    click.echo(f"next: sievec each script ({scripts}), make sure the mail user can write "
+               "the Bayes store (README: \"Learning from users' Junk folder\"), then "
+               "`systemctl reload dovecot`")
+
+
+_SUBCOMMANDS: dict[str, click.Command] = {"dovecot-setup": dovecot_setup}
 
 
 @click.group("bayes")
@@ -393,4 +554,5 @@ def expire_cmd(config_path: str | None) -> None:
     click.echo(f"expired\t{_with_classifier(config_path, action)}")
 
 
-__all__ = ["Item", "Summary", "bayes", "learn", "learn_items", "path_messages"]
+__all__ = ["Item", "SetupFile", "Summary", "bayes", "dovecot_files", "dovecot_setup", "learn",
+           "learn_items", "path_messages", "write_setup_file"]
