@@ -388,6 +388,7 @@ DEFAULT_SIEVE_DIR = "/etc/dovecot/sieve-mxguard"
 DEFAULT_BIN_DIR = "/etc/dovecot/sieve-mxguard/bin"
 DEFAULT_CONF_DIR = "/etc/dovecot/conf.d"
 _FOLDER_NAME = re.compile(r"^[^\x00-\x1f\x7f\"\\*%]{1,200}$")
+_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,13 +412,50 @@ def default_mxguard_command() -> str:
     return f"{shlex.quote(sys.executable)} -m mxguard"
 
 
+def _pipe_settings(bin_dir: str, run_as: str | None, mail_user: str) -> tuple[str, str]:
+    """(lines inside ``plugin {}``, service blocks after it) that run the programs."""
+    if run_as is None:
+        return ("  # the only programs the scripts may run: mxguard-learn-spam, -ham; they run\n"
+                "  # as the mail user, who must be able to write the Bayes store\n"
+                f"  sieve_pipe_bin_dir = {bin_dir}\n"
+                "  # starting Python and one store write take about a second; allow for a busy\n"
+                "  # host (a timeout only loses that one lesson, never the message)\n"
+                "  sieve_pipe_exec_timeout = 30s", "")
+    plugin = ("  # the programs run as their own services (below), as the user that owns\n"
+              "  # mxguard's Bayes store, not as the mail user; their sockets are in\n"
+              "  # base_dir (Dovecot makes no subdirectory of it; only the global scripts\n"
+              "  # may use vnd.dovecot.pipe, so users' scripts cannot reach them)\n"
+              "  sieve_pipe_socket_dir = .\n"
+              "  sieve_pipe_exec_timeout = 30s")
+    services = "".join(
+        f"\nservice {name} {{\n"
+        f"  executable = script {bin_dir}/{name}\n"
+        f"  user = {run_as}\n"
+        f"  unix_listener {name} {{\n"
+        f"    # the imap processes of users (who run the sieve scripts) connect here\n"
+        f"    user = {mail_user}\n"
+        f"    mode = 0600\n"
+        f"  }}\n"
+        f"}}\n" for name in PIPE_PROGRAMS)
+    return plugin, services
+
+
 def dovecot_files(*, mxguard: str, config_path: str | None, sieve_dir: str = DEFAULT_SIEVE_DIR,
                   bin_dir: str = DEFAULT_BIN_DIR, conf_dir: str = DEFAULT_CONF_DIR,
-                  junk: str = "Junk", trash: str = "Trash") -> list[SetupFile]:
+                  junk: str = "Junk", trash: str = "Trash", run_as: str | None = None,
+                  mail_user: str = "vmail") -> list[SetupFile]:
     """The sieve scripts, pipe programs and dovecot config snippet, filled in.
 
     ``mxguard`` is the command line (already shell-quoted) that starts mxguard;
-    ``config_path`` the config the programs pass with ``--config`` (None: none)."""
+    ``config_path`` the config the programs pass with ``--config`` (None: none).
+    With ``run_as`` the programs run as Dovecot ``script`` services under that
+    user (reached by the ``mail_user``'s imap processes through
+    ``sieve_pipe_socket_dir``); without, directly from ``sieve_pipe_bin_dir`` as
+    the mail user."""
+    for what, user in (("--run-as", run_as or "root"), ("--mail-user", mail_user)):
+        if not _USER_NAME.match(user):
+            raise click.BadParameter(f"{user!r}: a user name (letters, digits, . _ -)",
+                                     param_hint=what)
     for what, name in (("--junk", junk), ("--trash", trash)):
         if not _FOLDER_NAME.match(name):
             raise click.BadParameter(f"{name!r}: a folder name without control characters, "
@@ -428,9 +466,11 @@ def dovecot_files(*, mxguard: str, config_path: str | None, sieve_dir: str = DEF
             raise click.BadParameter(f"{d!r}: an absolute path without quotes, # or newlines",
                                      param_hint=what)
     conf_arg = f" --config {shlex.quote(str(Path(config_path).absolute()))}" if config_path else ""
+    bin_dir = bin_dir.rstrip("/") or "/"
+    plugin, services = _pipe_settings(bin_dir, run_as, mail_user)
     values = {"@MXGUARD@": mxguard, "@CONFIG@": conf_arg, "@JUNK@": junk, "@TRASH@": trash,
-              "@SIEVE_DIR@": sieve_dir.rstrip("/") or "/",
-              "@BIN_DIR@": bin_dir.rstrip("/") or "/"}
+              "@SIEVE_DIR@": sieve_dir.rstrip("/") or "/", "@PIPE_PLUGIN@": plugin,
+              "@PIPE_SERVICES@": services}
     source = resources.files("mxguard") / "data" / "sieve"
 
     def fill(name: str) -> str:
@@ -476,16 +516,23 @@ def write_setup_file(f: SetupFile) -> None:
 @click.option("--junk", default="Junk", show_default=True, help="the users' spam folder")
 @click.option("--trash", default="Trash", show_default=True,
               help="moving out of Junk into this folder teaches nothing")
+@click.option("--run-as", default=None, metavar="USER",
+              help="run the programs as Dovecot services under USER (e.g. the owner of the "
+                   "Bayes store) instead of as the mail user")
+@click.option("--mail-user", default="vmail", show_default=True, metavar="USER",
+              help="with --run-as: the user of the imap processes, who may call the services")
 @click.option("--mxguard", "mxguard_cmd", default=None, metavar="COMMAND",
               help="how the programs start mxguard (default: this installation's mxguard)")
 def dovecot_setup(config_path: str | None, mode: str, sieve_dir: str, bin_dir: str,
-                  conf_dir: str, junk: str, trash: str, mxguard_cmd: str | None) -> None:
+                  conf_dir: str, junk: str, trash: str, run_as: str | None, mail_user: str,
+                  mxguard_cmd: str | None) -> None:
     """Dovecot IMAPSieve scripts: moving mail into Junk learns spam, out of it ham."""
     if config_path is not None:
         load_or_exit(config_path)  # a config the programs could not load: say so now
     files = dovecot_files(mxguard=mxguard_cmd or default_mxguard_command(),
                           config_path=config_path, sieve_dir=sieve_dir, bin_dir=bin_dir,
-                          conf_dir=conf_dir, junk=junk, trash=trash)
+                          conf_dir=conf_dir, junk=junk, trash=trash, run_as=run_as,
+                          mail_user=mail_user)
     if mode == "print":
         for f in files:
             click.echo(f"# ==> {f.path} (mode {f.mode:o}) <==")
