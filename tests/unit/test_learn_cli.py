@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from click.testing import CliRunner
 
 from mxguard.cli.learn import bayes, learn, path_messages
 from mxguard.store.bayes_store import SqliteBayesStore
+from tests.support.redis import redis_url  # noqa: F401 - fixture
 
 _RUNNER_KW: dict[str, Any] = ({"mix_stderr": False}
                               if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters
@@ -219,3 +222,183 @@ def test_expire_command(conf: Path) -> None:
 def test_stdin_reader_directly() -> None:
     items = list(path_messages("-", stdin=io.BytesIO(b"")))
     assert items[0].error == "empty input"
+
+
+
+# ------------------------------------------------------------ --stdin (Dovecot's pipe)
+
+# One message into Junk, again, back out, again, forgotten, forgotten again:
+# (flags, summary the step prints, (nspam, nham, seen) after it). Each step
+# that changes nothing is the control of the one before it.
+STDIN_STEPS: list[tuple[tuple[str, ...], str, tuple[int, int, int]]] = [
+    (("--spam",), "learned 1, already known 0, errors 0", (1, 0, 1)),
+    (("--spam",), "learned 0, already known 1, errors 0", (1, 0, 1)),
+    (("--ham",), "learned 1, already known 0, moved from the other class 1", (0, 1, 1)),
+    (("--ham",), "learned 0, already known 1, errors 0", (0, 1, 1)),
+    (("--forget",), "forgot 1, not learned 0", (0, 0, 0)),
+    (("--forget",), "forgot 0, not learned 1", (0, 0, 0)),
+]
+
+
+def test_stdin_flag_learns_once_moves_and_forgets(conf: Path, tmp_path: Path) -> None:
+    for flags, summary, want in STDIN_STEPS:
+        code, out, err = run(learn, "--config", str(conf), "--stdin", *flags, stdin=message(1))
+        assert code == 0, (flags, err)
+        assert out.startswith(summary), (flags, out)
+        assert totals(tmp_path) == want, flags
+
+
+def test_stdin_same_body_other_trace_headers_is_the_same_message(conf: Path,
+                                                                 tmp_path: Path) -> None:
+    """What Dovecot pipes has delivery headers on top; the key is Message-ID + body."""
+    delivered = (b"Return-Path: <sender1@example.com>\nDelivered-To: rcpt@example.org\n"
+                 b"Received: from mx.example.org by imap.example.org; Tue, 1 Dec 2026\n"
+                 b"X-Spam-Status: No, score=1.0\n" + message(1))
+    run(learn, "--config", str(conf), "--stdin", "--spam", stdin=message(1))
+    code, out, _ = run(learn, "--config", str(conf), "--stdin", "--spam", stdin=delivered)
+    assert code == 0 and out.startswith("learned 0, already known 1")
+    # control: another body is another message
+    code, out, _ = run(learn, "--config", str(conf), "--stdin", "--spam",
+                       stdin=message(1, body="another text"))
+    assert code == 0 and out.startswith("learned 1, already known 0")
+    assert totals(tmp_path) == (2, 0, 2)
+
+
+@pytest.mark.parametrize(("args", "stdin", "code", "needle"), [
+    (("--stdin", "--spam", "x.eml"), b"", 2, "give no PATH with it"),
+    (("--spam",), b"", 2, "or --stdin"),
+    (("--stdin",), b"", 2, "--spam or --ham"),
+    (("--stdin", "--spam"), b"", 1, "-: empty input"),
+    (("--stdin", "--spam"), b" \n\n", 1, "-: empty input"),
+    (("--stdin", "--spam"), None, 0, ""),  # control: a message is learned
+])
+def test_stdin_errors(conf: Path, args: tuple[str, ...], stdin: bytes | None, code: int,
+                      needle: str) -> None:
+    got, out, err = run(learn, "--config", str(conf), *args,
+                        stdin=message(3) if stdin is None else stdin)
+    assert got == code, (out, err)
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_stdin_unwritable_store_is_one_line_exit_1(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[storage]\nurl = "sqlite:///{blocker}/mxguard.db"\n')
+    code, out, err = run(learn, "--config", str(bad), "--stdin", "--spam", stdin=message(1))
+    assert code == 1 and out == ""
+    assert err.startswith("mxguard: ") and "cannot open" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_stdin_into_redis(redis_url: str, tmp_path: Path) -> None:  # noqa: F811
+    conf = tmp_path / "redis.toml"
+    conf.write_text(f'[storage]\nurl = "{redis_url}"\n')
+    for flags, summary, _ in STDIN_STEPS[:3]:
+        code, out, err = run(learn, "--config", str(conf), "--stdin", *flags, stdin=message(5))
+        assert code == 0, err
+        assert out.startswith(summary)
+    code, out, _ = run(bayes, "stats", "--config", str(conf))
+    rows = dict(line.split("\t", 1) for line in out.splitlines())
+    assert (rows["nspam"], rows["nham"], rows["messages_learned"]) == ("0", "1", "1")
+
+
+# ------------------------------------------------------------ learn dovecot-setup
+
+
+def setup_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["dovecot-setup", "--sieve-dir", str(tmp_path / "sieve"),
+            "--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(tmp_path / "conf.d"),
+            "--mxguard", "/opt/mxguard/bin/mxguard", *extra]
+
+
+@pytest.mark.parametrize(("extra", "present", "absent"), [
+    ((), ["sieve_pipe_bin_dir = {t}/bin", "exec /opt/mxguard/bin/mxguard learn --stdin --spam",
+          "exec /opt/mxguard/bin/mxguard learn --stdin --ham", "imapsieve_mailbox1_name = Junk",
+          "imapsieve_mailbox1_causes = COPY APPEND", "imapsieve_mailbox2_from = Junk",
+          "imapsieve_mailbox2_causes = COPY", '"Trash"', 'pipe :copy "mxguard-learn-spam"',
+          'pipe :copy "mxguard-learn-ham"', "+vnd.dovecot.pipe",
+          "mail_plugins = $mail_plugins imap_sieve",
+          "imapsieve_mailbox1_before = file:{t}/sieve/report-spam.sieve"],
+     ["service ", "sieve_pipe_socket_dir", "--config"]),
+    (("--run-as", "mxguard", "--mail-user", "vmail"),
+     ["service mxguard-learn-spam {", "executable = script {t}/bin/mxguard-learn-spam",
+      "user = mxguard", "user = vmail", "sieve_pipe_socket_dir = ."],
+     ["sieve_pipe_bin_dir ="]),
+    (("--junk", "Spam", "--trash", "Deleted Items"),
+     ["imapsieve_mailbox1_name = Spam", "imapsieve_mailbox2_from = Spam", '"Deleted Items"'],
+     ["= Junk", '"Trash"']),
+])
+def test_dovecot_setup_print(tmp_path: Path, extra: tuple[str, ...], present: list[str],
+                             absent: list[str]) -> None:
+    code, out, err = run(learn, *setup_args(tmp_path, *extra))
+    assert code == 0, err
+    for needle in present:
+        assert needle.replace("{t}", str(tmp_path)) in out, needle
+    for needle in absent:
+        assert needle not in out, needle
+    assert not any(tok in out for tok in ("@MXGUARD@", "@CONFIG@", "@JUNK@", "@TRASH@",
+                                          "@SIEVE_DIR@", "@PIPE_PLUGIN@", "@PIPE_SERVICES@"))
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (("--junk", 'Ju"nk'), "--junk"),
+    (("--trash", "Tr*sh"), "--trash"),
+    (("--sieve-dir", "relative/dir"), "--sieve-dir"),
+    (("--run-as", "root; rm -rf /"), "--run-as"),
+    (("--mail-user", "a b"), "--mail-user"),
+])
+def test_dovecot_setup_bad_values_are_usage_errors(tmp_path: Path, extra: tuple[str, ...],
+                                                   needle: str) -> None:
+    code, _, err = run(learn, *setup_args(tmp_path), *extra)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_dovecot_setup_install_writes_runnable_programs(conf: Path, tmp_path: Path) -> None:
+    """The programs Dovecot runs: fed a message on stdin, they learn it."""
+    args = setup_args(tmp_path, "--install", "--config", str(conf))
+    args[args.index("--mxguard") + 1] = f"{sys.executable} -m mxguard"
+    code, out, err = run(learn, *args)
+    assert code == 0, err
+    assert out.count("wrote ") == 5 and "sievec" in out
+    spam = tmp_path / "bin" / "mxguard-learn-spam"
+    ham = tmp_path / "bin" / "mxguard-learn-ham"
+    assert spam.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "sieve" / "report-spam.sieve").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "conf.d" / "90-mxguard-imapsieve.conf").is_file()
+    res = subprocess.run([str(spam)], input=message(9), capture_output=True, timeout=120,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert totals(tmp_path) == (1, 0, 1)
+    res = subprocess.run([str(ham)], input=message(9), capture_output=True, timeout=120,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert totals(tmp_path) == (0, 1, 1)
+    # control: an empty message is an error Dovecot logs (exit 1), nothing learned
+    res = subprocess.run([str(spam)], input=b"", capture_output=True, timeout=120, check=False)
+    assert res.returncode == 1 and b"empty input" in res.stderr
+    assert totals(tmp_path) == (0, 1, 1)
+
+
+def test_dovecot_setup_install_never_follows_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "mxguard-learn-spam").symlink_to(victim)
+    code, _, err = run(learn, *setup_args(tmp_path, "--install"))
+    assert code == 1 and "cannot write" in err and "mxguard-learn-spam" in err
+    assert victim.read_text() == "keep me\n"
+    # control: a regular file there is replaced
+    (tmp_path / "bin" / "mxguard-learn-spam").unlink()
+    (tmp_path / "bin" / "mxguard-learn-spam").write_text("old\n")
+    code, _, err = run(learn, *setup_args(tmp_path, "--install"))
+    assert code == 0, err
+    assert "learn --stdin --spam" in (tmp_path / "bin" / "mxguard-learn-spam").read_text()
+
+
+def test_dovecot_setup_is_a_subcommand_of_learn() -> None:
+    code, out, _ = run(learn, "dovecot-setup", "--help")
+    assert code == 0 and "--run-as" in out and "--install" in out
+    code, out, _ = run(learn, "--help")
+    assert code == 0 and "dovecot-setup" in out and "--stdin" in out

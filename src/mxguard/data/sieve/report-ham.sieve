@@ -1,7 +1,7 @@
 # mxguard: a message copied or moved OUT of the Junk folder is ham, unless it
 # goes to the Trash (deleting spam is no verdict on it).
 # Run by Dovecot's IMAPSieve (imapsieve_mailbox2_* in 90-mxguard-imapsieve.conf);
-# it hands the message to the mxguard-learn-ham program of sieve_pipe_bin_dir.
+# it hands the message to the mxguard-learn-ham program.
 # Written by `mxguard learn dovecot-setup`.
 require ["vnd.dovecot.pipe", "copy", "imapsieve", "environment", "variables"];
 
