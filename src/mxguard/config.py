@@ -459,6 +459,13 @@ class BayesConfig:
     sqlite_cache_mb: int = opt(32, "page cache of the SQLite Bayes store, MiB per process "
                                "(more: faster learning of big mailboxes; less: smaller RSS)",
                                lo=1, hi=65536)
+    cold_start: str = opt("strict", "autolearn while fewer than min_spam / min_ham are learned: "
+                          "strict (spam only at autolearn_spam + cold_start_margin, ham only "
+                          "with DMARC_PASS and no rule against it), normal (as once ready), "
+                          "off (none)", choices=("strict", "normal", "off"))
+    cold_start_margin: float = opt(3.0, "points above autolearn_spam that spam must score "
+                                   "(without Bayes) to be autolearned in a strict cold start",
+                                   lo=0, hi=1000)
 
 
 @dataclass(frozen=True)

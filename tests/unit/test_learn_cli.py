@@ -201,6 +201,7 @@ def test_stats(conf: Path, tmp_path: Path) -> None:
     assert code == 0
     rows = dict(line.split("\t", 1) for line in out.splitlines())
     assert rows["tokens"] == "0" and rows["ready"].startswith("no (needs 2 more spam")
+    assert rows["autolearn"].startswith("cold start: autolearn takes only spam scoring >= 15")
     d = tmp_path / "d"
     d.mkdir()
     for i in range(2):
@@ -211,6 +212,7 @@ def test_stats(conf: Path, tmp_path: Path) -> None:
     code, out, _ = run(bayes, "stats", "--config", str(conf))
     rows = dict(line.split("\t", 1) for line in out.splitlines())
     assert (rows["nspam"], rows["nham"], rows["ready"]) == ("2", "2", "yes")
+    assert rows["autolearn"] == "usual thresholds"
     assert int(rows["tokens"]) > 10
 
 

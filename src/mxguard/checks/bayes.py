@@ -9,6 +9,15 @@ learned in the background -- never mail from authenticated clients, never
 rejected mail as ham, never under ``mxguard scan`` (a dry run). Its
 ``autolearn=`` status goes to X-Spam-Status.
 
+Cold start (fewer than ``min_spam`` / ``min_ham`` learned, so Bayes cannot yet
+veto a wrong lesson): with ``[bayes] cold_start = "strict"`` (the default)
+autolearn takes only the clearest cases -- spam scoring at least
+``autolearn_spam + cold_start_margin`` without Bayes, and ham whose From domain
+passed DMARC (aligned SPF or DKIM) with not one rule scoring against it;
+``"normal"`` keeps the usual thresholds, ``"off"`` learns nothing until Bayes is
+ready. Each process says so in the log once an hour while it lasts, and once
+when Bayes becomes ready.
+
 Config: ``[bayes]``; mode: ``[content] mode``. Symbols: BAYES_00 ... BAYES_999.
 """
 
@@ -17,15 +26,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from mxguard.content.bayes import autolearn_decision, message_key_of
+from mxguard.content.bayes import Autolearn, autolearn_decision, message_key_of
 from mxguard.content.message import parsed
 from mxguard.content.tokenizer import tokenize_message
 from mxguard.core.runner import log_failure
 from mxguard.core.runtime import Runtime
-from mxguard.core.transaction import Action, CheckResult, Transaction
+from mxguard.core.transaction import Action, CheckResult, Symbol, Transaction
 from mxguard.store.bayes_store import hashes
+
+if TYPE_CHECKING:
+    from mxguard.config import BayesConfig
 
 NAME = "bayes"
 AUTOLEARN = "autolearn"
@@ -33,8 +48,80 @@ SERVICE = "bayes"  # rt.services key of the BayesClassifier
 SYMBOLS = ("BAYES_00", "BAYES_05", "BAYES_20", "BAYES_40", "BAYES_50", "BAYES_60", "BAYES_80",
            "BAYES_95", "BAYES_99", "BAYES_999")
 
+COLD_START_LOG_INTERVAL = 3600.0  # seconds between "cold start" lines of one process
+COLD_HAM_NEEDS = "DMARC_PASS"  # the symbol a cold-start ham must carry
+
 log = logging.getLogger("mxguard")
 _learning: set[asyncio.Task[Any]] = set()  # background learns, referenced until done
+
+
+def cold_start_autolearn(decision: Autolearn, *, rest: float, symbols: Sequence[Symbol],
+                         cfg: BayesConfig) -> Autolearn:
+    """What :func:`autolearn_decision` may still learn while Bayes is in cold start.
+
+    ``rest`` is the score without Bayes, ``symbols`` those of the verdict."""
+    if decision.spam is None or cfg.cold_start == "normal":
+        return decision
+    if cfg.cold_start == "off":
+        return Autolearn(None, "no", "cold start: no autolearn until Bayes is ready")
+    if decision.spam:
+        bar = cfg.autolearn_spam + cfg.cold_start_margin
+        if rest >= bar:
+            return decision
+        return Autolearn(None, "no", f"cold start: score without bayes {rest:.1f} < {bar:.1f}")
+    against = [s.name for s in symbols if s.score > 0]
+    if any(s.name == COLD_HAM_NEEDS for s in symbols) and not against:
+        return decision
+    why = f"rules against it: {','.join(sorted(against))}" if against else \
+        f"no {COLD_HAM_NEEDS}"
+    return Autolearn(None, "no", f"cold start: ham needs {COLD_HAM_NEEDS} and no rule "
+                     f"against it ({why})")
+
+
+def cold_start_policy(cfg: BayesConfig) -> str:
+    """One phrase: what autolearn does during cold start (log line, ``bayes stats``)."""
+    if not (cfg.enabled and cfg.autolearn):
+        return "autolearn is off"
+    if cfg.cold_start == "off":
+        return "autolearn learns nothing until then (bayes.cold_start = off)"
+    if cfg.cold_start == "normal":
+        return (f"autolearn uses its usual thresholds: spam >= {cfg.autolearn_spam:g}, ham < "
+                f"{cfg.autolearn_ham:g} without Bayes (bayes.cold_start = normal)")
+    return (f"autolearn takes only spam scoring >= "
+            f"{cfg.autolearn_spam + cfg.cold_start_margin:g} without Bayes and ham with "
+            f"{COLD_HAM_NEEDS} and no rule against it (bayes.cold_start = strict)")
+
+
+class ColdStartLog:
+    """The "cold start" line: at most once per interval while it lasts, and one
+    "ready" line when it ends (only after a cold-start line of this process)."""
+
+    def __init__(self, interval: float = COLD_START_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.last = -math.inf
+        self.said_cold = False
+
+    def note(self, ready: bool, nspam: int, nham: int, cfg: BayesConfig) -> None:
+        if ready:
+            if self.said_cold:
+                self.said_cold = False
+                self.last = -math.inf
+                log.info("bayes: ready: %d spam and %d ham learned; Bayes scores now and "
+                         "autolearn uses its usual thresholds", nspam, nham)
+            return
+        now = self.clock()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        self.said_cold = True
+        log.info("bayes: cold start: %d of %d spam and %d of %d ham learned, Bayes does not "
+                 "score yet; meanwhile %s", nspam, cfg.min_spam, nham, cfg.min_ham,
+                 cold_start_policy(cfg))
+
+
+COLD_START_LOG = ColdStartLog()  # one per process
 
 
 async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
@@ -68,7 +155,13 @@ async def autolearn(tx: Transaction, rt: Runtime) -> CheckResult | None:
     bayes_score = sum(s.score for s in checked.symbols)
     total = round(verdict.score, 3)
     prob = bayes_result.prob if bayes_result.ready else None
-    decision = autolearn_decision(total, bayes_score, rt.config.bayes, bayes_prob=prob)
+    cfg = rt.config.bayes
+    decision = autolearn_decision(total, bayes_score, cfg, bayes_prob=prob)
+    if decision.status != "disabled":
+        COLD_START_LOG.note(bayes_result.ready, bayes_result.nspam, bayes_result.nham, cfg)
+    if not bayes_result.ready:
+        decision = cold_start_autolearn(decision, rest=total - bayes_score,
+                                        symbols=verdict.symbols, cfg=cfg)
     rejected = verdict.decision is not None and verdict.decision.action is Action.REJECT
     status = decision.status
     if (decision.spam is not None and not tx.authenticated and not rt.dry_run
@@ -80,4 +173,5 @@ async def autolearn(tx: Transaction, rt: Runtime) -> CheckResult | None:
     return CheckResult(AUTOLEARN, extra={"autolearn": status})
 
 
-__all__ = ["AUTOLEARN", "NAME", "SERVICE", "SYMBOLS", "autolearn", "check"]
+__all__ = ["AUTOLEARN", "COLD_START_LOG", "NAME", "SERVICE", "SYMBOLS", "ColdStartLog",
+           "autolearn", "check", "cold_start_autolearn", "cold_start_policy"]

@@ -38,6 +38,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from mxguard import config
+from mxguard.checks.bayes import cold_start_policy
 from mxguard.cli.common import config_option, fail, load_or_exit
 from mxguard.content.bayes import BayesClassifier, message_key_of
 from mxguard.content.mime import parse_message
@@ -577,6 +578,8 @@ def stats_cmd(config_path: str | None) -> None:
              "no (disabled)" if not cfg.bayes.enabled else
              f"no (needs {max(0, cfg.bayes.min_spam - st.nspam)} more spam, "
              f"{max(0, cfg.bayes.min_ham - st.nham)} more ham)"),
+            ("autolearn", "usual thresholds" if ready or not cfg.bayes.autolearn else
+             f"cold start: {cold_start_policy(cfg.bayes)}"),
             ("oldest_token_seen", _when(st.oldest_atime)),
             ("newest_token_seen", _when(st.newest_atime)),
         ]

@@ -42,6 +42,7 @@ def runtime(store: MemoryBayesStore) -> Runtime:
         cfg, spf=dataclasses.replace(cfg.spf, mode="off"),
         dkim=dataclasses.replace(cfg.dkim, mode="off"),
         dmarc=dataclasses.replace(cfg.dmarc, mode="off"))
+    cfg = dataclasses.replace(cfg, bayes=dataclasses.replace(cfg.bayes, cold_start="normal"))
     clf = BayesClassifier(store, BayesConfig())
     return Runtime(config=cfg, resolver=None,  # type: ignore[arg-type]
                    services={bayes_check.SERVICE: clf}, clock=lambda: 1704067200.0)
