@@ -7,10 +7,12 @@ into Junk -> spam; out of Junk -> ham (moved from spam); the same message into
 Junk twice -> counted once; controls: moves between two other folders, and
 from Junk to the Trash, teach nothing.
 
-The pipe programs run as Dovecot ``script`` services (``--run-as root``): the
-mail user (``nobody``) cannot run this checkout's Python, which lives under
-/root (mode 0700). The programs' command lines themselves are what
-``sieve_pipe_bin_dir`` mode runs too (tested in tests/unit/test_learn_cli.py).
+Both ways of running the pipe programs are tested: as Dovecot ``script``
+services (``--run-as``) and from ``sieve_pipe_bin_dir`` as the mail user
+(``nobody``, who then owns the SQLite store). When this interpreter lives where
+the mail user cannot reach it (pyenv under /root, mode 0700), the bin-dir
+programs start the system Python of the same version with this checkout's
+package directories on PYTHONPATH (``mxguard_command_for_others``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ from tests.support.redis import redis_url  # noqa: F401 - fixture
 from mxguard import config
 from mxguard.cli.learn import dovecot_files, write_setup_file
 from mxguard.store.backends import open_bayes_store
-from mxguard.testing.dovecot import DovecotInstance, dovecot_missing, imap_ok
+from mxguard.testing.dovecot import (
+    DovecotInstance,
+    dovecot_missing,
+    imap_ok,
+    mxguard_command_for_others,
+)
 
 SPAM = (b"From: Pill Shop <offers@pills.example>\r\nTo: alice@example.org\r\n"
         b"Subject: cheap pills, best prices\r\nMessage-ID: <spam1@pills.example>\r\n"
@@ -56,16 +63,32 @@ def require_dovecot() -> None:
 
 
 class Box:
-    """A Dovecot with mxguard's learning set up against ``config_path``."""
+    """A Dovecot with mxguard's learning set up: ``storage`` is the [storage] url
+    (None: SQLite in a state directory of the work directory); ``run_as`` None
+    runs the pipe programs from sieve_pipe_bin_dir as the mail user, else as
+    Dovecot script services under that user."""
 
-    def __init__(self, config_path: Path) -> None:
-        self.cfg = config.load(str(config_path))
+    def __init__(self, storage: str | None, *, run_as: str | None, mxguard: str) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="mxgdv-", dir="/tmp"))
         self.dovecot = DovecotInstance(self.workdir)
         self.dovecot.write_config()
-        mxguard = f"{sys.executable} -m mxguard"
-        for f in dovecot_files(mxguard=mxguard, config_path=str(config_path), run_as="root",
-                               mail_user="nobody", **self.dovecot.dirs()):
+        self.state = self.workdir / "mxguard-state"
+        self.state.mkdir()
+        self.daemon: MxguardProcess | None = None
+        if storage is None and run_as is not None:  # beside a running daemon
+            self.daemon = MxguardProcess(self.state, "[bayes]\nmin_spam = 1\nmin_ham = 1\n")
+            self.daemon.start()
+            self.config_path = self.daemon.config
+        else:
+            self.config_path = self.workdir / "mxguard.toml"
+            self.config_path.write_text(
+                f'[storage]\nurl = "{storage or f"sqlite:///{self.state}/mxguard.db"}"\n')
+        if run_as is None:  # the mail user writes the store (README: who writes it)
+            self.dovecot.give_to_mail_user(self.state)
+        self.cfg = config.load(str(self.config_path))
+        for f in dovecot_files(mxguard=mxguard, config_path=str(self.config_path),
+                               run_as=run_as, mail_user=self.dovecot.mail_user.pw_name,
+                               **self.dovecot.dirs()):
             write_setup_file(f)
         self.dovecot.compile_sieve()
         self.dovecot.start()
@@ -76,6 +99,8 @@ class Box:
             self.imap.logout()
         finally:
             self.dovecot.stop()
+            if self.daemon is not None:
+                self.daemon.stop()
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def totals(self) -> tuple[int, int, int]:
@@ -112,25 +137,32 @@ class Box:
         return int(data[0])  # type: ignore[call-overload]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def box(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Box]:
+@pytest.fixture(params=["sqlite-daemon-services", "redis-services", "sqlite-bin-dir"])
+def box(request: pytest.FixtureRequest) -> Iterator[Box]:
+    """``-services``: ``--run-as root`` (the programs run as root, the owner of the
+    store); ``-bin-dir``: the programs run as the mail user (nobody), who owns
+    the SQLite store."""
     require_dovecot()
-    daemon: MxguardProcess | None = None
-    if request.param == "sqlite":  # beside a running daemon on the same store
-        daemon = MxguardProcess(tmp_path, "[bayes]\nmin_spam = 1\nmin_ham = 1\n").start()
-        conf = daemon.config
+    if request.param == "sqlite-bin-dir":
+        mxguard = mxguard_command_for_others()
+        if mxguard is None:
+            pytest.fail("no Python the mail user can run mxguard with", pytrace=False)
+        b = Box(None, run_as=None, mxguard=mxguard)
+    elif request.param == "redis-services":
+        b = Box(request.getfixturevalue("redis_url"), run_as="root",
+                mxguard=f"{sys.executable} -m mxguard")
     else:
-        url = request.getfixturevalue("redis_url")
-        conf = tmp_path / "mxguard.toml"
-        conf.write_text(f'[storage]\nurl = "{url}"\n')
-    b = Box(conf)
+        b = Box(None, run_as="root", mxguard=f"{sys.executable} -m mxguard")
     try:
         yield b
+        log = b.dovecot.log_text()
+        assert "mxguard-learn-spam" in log and "non-zero exit code" not in log
+        if request.param == "sqlite-bin-dir":  # the mail user ran them and wrote the store
+            assert f"program exec:{b.dovecot.bin_dir}/mxguard-learn-spam" in log
+            assert (b.state / "mxguard-bayes.db").stat().st_uid == b.dovecot.mail_user.pw_uid
     finally:
-        b.close()
-        if daemon is not None:
-            daemon.stop()
         print(b.dovecot.log_tail(60))
+        b.close()
 
 
 def test_into_junk_is_spam_out_of_junk_is_ham(box: Box) -> None:
