@@ -259,6 +259,10 @@ def test_stdin_same_body_other_trace_headers_is_the_same_message(conf: Path,
     run(learn, "--config", str(conf), "--stdin", "--spam", stdin=message(1))
     code, out, _ = run(learn, "--config", str(conf), "--stdin", "--spam", stdin=delivered)
     assert code == 0 and out.startswith("learned 0, already known 1")
+    # CRLF line ends (as the MX saw it) are the same message as LF (as the mailbox has it)
+    code, out, _ = run(learn, "--config", str(conf), "--stdin", "--spam",
+                       stdin=delivered.replace(b"\n", b"\r\n"))
+    assert code == 0 and out.startswith("learned 0, already known 1")
     # control: another body is another message
     code, out, _ = run(learn, "--config", str(conf), "--stdin", "--spam",
                        stdin=message(1, body="another text"))

@@ -16,7 +16,15 @@ as the other class, it is moved. ``--forget`` subtracts what was learned.
 
 Progress goes to stderr (a ``\\r`` line with counts and messages per second,
 when stderr is a terminal or with ``--progress``); one summary line goes to
-stdout. Exit status: 0, or 1 when any message could not be read.
+stdout. Exit status: 0, or 1 when any message could not be read or the store
+could not be written (one ``mxguard: ...`` line on stderr); 2 for usage and
+config errors.
+
+``mxguard learn --stdin --spam|--ham [--forget]`` learns the one message on
+standard input: what Dovecot's IMAPSieve pipe programs run for every message a
+user moves into or out of Junk (it skips the expiry pass; the daemon expires).
+``mxguard learn dovecot-setup`` prints or installs those scripts and programs
+(package data in ``mxguard/data/sieve/``, filled in by :func:`dovecot_files`).
 """
 
 from __future__ import annotations
@@ -368,6 +376,8 @@ def learn(config_path: str | None, kind: str | None, forget: bool, from_stdin: b
         await learn_items(classifier, items, spam=kind == "spam", forget=forget,
                           max_parts=cfg.content.max_parts, progress=Progress(stream),
                           summary=summary)
+        if from_stdin:  # one message per call (Dovecot): expiry is the daemon's job
+            return summary
         for _ in range(1000):  # expiry, in its small batches, beside a live daemon
             if not await classifier.maintenance(force=True):
                 break

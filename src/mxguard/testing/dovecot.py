@@ -16,8 +16,8 @@ import grp
 import imaplib
 import os
 import pwd
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
