@@ -35,18 +35,16 @@ class DovecotError(RuntimeError):
     """Dovecot did not start, or a command failed; the message has the log tail."""
 
 
+def _find(name: str, fallback: str) -> str | None:
+    return shutil.which(name) or (fallback if os.access(fallback, os.X_OK) else None)
+
+
 def find_dovecot() -> str | None:
-    for name in ("dovecot",):
-        found = shutil.which(name) or (f"/usr/sbin/{name}"
-                                       if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
-        if found:
-            return found
-    return None
+    return _find("dovecot", "/usr/sbin/dovecot")
 
 
 def find_sievec() -> str | None:
-    return shutil.which("sievec") or ("/usr/bin/sievec" if os.access("/usr/bin/sievec", os.X_OK)
-                                      else None)
+    return _find("sievec", "/usr/bin/sievec")
 
 
 def dovecot_missing() -> str | None:
@@ -58,6 +56,8 @@ def dovecot_missing() -> str | None:
                  "sieve/lib90_sieve_extprograms_plugin.so"):
         if not (modules / need).exists():
             return f"Dovecot's {need} is missing (Debian: apt-get install dovecot-sieve)"
+    if find_sievec() is None:
+        return "sievec is not installed (Debian: apt-get install dovecot-sieve)"
     if os.geteuid() != 0:
         return "a private Dovecot must be started as root"
     return None
