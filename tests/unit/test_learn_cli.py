@@ -127,6 +127,42 @@ def test_maildir(conf: Path, tmp_path: Path) -> None:
     assert totals(tmp_path) == (0, 5, 5)
 
 
+def test_mbox_and_maildir_options(conf: Path, tmp_path: Path) -> None:
+    mbox = tmp_path / "box"
+    make_mbox(mbox, 3)
+    # an mbox whose first line is no From_ line (a cut-off export): still split
+    text = mbox.read_text()
+    headless = tmp_path / "headless"
+    headless.write_text(text[text.index("\n") + 1:])
+    md = tmp_path / "Maildir"
+    make_maildir(md, 2, 1)
+    code, out, err = run(learn, "--config", str(conf), "--spam", "--progress", "--mbox",
+                         str(mbox), "--maildir", str(md))
+    assert code == 0, err
+    assert out.startswith("learned 6, already known 0, errors 0")
+    assert "\r" in err and "msgs/s" in err  # the progress line, as for PATHs
+    code, out, _ = run(learn, "--config", str(conf), "--ham", "--mbox", str(headless))
+    assert code == 0 and out.startswith("learned 3, already known 0, moved from the other "
+                                        "class 3")
+    assert totals(tmp_path) == (3, 3, 6)
+
+
+@pytest.mark.parametrize(("option", "make", "needle"), [
+    ("--maildir", "dir", "not a Maildir (needs cur/ and new/)"),
+    ("--maildir", "missing", "not a Maildir"),
+    ("--mbox", "missing", "No such file or directory"),
+])
+def test_mbox_and_maildir_errors(conf: Path, tmp_path: Path, option: str, make: str,
+                                 needle: str) -> None:
+    target = tmp_path / "target"
+    if make == "dir":
+        target.mkdir()
+        (target / "message").write_bytes(message(1))  # a directory, but no Maildir
+    code, out, err = run(learn, "--config", str(conf), "--spam", option, str(target))
+    assert code == 1 and out.startswith("learned 0, already known 0, errors 1")
+    assert needle in err and "Traceback" not in err
+
+
 def test_stdin(conf: Path, tmp_path: Path) -> None:
     code, out, _ = run(learn, "--config", str(conf), "--spam", "-", stdin=message(7))
     assert code == 0 and "learned 1," in out
@@ -271,7 +307,8 @@ def test_stdin_same_body_other_trace_headers_is_the_same_message(conf: Path,
 
 
 @pytest.mark.parametrize(("args", "stdin", "code", "needle"), [
-    (("--stdin", "--spam", "x.eml"), b"", 2, "give no PATH with it"),
+    (("--stdin", "--spam", "x.eml"), b"", 2, "give no PATH, --mbox or --maildir with it"),
+    (("--stdin", "--spam", "--mbox", "x.mbox"), b"", 2, "give no PATH, --mbox or --maildir"),
     (("--spam",), b"", 2, "or --stdin"),
     (("--stdin",), b"", 2, "--spam or --ham"),
     (("--stdin", "--spam"), b"", 1, "-: empty input"),

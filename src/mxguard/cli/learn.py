@@ -9,6 +9,9 @@
   ``>From`` quoting is undone),
 * ``-``: one message from standard input,
 
+and from ``--mbox FILE`` (an mbox, whatever its first line) and ``--maildir
+DIR`` (must be a Maildir; its Maildir++ subfolders too),
+
 parses them like the daemon does, and learns them in batches (one store
 transaction per batch, so it is safe beside a running daemon). A message
 learned before as the same class is counted once ("already known"); learned
@@ -30,6 +33,7 @@ user moves into or out of Junk (it skips the expiry pass; the daemon expires).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import shlex
@@ -170,6 +174,27 @@ def path_messages(path: str, stdin: IO[bytes] | None = None) -> Iterator[Item]:
         yield from file_messages(p)
     else:
         yield Item(path, error="no such file or directory")
+
+
+def mbox_messages(path: str) -> Iterator[Item]:
+    """The messages of an mbox file (``--mbox``), whatever its first line."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below, also when the caller stops
+    except OSError as exc:
+        yield Item(path, error=exc.strerror or str(exc))
+        return
+    with fh:
+        yield from _mbox_messages(fh, path)
+
+
+def maildir_messages(path: str) -> Iterator[Item]:
+    """The messages of a Maildir and its Maildir++ subfolders (``--maildir``)."""
+    p = Path(path)
+    if not is_maildir(p):
+        yield Item(path, error="not a Maildir (needs cur/ and new/)")
+        return
+    for f in _walk_files(p):
+        yield from file_messages(f)
 
 
 # ------------------------------------------------------------ learning
@@ -348,11 +373,17 @@ class _LearnCommand(click.Command):
 @click.option("--forget", is_flag=True, help="un-learn the messages instead")
 @click.option("--stdin", "from_stdin", is_flag=True,
               help="read one message from standard input (what Dovecot's sieve pipe sends)")
+@click.option("--mbox", "mboxes", multiple=True, metavar="FILE",
+              help="an mbox file (repeatable; PATHs are recognised as mbox by their first line)")
+@click.option("--maildir", "maildirs", multiple=True, metavar="DIR",
+              help="a Maildir, with its Maildir++ subfolders (repeatable; an error if DIR "
+                   "has no cur/ and new/)")
 @click.option("--progress/--no-progress", default=None,
               help="show a progress line on stderr (default: when stderr is a terminal)")
 @click.argument("paths", nargs=-1, type=click.Path())
 def learn(config_path: str | None, kind: str | None, forget: bool, from_stdin: bool,
-          progress: bool | None, paths: Sequence[str]) -> None:
+          mboxes: Sequence[str], maildirs: Sequence[str], progress: bool | None,
+          paths: Sequence[str]) -> None:
     """Learn messages as spam or ham: files, directories, mbox files, Maildirs, - (stdin).
 
     `mxguard learn --stdin --spam|--ham` learns the one message on standard input
@@ -361,10 +392,12 @@ def learn(config_path: str | None, kind: str | None, forget: bool, from_stdin: b
     of Junk."""
     if kind is None and not forget:
         fail("learn: give --spam or --ham (or --forget)", 2)
-    if from_stdin and paths:
-        fail("learn: --stdin reads one message from standard input; give no PATH with it", 2)
-    if not from_stdin and not paths:
-        fail("learn: give PATH... (files, directories, mbox, Maildir, - for stdin) or --stdin", 2)
+    if from_stdin and (paths or mboxes or maildirs):
+        fail("learn: --stdin reads one message from standard input; give no PATH, --mbox or "
+             "--maildir with it", 2)
+    if not (from_stdin or paths or mboxes or maildirs):
+        fail("learn: give PATH... (files, directories, mbox, Maildir, - for stdin), --mbox, "
+             "--maildir or --stdin", 2)
     if from_stdin:
         paths = ("-",)
     show = sys.stderr.isatty() if progress is None else progress
@@ -372,7 +405,10 @@ def learn(config_path: str | None, kind: str | None, forget: bool, from_stdin: b
 
     async def action(classifier: BayesClassifier, cfg: config.Config) -> Summary:
         summary = Summary(forget=forget)
-        items = (item for path in paths for item in path_messages(path))
+        items = itertools.chain(
+            (item for path in paths for item in path_messages(path)),
+            (item for path in mboxes for item in mbox_messages(path)),
+            (item for path in maildirs for item in maildir_messages(path)))
         await learn_items(classifier, items, spam=kind == "spam", forget=forget,
                           max_parts=cfg.content.max_parts, progress=Progress(stream),
                           summary=summary)
@@ -615,4 +651,5 @@ def expire_cmd(config_path: str | None) -> None:
 
 
 __all__ = ["Item", "SetupFile", "Summary", "bayes", "dovecot_files", "dovecot_setup", "learn",
-           "learn_items", "path_messages", "write_setup_file"]
+           "learn_items", "maildir_messages", "mbox_messages", "path_messages",
+           "write_setup_file"]
