@@ -223,6 +223,9 @@ def test_errors_are_counted_and_exit_1(conf: Path, tmp_path: Path) -> None:
 def test_needs_spam_or_ham(conf: Path, tmp_path: Path) -> None:
     code, _, err = run(learn, "--config", str(conf), str(tmp_path))
     assert code == 2 and "--spam or --ham" in err
+    # both at once would learn everything as whichever came last: refused
+    code, _, err = run(learn, "--config", str(conf), "--spam", str(tmp_path), "--ham")
+    assert code == 2 and "not both" in err
 
 
 def test_bad_config_is_one_line(tmp_path: Path) -> None:

@@ -368,8 +368,8 @@ class _LearnCommand(click.Command):
 
 @click.command("learn", cls=_LearnCommand)
 @_with_config
-@click.option("--spam", "kind", flag_value="spam", help="the messages are spam")
-@click.option("--ham", "kind", flag_value="ham", help="the messages are ham (not spam)")
+@click.option("--spam", "is_spam", is_flag=True, help="the messages are spam")
+@click.option("--ham", "is_ham", is_flag=True, help="the messages are ham (not spam)")
 @click.option("--forget", is_flag=True, help="un-learn the messages instead")
 @click.option("--stdin", "from_stdin", is_flag=True,
               help="read one message from standard input (what Dovecot's sieve pipe sends)")
@@ -381,7 +381,7 @@ class _LearnCommand(click.Command):
 @click.option("--progress/--no-progress", default=None,
               help="show a progress line on stderr (default: when stderr is a terminal)")
 @click.argument("paths", nargs=-1, type=click.Path())
-def learn(config_path: str | None, kind: str | None, forget: bool, from_stdin: bool,
+def learn(config_path: str | None, is_spam: bool, is_ham: bool, forget: bool, from_stdin: bool,
           mboxes: Sequence[str], maildirs: Sequence[str], progress: bool | None,
           paths: Sequence[str]) -> None:
     """Learn messages as spam or ham: files, directories, mbox files, Maildirs, - (stdin).
@@ -390,7 +390,9 @@ def learn(config_path: str | None, kind: str | None, forget: bool, from_stdin: b
     (exit 0 also when it was learned before); `mxguard learn dovecot-setup` writes
     the Dovecot IMAPSieve scripts that call it when users move mail into or out
     of Junk."""
-    if kind is None and not forget:
+    if is_spam and is_ham:
+        fail("learn: give --spam or --ham, not both (one class per run)", 2)
+    if not (is_spam or is_ham or forget):
         fail("learn: give --spam or --ham (or --forget)", 2)
     if from_stdin and (paths or mboxes or maildirs):
         fail("learn: --stdin reads one message from standard input; give no PATH, --mbox or "
@@ -409,7 +411,7 @@ def learn(config_path: str | None, kind: str | None, forget: bool, from_stdin: b
             (item for path in paths for item in path_messages(path)),
             (item for path in mboxes for item in mbox_messages(path)),
             (item for path in maildirs for item in maildir_messages(path)))
-        await learn_items(classifier, items, spam=kind == "spam", forget=forget,
+        await learn_items(classifier, items, spam=is_spam, forget=forget,
                           max_parts=cfg.content.max_parts, progress=Progress(stream),
                           summary=summary)
         if from_stdin:  # one message per call (Dovecot): expiry is the daemon's job
