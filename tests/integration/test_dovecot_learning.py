@@ -39,11 +39,20 @@ from mxguard.testing.dovecot import (
     imap_ok,
     mxguard_command_for_others,
 )
+from mxguard.testing.ports import free_port
 
 SPAM = (b"From: Pill Shop <offers@pills.example>\r\nTo: alice@example.org\r\n"
         b"Subject: cheap pills, best prices\r\nMessage-ID: <spam1@pills.example>\r\n"
         b"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\n\r\n"
         b"Buy cheap pills now, no prescription needed. Click here.\r\n")
+
+
+# the daemon beside the learning: Bayes from one lesson of each class, no DNS
+# beyond a dead loopback port, no checks that would need it
+DAEMON_CONFIG = (f'[dns]\nnameservers = ["127.0.0.1:{free_port()}"]\ntimeout = 1\n'
+                 '[helo]\nmode = "off"\n[spf]\nmode = "off"\n[dkim]\nmode = "off"\n'
+                 'internal_hosts = []\n[dmarc]\nmode = "off"\n'
+                 "[bayes]\nmin_spam = 1\nmin_ham = 1\nautolearn = false\n")
 
 
 def message(n: int) -> bytes:
@@ -76,7 +85,7 @@ class Box:
         self.state.mkdir()
         self.daemon: MxguardProcess | None = None
         if storage is None and run_as is not None:  # beside a running daemon
-            self.daemon = MxguardProcess(self.state, "[bayes]\nmin_spam = 1\nmin_ham = 1\n")
+            self.daemon = MxguardProcess(self.state, DAEMON_CONFIG)
             self.daemon.start()
             self.config_path = self.daemon.config
         else:
@@ -129,6 +138,13 @@ class Box:
     def move_all(self, src: str, dst: str, *, copy: bool = False) -> None:
         imap_ok(self.imap.select(src), f"SELECT {src}")
         imap_ok(self.imap.uid("COPY" if copy else "MOVE", "1:*", dst), f"MOVE {src} {dst}")
+        imap_ok(self.imap.close(), "CLOSE")
+
+    def move_subject(self, src: str, dst: str, subject: str) -> None:
+        imap_ok(self.imap.select(src), f"SELECT {src}")
+        (uids,) = imap_ok(self.imap.uid("SEARCH", "SUBJECT", f'"{subject}"'), "SEARCH")
+        assert isinstance(uids, bytes) and len(uids.split()) == 1, uids
+        imap_ok(self.imap.uid("MOVE", uids.decode(), dst), f"MOVE {src} {dst}")
         imap_ok(self.imap.close(), "CLOSE")
 
     def count(self, folder: str) -> int:
@@ -219,3 +235,48 @@ def test_a_failing_learn_never_stops_the_move() -> None:
         print(b.dovecot.log_tail(60))
         b.close()
         shutil.rmtree(blocker.parent, ignore_errors=True)
+
+
+def _bayes_symbol(proc: MxguardProcess, raw: bytes) -> str:
+    """The BAYES_* symbol the daemon's milter door gives ``raw`` ("" for none)."""
+    from tests.integration.test_redis_fleet import _milter_client_module
+
+    async def send() -> str:
+        mc = _milter_client_module()
+        client = mc.MilterClient(f"inet:127.0.0.1:{proc.milter_port}", timeout=20)
+        try:
+            assert await client.open(mc.Client(address="198.51.100.7")) is None
+            outcome = await client.message(mc.Message.parse(raw, "bob@example.net",
+                                                            ["alice@example.org"]))
+        finally:
+            await client.close()
+        return " ".join(" ".join(outcome.added("X-Spam-Status")).split())
+
+    status = asyncio.run(send())
+    tests = status.partition("tests=")[2].partition(" ")[0].split(",")
+    found = [t for t in tests if t.startswith("BAYES_")]
+    return found[0] if found else ""
+
+
+def test_the_running_daemon_scores_with_what_users_taught() -> None:
+    require_dovecot()
+    b = Box(None, run_as="root", mxguard=f"{sys.executable} -m mxguard")
+    assert b.daemon is not None
+    later_spam = SPAM.replace(b"<spam1@", b"<spam2@").replace(b"Click here.", b"Order today.")
+    later_ham = message(2).replace(b"<m2@", b"<m3@")
+    try:
+        # control: nothing learned yet, Bayes does not score
+        assert _bayes_symbol(b.daemon, later_spam) == ""
+        b.append("Junk", message(1))  # a user's mistake (APPEND into Junk: spam) ...
+        b.move_subject("Junk", "INBOX", "minutes of meeting 1")  # ... undone: ham
+        b.append("INBOX", SPAM)
+        b.move_subject("INBOX", "Junk", "cheap pills")
+        b.wait_totals((1, 1, 2))
+        spam_symbol = _bayes_symbol(b.daemon, later_spam)
+        ham_symbol = _bayes_symbol(b.daemon, later_ham)
+        assert spam_symbol in ("BAYES_95", "BAYES_99", "BAYES_999"), spam_symbol
+        assert ham_symbol in ("BAYES_00", "BAYES_05"), ham_symbol
+        assert "Traceback" not in b.daemon.log_text()
+    finally:
+        print(b.dovecot.log_tail(60))
+        b.close()
