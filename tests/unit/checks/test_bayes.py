@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from pathlib import Path
 
 import pytest
 
+from mxguard import config
 from mxguard.checks import bayes as bayes_check
 from mxguard.checks import run_message
 from mxguard.config import BayesConfig, Config
@@ -163,3 +165,19 @@ async def test_ready_bayes_uses_the_usual_thresholds(monkeypatch: pytest.MonkeyP
     rt = runtime(store)  # strict, but Bayes is ready: the strict bar is not applied
     assert await scan(rt, ham(1)) == "ham"
     assert (await store.stats()).nham == 3
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('[bayes]\ncold_start = "lenient"\n', "bayes.cold_start' = 'lenient' is not allowed"),
+    ("[bayes]\ncold_start_margin = -1\n", "bayes.cold_start_margin' = -1 is not allowed"),
+    ('[bayes]\ncold_start = "off"\ncold_start_margin = 0\n', ""),  # control: loads
+])
+def test_cold_start_config(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    if not needle:
+        assert config.load(str(path)).bayes.cold_start == "off"
+        return
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(path))
+    assert needle in str(err.value) and str(path) in str(err.value)
