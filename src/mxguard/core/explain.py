@@ -2,11 +2,14 @@
 
 The first line says what happened and why, worded for the deciding check::
 
-    rejected: SPF fail for example.com from 192.0.2.7; the domain allows only the hosts its SPF record lists (matched -all)
-    accepted, spam score 7.2 of 5.0 (X-Spam-Flag added): BAYES_99 5.0, URIBL_BLACK 2.2
-    deferred: greylisted, first time this client network, sender and recipient were seen; a retry after 300s is accepted
+    rejected: SPF fail for example.com from 192.0.2.7; the domain allows only the
+        hosts its SPF record lists (matched -all)
+    accepted, spam score 7.2 of 5 (X-Spam-Flag added): BAYES_99 5, URIBL_BLACK 2.2
+    deferred: greylisted, first time this client network, sender and recipient
+        were seen; a retry after 300s is accepted
 
-then the reply sent, one line per symbol (score and detail, strongest first),
+(each one line).
+Then the reply sent, one line per symbol (score and detail, strongest first),
 the per-check milliseconds and what observe mode held back. It reads only the
 record (and, for the score thresholds, ``[actions]``): old records explain too.
 """
@@ -203,7 +206,8 @@ def explain(rec: HistoryRecord, actions: Any = None) -> str:
         for s in sorted(rec.symbols, key=lambda s: (-float(s.get("score", 0)),
                                                     str(s.get("name")))):
             detail = str(s.get("detail", ""))
-            lines.append(f"    {str(s.get('name', '')):<{width}} {float(s.get('score', 0)):6.2f}"
+            name = str(s.get("name", ""))
+            lines.append(f"    {name:<{width}} {float(s.get('score', 0)):6.2f}"
                          + (f"  {detail}" if detail else ""))
     if rec.timings:
         total = sum(rec.timings.values())
