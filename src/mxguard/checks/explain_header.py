@@ -3,7 +3,7 @@ who read headers -- the action, the check that decided it, the score and the
 strongest symbols::
 
     X-Mxguard-Reason: accept by actions; score 7.2; top symbols BAYES_99(5),
-    	HTML_ONLY(2.2)
+        HTML_ONLY(2.2)
 
 ASCII only, folded, at most :data:`MAX_LINE` characters per line and
 :data:`MAX_SYMBOLS` symbols. A header of that name that came with the message is
