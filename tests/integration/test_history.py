@@ -128,7 +128,7 @@ def test_history_and_explain_through_postfix(tmp_path: Path, dns: DNSServer, sin
         assert done.returncode == 1 and "no history record" in done.stderr
 
         (delivered,) = sink.wait_for(1)
-        reason = " ".join(delivered.header("X-Mxguard-Reason").split())
+        reason = " ".join((delivered.header("X-Mxguard-Reason") or "").split())
         assert reason.startswith("accept by actions; score "), reason
         assert "MXG_DATE_PAST(0.8)" in reason  # the old Date: header of message()
     finally:
