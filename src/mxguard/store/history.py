@@ -29,13 +29,14 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import secrets
 import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from mxguard.store.base import StoreError, connect_sqlite, sibling_path, sqlite_path
@@ -51,7 +52,7 @@ SECRET_SIZE = 32
 def new_id(now: float | None = None) -> str:
     """A unique id that sorts by time: 14 hex digits of microseconds + 8 random."""
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:014x}{secrets.token_hex(4)}"
+    return f"{micros:014x}{random.getrandbits(32):08x}"  # unique, not secret
 
 
 @dataclass(slots=True)
@@ -84,9 +85,9 @@ class HistoryRecord:
     kept: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["from"] = data.pop("from_")
-        return data
+        """The JSON form (``from_`` as ``"from"``); lists and dicts are shared, not copied
+        (``dataclasses.asdict``'s deep copy was most of a write's cost)."""
+        return {key: getattr(self, name) for key, name in _KEYS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HistoryRecord:
@@ -101,6 +102,9 @@ class HistoryRecord:
 
     def symbol_names(self) -> list[str]:
         return [str(s.get("name", "")) for s in self.symbols]
+
+
+_KEYS = tuple(("from" if f.name == "from_" else f.name, f.name) for f in fields(HistoryRecord))
 
 
 def dumps(record: HistoryRecord) -> str:
@@ -389,17 +393,17 @@ class SqliteHistoryStore(HistoryStore):
 
     def _add_many(self, records: list[tuple[HistoryRecord, str]]) -> None:
         c = self._conn
+        rows = [(r.id, r.time, r.host, r.door, r.queue_id, _norm(r.client_address),
+                 _norm(r.client_name), _norm(r.sender), domain, r.action, r.score, dumps(r))
+                for r, domain in records]
+        rcpts = [(r.id, _norm(x)) for r, _ in records for x in r.recipients]
+        syms = [(r.id, n, r.time, r.action) for r, _ in records for n in set(r.symbol_names())]
         c.execute("BEGIN IMMEDIATE")
         try:
-            for r, domain in records:
-                c.execute("INSERT OR REPLACE INTO history VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                          (r.id, r.time, r.host, r.door, r.queue_id, _norm(r.client_address),
-                           _norm(r.client_name), _norm(r.sender), domain, r.action, r.score,
-                           dumps(r)))
-                c.executemany("INSERT OR IGNORE INTO history_rcpt VALUES (?, ?)",
-                              [(r.id, _norm(x)) for x in r.recipients])
-                c.executemany("INSERT OR IGNORE INTO history_sym VALUES (?, ?, ?, ?)",
-                              [(r.id, n, r.time, r.action) for n in set(r.symbol_names())])
+            c.executemany("INSERT OR REPLACE INTO history VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                          rows)
+            c.executemany("INSERT OR IGNORE INTO history_rcpt VALUES (?, ?)", rcpts)
+            c.executemany("INSERT OR IGNORE INTO history_sym VALUES (?, ?, ?, ?)", syms)
             c.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
