@@ -334,18 +334,15 @@ CREATE TABLE IF NOT EXISTS history (
   id TEXT PRIMARY KEY, time REAL NOT NULL, host TEXT, door TEXT, queue_id TEXT,
   client_address TEXT, client_name TEXT, sender TEXT, sender_domain TEXT,
   action TEXT, score REAL, data TEXT NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_time ON history(time);
+CREATE INDEX IF NOT EXISTS history_time ON history(time, action);
 CREATE INDEX IF NOT EXISTS history_queue ON history(queue_id);
 CREATE INDEX IF NOT EXISTS history_sender ON history(sender);
 CREATE INDEX IF NOT EXISTS history_client ON history(client_address);
-CREATE INDEX IF NOT EXISTS history_action ON history(action, time);
-CREATE TABLE IF NOT EXISTS history_rcpt (id TEXT NOT NULL, rcpt TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS history_rcpt (rcpt TEXT NOT NULL, id TEXT NOT NULL,
   PRIMARY KEY (rcpt, id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_rcpt_id ON history_rcpt(id);
 CREATE TABLE IF NOT EXISTS history_sym (id TEXT NOT NULL, name TEXT NOT NULL, time REAL,
-  action TEXT, PRIMARY KEY (name, id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_sym_id ON history_sym(id);
-CREATE INDEX IF NOT EXISTS history_sym_time ON history_sym(time);
+  action TEXT, PRIMARY KEY (id, name)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_sym_time ON history_sym(time, action, name);
 CREATE TABLE IF NOT EXISTS history_raw (seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT UNIQUE NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS history_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -396,7 +393,7 @@ class SqliteHistoryStore(HistoryStore):
         rows = [(r.id, r.time, r.host, r.door, r.queue_id, _norm(r.client_address),
                  _norm(r.client_name), _norm(r.sender), domain, r.action, r.score, dumps(r))
                 for r, domain in records]
-        rcpts = [(r.id, _norm(x)) for r, _ in records for x in r.recipients]
+        rcpts = [(_norm(x), r.id) for r, _ in records for x in r.recipients]
         syms = [(r.id, n, r.time, r.action) for r, _ in records for n in set(r.symbol_names())]
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -429,10 +426,11 @@ class SqliteHistoryStore(HistoryStore):
             where.append("(client_address = ? OR client_name = ?)")
             args += [q.client, q.client]
         if q.recipient is not None:
-            where.append("id IN (SELECT id FROM history_rcpt WHERE rcpt = ?)")
+            where.append("id IN (SELECT id FROM history_rcpt WHERE rcpt = ?)")  # its key
             args.append(q.recipient)
         if q.symbol is not None:
-            where.append("id IN (SELECT id FROM history_sym WHERE name = ?)")
+            where.append("EXISTS (SELECT 1 FROM history_sym s WHERE s.id = history.id "
+                         "AND s.name = ?)")
             args.append(q.symbol)
         if q.since is not None:
             where.append("time >= ?")
@@ -449,7 +447,7 @@ class SqliteHistoryStore(HistoryStore):
         sql = "SELECT data FROM history"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY time DESC, id DESC LIMIT ?"
+        sql += " ORDER BY id DESC LIMIT ?"  # ids sort by time
         args.append(q.limit)
         return [loads(row[0]) for row in self._conn.execute(sql, args)]
 
@@ -480,23 +478,24 @@ class SqliteHistoryStore(HistoryStore):
 
     def _prune(self, cutoff: float, max_records: int, batch: int) -> int:
         c = self._conn
-        ids = [r[0] for r in c.execute("SELECT id FROM history WHERE time < ? "
-                                       "ORDER BY time LIMIT ?", (cutoff, batch))]
-        if len(ids) < batch:
-            total = c.execute("SELECT COUNT(*) FROM history").fetchone()[0] - len(ids)
-            over = min(batch - len(ids), max(0, total - max_records))
+        rows = c.execute("SELECT id, data FROM history WHERE time < ? ORDER BY time LIMIT ?",
+                         (cutoff, batch)).fetchall()
+        if len(rows) < batch:
+            total = c.execute("SELECT COUNT(*) FROM history").fetchone()[0] - len(rows)
+            over = min(batch - len(rows), max(0, total - max_records))
             if over:
-                ids += [r[0] for r in c.execute(
-                    "SELECT id FROM history WHERE time >= ? ORDER BY time, id LIMIT ?",
-                    (cutoff, over))]
-        if not ids:
+                rows += c.execute("SELECT id, data FROM history WHERE time >= ? "
+                                  "ORDER BY time, id LIMIT ?", (cutoff, over)).fetchall()
+        if not rows:
             return 0
+        ids = [r[0] for r in rows]
+        rcpts = [(_norm(x), rid) for rid, data in rows for x in loads(data).recipients]
         marks = ",".join("?" * len(ids))
         c.execute("BEGIN IMMEDIATE")
         try:
-            for table in ("history", "history_rcpt", "history_sym"):
+            for table in ("history", "history_sym", "history_raw"):
                 c.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
-            c.execute(f"DELETE FROM history_raw WHERE id IN ({marks})", ids)
+            c.executemany("DELETE FROM history_rcpt WHERE rcpt = ? AND id = ?", rcpts)
             c.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
