@@ -3,12 +3,14 @@
 
 * Milter messages are always recorded; policy requests only when their action
   is in ``[history] policy_actions`` (refused or deferred, by default).
-* The observer only copies what it needs into a record and appends it to a
-  bounded queue (``[history] queue_size``; past it the oldest record is dropped,
+* The observer keeps references to what it needs (a :class:`Pending`: the
+  verdict's final lists, the message's header list; never the body) and
+  appends them to a bounded queue (``[history] queue_size``; past it the oldest record is dropped,
   counted in :attr:`HistoryRecorder.dropped` and logged at most once per
   ``[storage] fail_open_log_interval``).
-* A background task writes the queue every ``[history] flush_interval`` seconds
-  in one batch (the store works in a thread), and prunes by ``max_age_days`` and
+* A background task builds the records (in a thread) and writes the queue every
+  ``[history] flush_interval`` seconds in one batch (the store works in a thread
+  too), and prunes by ``max_age_days`` and
   ``max_records`` in small steps. A store error is counted and logged
   (rate-limited); the batch is lost, mail is never affected.
 * ``[web] keep_messages > 0``: the raw message (headers and at most
