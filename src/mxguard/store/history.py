@@ -214,13 +214,15 @@ class HistoryStore(ABC):
         bucket = max(60, int(bucket) // 60 * 60)
         return await self._run(lambda: self._timeline(since, bucket))
 
-    async def top(self, field_name: str, since: float, limit: int = 10,
+    async def top(self, field: str, since: float, limit: int = 10,
                   action: str | None = None) -> list[tuple[str, int]]:
-        """The most frequent values of ``field_name`` (one of :data:`TOP_FIELDS`)."""
-        if field_name not in TOP_FIELDS:
-            raise ValueError(f"top: field {field_name!r}: expected one of "
-                             + ", ".join(TOP_FIELDS))
-        return await self._run(lambda: self._top(field_name, since, max(1, limit), action))
+        """The most frequent values of ``field`` (one of :data:`TOP_FIELDS`: ``symbol``,
+        ``sender``, ``client``, ``sender_domain``) since ``since``, optionally only for
+        records of ``action``: ``[(value, count)]``, most frequent first."""
+        if field not in TOP_FIELDS:
+            raise ValueError(f"top: field {field!r}: expected one of " + ", ".join(TOP_FIELDS))
+        name = field
+        return await self._run(lambda: self._top(name, since, max(1, limit), action))
 
     async def prune(self, max_age: float, max_records: int, batch: int = 1000) -> int:
         """Delete at most ``batch`` records older than ``max_age`` seconds or past the
