@@ -35,6 +35,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
@@ -108,7 +109,8 @@ _KEYS = tuple(("from" if f.name == "from_" else f.name, f.name) for f in fields(
 
 
 def dumps(record: HistoryRecord) -> str:
-    return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"),
+                      check_circular=False)
 
 
 def loads(text: str | bytes) -> HistoryRecord:
@@ -218,7 +220,9 @@ class HistoryStore(ABC):
                   action: str | None = None) -> list[tuple[str, int]]:
         """The most frequent values of ``field`` (one of :data:`TOP_FIELDS`: ``symbol``,
         ``sender``, ``client``, ``sender_domain``) since ``since``, optionally only for
-        records of ``action``: ``[(value, count)]``, most frequent first."""
+        records of ``action``: ``[(value, count)]``, most frequent first. Symbols are
+        counted per hour (``since`` is rounded down to the hour); the others per record
+        (SQLite) or per hour (Redis)."""
         if field not in TOP_FIELDS:
             raise ValueError(f"top: field {field!r}: expected one of " + ", ".join(TOP_FIELDS))
         name = field
@@ -335,16 +339,15 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS history (
   id TEXT PRIMARY KEY, time REAL NOT NULL, host TEXT, door TEXT, queue_id TEXT,
   client_address TEXT, client_name TEXT, sender TEXT, sender_domain TEXT,
-  action TEXT, score REAL, data TEXT NOT NULL) WITHOUT ROWID;
+  action TEXT, score REAL, symbols TEXT, data TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_time ON history(time, action);
 CREATE INDEX IF NOT EXISTS history_queue ON history(queue_id);
 CREATE INDEX IF NOT EXISTS history_sender ON history(sender);
 CREATE INDEX IF NOT EXISTS history_client ON history(client_address);
 CREATE TABLE IF NOT EXISTS history_rcpt (rcpt TEXT NOT NULL, id TEXT NOT NULL,
   PRIMARY KEY (rcpt, id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS history_sym (id TEXT NOT NULL, name TEXT NOT NULL, time REAL,
-  action TEXT, PRIMARY KEY (id, name)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_sym_time ON history_sym(time, action, name);
+CREATE TABLE IF NOT EXISTS history_symcount (hour INTEGER NOT NULL, action TEXT NOT NULL,
+  name TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (hour, action, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS history_raw (seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT UNIQUE NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS history_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -393,16 +396,20 @@ class SqliteHistoryStore(HistoryStore):
     def _add_many(self, records: list[tuple[HistoryRecord, str]]) -> None:
         c = self._conn
         rows = [(r.id, r.time, r.host, r.door, r.queue_id, _norm(r.client_address),
-                 _norm(r.client_name), _norm(r.sender), domain, r.action, r.score, dumps(r))
-                for r, domain in records]
+                 _norm(r.client_name), _norm(r.sender), domain, r.action, r.score,
+                 " " + " ".join(r.symbol_names()) + " ", dumps(r)) for r, domain in records]
         rcpts = [(_norm(x), r.id) for r, _ in records for x in r.recipients]
-        syms = [(r.id, n, r.time, r.action) for r, _ in records for n in set(r.symbol_names())]
+        # symbol counts per hour and action, added up per batch: a few rows, not one per hit
+        counts = Counter((int(r.time // 3600), r.action, n) for r, _ in records
+                         for n in set(r.symbol_names()))
+        syms = [(h, a, n, k) for (h, a, n), k in counts.items()]
         c.execute("BEGIN IMMEDIATE")
         try:
-            c.executemany("INSERT OR REPLACE INTO history VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            c.executemany("INSERT OR REPLACE INTO history VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           rows)
             c.executemany("INSERT OR IGNORE INTO history_rcpt VALUES (?, ?)", rcpts)
-            c.executemany("INSERT OR IGNORE INTO history_sym VALUES (?, ?, ?, ?)", syms)
+            c.executemany("INSERT INTO history_symcount VALUES (?, ?, ?, ?) ON CONFLICT "
+                          "DO UPDATE SET n = n + excluded.n", syms)
             c.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -431,9 +438,8 @@ class SqliteHistoryStore(HistoryStore):
             where.append("id IN (SELECT id FROM history_rcpt WHERE rcpt = ?)")  # its key
             args.append(q.recipient)
         if q.symbol is not None:
-            where.append("EXISTS (SELECT 1 FROM history_sym s WHERE s.id = history.id "
-                         "AND s.name = ?)")
-            args.append(q.symbol)
+            where.append("instr(symbols, ?) > 0")
+            args.append(f" {q.symbol} ")
         if q.since is not None:
             where.append("time >= ?")
             args.append(q.since)
@@ -462,7 +468,7 @@ class SqliteHistoryStore(HistoryStore):
     def _top(self, field_name: str, since: float, limit: int,
              action: str | None) -> list[tuple[str, int]]:
         if field_name == "symbol":
-            sql = "SELECT name, COUNT(*) AS n FROM history_sym WHERE time >= ?"
+            sql = "SELECT name, SUM(n) AS n FROM history_symcount WHERE hour >= ?"
             group = "name"
         else:
             column = {"sender": "sender", "client": "client_address",
@@ -470,7 +476,7 @@ class SqliteHistoryStore(HistoryStore):
             sql = (f"SELECT {column}, COUNT(*) AS n FROM history WHERE time >= ? "
                    f"AND {column} != ''")
             group = column
-        args: list[Any] = [since]
+        args: list[Any] = [int(since // 3600) if field_name == "symbol" else since]
         if action is not None:
             sql += " AND action = ?"
             args.append(action)
@@ -495,8 +501,9 @@ class SqliteHistoryStore(HistoryStore):
         marks = ",".join("?" * len(ids))
         c.execute("BEGIN IMMEDIATE")
         try:
-            for table in ("history", "history_sym", "history_raw"):
+            for table in ("history", "history_raw"):
                 c.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
+            c.execute("DELETE FROM history_symcount WHERE hour < ?", (int(cutoff // 3600),))
             c.executemany("DELETE FROM history_rcpt WHERE rcpt = ? AND id = ?", rcpts)
             c.execute("COMMIT")
         except BaseException:
