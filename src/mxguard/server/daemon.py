@@ -116,6 +116,9 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
             log.error("dmarc results: not recorded until mxguard is restarted: %s", exc)
     if cfg.milter.enabled:
         services.update(open_content_services(cfg))
+    from mxguard.web import metrics
+
+    metrics.install(services, cfg.state_dir)  # the decision observer; counted store calls
     return services
 
 
@@ -168,6 +171,7 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.runtime.config
         self.runtime.services = await open_services(cfg)
+        self.runtime.services["metrics"].attach(self)  # snapshot file every few seconds
         self.policy = PolicyServer(cfg.policy, PolicyDoor(self))
         await self.policy.start()
         if cfg.milter.enabled:
