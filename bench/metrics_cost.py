@@ -12,7 +12,11 @@ fails on time.
 
     python bench/metrics_cost.py [--rounds 3] [--seconds 3] [--anchor-rev f226c74]
     python bench/metrics_cost.py --micro
-    python bench/metrics_cost.py --inproc [--blocks 9] [--per-block 5000]
+    python bench/metrics_cost.py --inproc [--blocks 40] [--per-block 1000]
+
+Instructions instead of time (this machine is shared; valgrind counts exactly):
+run ``--inproc --only on|off --blocks 1 --per-block N`` under
+``valgrind --tool=callgrind`` for N and 2N; the difference / N is per request.
 """
 
 from __future__ import annotations
@@ -129,12 +133,14 @@ def micro(n: int = 200_000) -> None:
     print(f"  counted store call: +{(wrapped - base) / n * 1e6:.2f} us per call")
 
 
-def inproc(blocks: int, per_block: int) -> None:
+def inproc(blocks: int, per_block: int, only: str | None = None) -> None:
     """The policy door in this process, known triplets: the same requests with the
     metrics observer and counted store calls (on) and without both (off),
     alternating blocks; CPU time (process_time) per request, medians."""
     import logging
     import shutil
+
+    from policy_bench import request
 
     from mxguard import config
     from mxguard.checks.greylist import open_greylister
@@ -143,7 +149,6 @@ def inproc(blocks: int, per_block: int) -> None:
     from mxguard.protocols.policy import PolicyDecoder
     from mxguard.server.daemon import open_services
     from mxguard.server.policy_door import PolicyDoor
-    from policy_bench import request
 
     tmp = Path(tempfile.mkdtemp(prefix="mxguard-mcost-"))
     (tmp / "cfg.toml").write_text(
@@ -171,12 +176,15 @@ def inproc(blocks: int, per_block: int) -> None:
                 await door(req)
         times: dict[str, list[float]] = {"on": [], "off": []}
         for b in range(blocks * 2):
-            name = ("on", "off")[(b + b // 2) % 2]  # on off off on on off ...
+            name = only or ("on", "off")[(b + b // 2) % 2]  # on off off on on off ...
             holder.runtime = on if name == "on" else off
             t0 = time.process_time()
             for i in range(per_block):
                 await door(reqs[i % len(reqs)])
             times[name].append((time.process_time() - t0) / per_block * 1e6)
+        if only:
+            print(f"  {only}: {statistics.median(times[only]):.2f} us CPU/req")
+            return
         a, m = statistics.median(times["off"]), statistics.median(times["on"])
         print(f"  in-process policy door, known triplets, {blocks} x {per_block} requests each:")
         print(f"    off {a:.2f} us CPU/req (blocks: {', '.join(f'{x:.1f}' for x in times['off'])})")
@@ -203,8 +211,10 @@ def main() -> None:
                     help="only time the observer and a counted store call (no servers)")
     ap.add_argument("--inproc", action="store_true",
                     help="the policy door in this process, metrics on/off blocks (no servers)")
-    ap.add_argument("--blocks", type=int, default=9)
-    ap.add_argument("--per-block", type=int, default=5000)
+    ap.add_argument("--blocks", type=int, default=40)
+    ap.add_argument("--only", choices=("on", "off"),
+                    help="with --inproc: only that kind (e.g. under valgrind --tool=callgrind)")
+    ap.add_argument("--per-block", type=int, default=1000)
     ap.add_argument("--anchor-rev", default="f226c74",
                     help="git revision without metrics (default: the commit before them)")
     args = ap.parse_args()
@@ -212,7 +222,7 @@ def main() -> None:
         micro()
         return
     if args.inproc:
-        inproc(args.blocks, args.per_block)
+        inproc(args.blocks, args.per_block, args.only)
         return
     try:
         import uvloop
