@@ -97,7 +97,8 @@ def _g(name: str, labels: tuple[str, ...], doc: str, merge: str = "sum") -> Metr
 
 METRICS: tuple[MetricDef, ...] = (
     _c("mxguard_requests_total", ("door", "action"),
-       "policy requests answered, by door and action (accept, defer_if_permit, defer, reject)"),
+       "policy requests decided (HELO, MAIL, RCPT), by door and action (accept, "
+       "defer_if_permit, defer, reject)"),
     _c("mxguard_messages_total", ("action",),
        "milter messages decided, by action (accept, quarantine, defer, reject)"),
     _c("mxguard_symbols_total", ("symbol",),
