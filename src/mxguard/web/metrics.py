@@ -448,11 +448,17 @@ def read_json(path: str) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def _locked(directory: str, mode: int) -> Iterator[None]:
+def _locked(directory: str, mode: int) -> Iterator[bool]:
+    """``.lock`` of ``directory`` taken without waiting (a stuck process must never
+    hold up a daemon's event loop); yields whether it was taken."""
     fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
     try:
-        fcntl.flock(fd, mode)
-        yield
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
     finally:
         os.close(fd)
 
@@ -480,7 +486,9 @@ def fold_dead(directory: str, keep: int | None = None) -> int:
             dead.append(path)
     if not dead:
         return 0
-    with _locked(directory, fcntl.LOCK_EX):
+    with _locked(directory, fcntl.LOCK_EX) as taken:
+        if not taken:  # another writer is folding: next time
+            return 0
         retired_path = os.path.join(directory, RETIRED)
         retired = read_json(retired_path)
         total: Samples = retired["samples"] if retired else {}

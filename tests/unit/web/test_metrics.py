@@ -425,3 +425,20 @@ async def test_refused_connections_counted_per_door() -> None:
         w2.close()
     finally:
         await server.close(0.1)
+
+
+def test_folding_never_waits_for_a_held_lock(tmp_path: Path) -> None:
+    import fcntl
+
+    gone = dead_pid()
+    (tmp_path / f"{gone}.json").write_text(json.dumps(doc(gone, 1, 2, 10)))
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process folding, or stuck
+        assert metrics.fold_dead(str(tmp_path)) == 0  # not now, and no wait
+        assert (tmp_path / f"{gone}.json").exists()
+        got = totals(tmp_path)  # a reader does not wait either
+        assert got["mxguard_requests_total"][(("action", "accept"), ("door", "policy"))] == 2
+    finally:
+        os.close(fd)
+    assert metrics.fold_dead(str(tmp_path)) == 1  # control: free again, folded
