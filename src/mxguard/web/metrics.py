@@ -390,9 +390,15 @@ class MetricsService:
             self.write()
 
     async def run(self) -> None:
+        from mxguard.core.runner import log_failure
+
         while True:
             await asyncio.sleep(WRITE_INTERVAL)
-            self.write()
+            try:
+                self.write()
+            except Exception as exc:  # a bug here must not end the writer (nor the daemon)
+                log_failure("metrics-write", 60.0, "metrics: snapshot failed: %s: %s",
+                            type(exc).__name__, exc)
 
     # -- what a reader in this process sees
     def gather(self) -> Samples:
