@@ -21,8 +21,9 @@ Splits (MANIFEST.tsv names each message's group and random split):
 
 Development without looking at a test half:
 
-* ``--dev``: learn every other message of the split's *train* part and test
-  the rest of the train part (the test part is not read at all);
+* ``--dev``: only messages that are train for both splits (MANIFEST's train
+  half of the groups ``spam`` and ``easy_ham``): learn every other one, test
+  the rest (no test message of either split is read);
 * ``--no-bayes``: rules alone (Bayes off), e.g. ``--dev --no-bayes`` to see
   what the rules catch on the train groups.
 
@@ -111,7 +112,8 @@ def load(corpus: Path, root: Path) -> list[Msg]:
                 (root / r["file"]).read_bytes()) for r in rows]
 
 
-def split(msgs: list[Msg], how: str, dev: bool) -> tuple[list[Msg], list[Msg]]:
+def split(msgs: list[Msg], how: str, dev: bool,
+          learn: bool = True) -> tuple[list[Msg], list[Msg]]:
     """(learned, tested) of the chosen split; with ``dev`` both from its train part."""
     if how == "time":
         train = [m for m in msgs if m.group in TIME_TRAIN]
@@ -119,8 +121,9 @@ def split(msgs: list[Msg], how: str, dev: bool) -> tuple[list[Msg], list[Msg]]:
     else:
         train = [m for m in msgs if m.split == "train"]
         test = [m for m in msgs if m.split == "test"]
-    if dev:
-        return train[0::2], train[1::2]
+    if dev:  # train for both splits: MANIFEST train half of the 2002 groups
+        pool = [m for m in msgs if m.split == "train" and m.group in TIME_TRAIN]
+        return (pool[0::2], pool[1::2]) if learn else ([], pool)
     return train, test
 
 
@@ -255,7 +258,7 @@ def main() -> None:
     ap.add_argument("--no-builtin", action="store_true", help="leave out mxguard's own rules")
     ap.add_argument("--no-bayes", action="store_true", help="rules alone (nothing learned)")
     ap.add_argument("--dev", action="store_true",
-                    help="learn half of the split's train part, test the other half")
+                    help="train of both splits only: learn half of it, test the other half")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--repeat", type=int, default=1, help="scans for the msgs/s median")
     ap.add_argument("--top", type=int, default=25)
@@ -265,8 +268,9 @@ def main() -> None:
 
     started = time.perf_counter()
     root = extract(args.corpus, args.cache)
-    learned, tested = split(load(args.corpus, root), args.split, args.dev)
-    print(f"split {args.split}{' (dev: train part only)' if args.dev else ''}: learn "
+    learned, tested = split(load(args.corpus, root), args.split, args.dev,
+                            learn=not args.no_bayes)
+    print(f"split {'dev (train of both splits)' if args.dev else args.split}: learn "
           f"{len(learned)} ({sum(m.spam for m in learned)} spam), test {len(tested)} "
           f"({sum(m.spam for m in tested)} spam)")
     with tempfile.TemporaryDirectory(prefix="mxguard-accuracy-") as tmp:
