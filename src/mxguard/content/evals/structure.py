@@ -109,41 +109,38 @@ def alternative_differs(ctx: ScanContext, overlap: str = "0.3") -> bool:
 _DWORD_HOST = re.compile(r"^(?:\d{8,10}|0x[0-9a-f]{6,8}|(?:0x[0-9a-f]{1,2}|0[0-7]{1,3})"
                          r"(?:\.(?:0x[0-9a-f]{1,2}|0[0-7]{1,3}|\d{1,3})){3})$", re.I)
 _URL_HOSTPART = re.compile(r"^[a-z][a-z0-9+.-]*://([^/?#]*)", re.I)
-
-
-def _raw_hosts(ctx: ScanContext) -> list[str]:
-    out = []
-    for u in ctx.msg.uris[:200]:
-        m = _URL_HOSTPART.match(u.url)
-        if m:
-            out.append(m.group(1))
-    return out
+_RAW_LINK_HOST = re.compile(r"(?i)\bhttps?:/{1,3}([^/\s\"'<>?#\\]{1,255})")
 
 
 @register("mxg_uri_obscured_host")
 def uri_obscured_host(ctx: ScanContext) -> bool:
-    """A link's host is written so that a reader cannot read it: %-escaped, or
-    an IP address as one decimal number, in hex or in octal."""
-    for hostpart in _raw_hosts(ctx):
-        host = hostpart.rpartition("@")[2].partition(":")[0]
-        if "%" in host or _DWORD_HOST.match(host):
-            return True
-    for u in ctx.msg.uris[:200]:
-        if _DWORD_HOST.match(u.host):
-            return True
+    """A link's host, as written in the message, is %-escaped, or an IP
+    address as one decimal number, in hex or in octal (the parser
+    normalises them, so this reads the text parts' source)."""
+    for part in ctx.msg.parts[:50]:
+        src = part.raw[:500_000]
+        if "://" not in src:
+            continue
+        for m in _RAW_LINK_HOST.finditer(src):
+            host = m.group(1).rpartition("@")[2].partition(":")[0].rstrip(".")
+            if "%" in host or _DWORD_HOST.match(host):
+                return True
     return False
 
 
 @register("mxg_uri_userinfo")
 def uri_userinfo(ctx: ScanContext) -> bool:
-    """A web link with text before an ``@`` in its host part
-    (``http://www.bank.example@evil.example/``): browsers go to what follows."""
-    for u in ctx.msg.uris[:200]:
-        if u.scheme not in ("http", "https"):
+    """A web link, as written in the message, with text before an ``@`` in
+    its host part (``http://www.bank.example@evil.example/``): browsers go to
+    what follows the ``@``."""
+    for part in ctx.msg.parts[:50]:
+        src = part.raw[:500_000]
+        if "://" not in src or "@" not in src:
             continue
-        m = _URL_HOSTPART.match(u.url)
-        if m and "@" in m.group(1):
-            return True
+        for m in _RAW_LINK_HOST.finditer(src):
+            user, at, host = m.group(1).rpartition("@")
+            if at and user and host:
+                return True
     return False
 
 
