@@ -35,6 +35,16 @@ Token shapes (the prefix names where a token came from):
   like for priority headers; ``html:<tag>`` for each tag name of HTML parts;
   ``part:<type>``, ``partcharset:<charset>``, ``urltag:<element>`` from the parser.
 
+* shapes (``shape:``), the form of a message rather than its words:
+  ``shape:mid:<9.a@a.a>``, ``shape:date:...``, ``shape:from:...`` (runs of
+  letters as ``a``, of digits as ``9``), ``shape:subj:tag`` (a random tag at
+  the end), ``shape:rcvd:<bucket>``, ``shape:mime:<text parts>+<n>att``,
+  ``shape:url:labels:<bucket>``, ``shape:url:depth:<bucket>``,
+  ``shape:url:query``, ``shape:url:hostdigits``, ``shape:url:randompiece``.
+  Added in 0.x after data may have been learned: older Bayes data simply has
+  no counts for them until mail is learned again (the other tokens are
+  unchanged, so nothing learned before goes stale).
+
 Headers that are stamps of other filters or of mailing-list software
 (``X-Spam-*``, ``X-MailScanner*``, ``List-*`` ...) are deliberately not
 tokenized: they describe the path a message took to this corpus or mailbox,

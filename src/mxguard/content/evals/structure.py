@@ -4,7 +4,10 @@ URLs that hide their host, character sets of a far script.
 
 They back the "structure and obfuscation" block of the built-in ruleset
 (``mxguard.cf``). Each is written to be true of a trick, not of a topic, so
-it holds across years of spam.
+it holds across years of spam. ``mxg_alternative_differs``,
+``mxg_html_tag_count`` and ``mxg_from_local_digits`` are for users' own
+rules: the built-in set leaves them out because company newsletters show
+them as often as spam does (measured on the corpus' train half).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import base64
 import binascii
 import quopri
 import re
+from itertools import pairwise
 
 from mxguard.content.evals.base import ScanContext, address, num, register
 
@@ -68,7 +72,7 @@ def subject_random_tail(ctx: ScanContext) -> bool:
     if digits < 2 or letters < 2:
         return False
     # letters and digits interleaved (not a word followed by a number, "RH8", "x86")
-    changes = sum(1 for a, b in zip(tok, tok[1:], strict=False) if a.isdigit() != b.isdigit())
+    changes = sum(1 for a, b in pairwise(tok) if a.isdigit() != b.isdigit())
     return changes >= 3
 
 
@@ -175,9 +179,7 @@ def html_tag_count(ctx: ScanContext, tag: str, lo: str) -> bool:
     pat = re.compile(rf"(?i)<{re.escape(tag)}\b")
     need = int(num(lo, 1))
     for part in ctx.msg.html_parts:
-        count = 0
-        for _ in pat.finditer(part.raw[:200_000]):
-            count += 1
+        for count, _ in enumerate(pat.finditer(part.raw[:200_000]), 1):
             if count >= need:
                 return True
     return False
