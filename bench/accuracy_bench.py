@@ -31,7 +31,9 @@ Learning goes through ``mxguard learn``'s code path (``learn_items``) into a
 fresh SQLite store in a temporary directory. The scan runs in ``--jobs``
 processes (forked after the rules are loaded, each with its own store
 connection); ``--repeat`` scans again and reports the median msgs/s (the hits
-are the same every time). Prints recall, FPR (with counts), msgs/s and the
+are the same every time). Prints recall, FPR (with counts), msgs/s, the
+flagged share per corpus group (also of the group's MANIFEST test half alone:
+for the time split, the messages no rule was ever developed on) and the
 rules' hit counts on the spam and ham of the tested messages; progress on
 stderr. Asserts nothing.
 """
@@ -232,11 +234,13 @@ def report(tested: list[Msg], outs: list[Outcome], rates: list[float], top: int)
     print(f"recall {recall:.3f} ({tp}/{len(spam)})   FPR {fpr * 100:.2f} % ({fp}/{len(ham)})   "
           f"msgs/s {rate:.0f} (median of {len(rates)}: "
           f"{', '.join(f'{r:.0f}' for r in rates)})")
-    groups: dict[str, list[Outcome]] = {}
+    groups: dict[str, list[tuple[Msg, Outcome]]] = {}
     for m, o in zip(tested, outs, strict=True):
-        groups.setdefault(m.group, []).append(o)
-    for g, os_ in sorted(groups.items()):
-        print(f"  {g:<11} {sum(o.flagged for o in os_):5d}/{len(os_):<5d} flagged")
+        groups.setdefault(m.group, []).append((m, o))
+    for g, pairs in sorted(groups.items()):
+        half = [o for m, o in pairs if m.split == "test"]
+        print(f"  {g:<11} {sum(o.flagged for _, o in pairs):5d}/{len(pairs):<5d} flagged"
+              f"   (of MANIFEST's test half: {sum(o.flagged for o in half)}/{len(half)})")
     hs = Counter(s for o in spam for s in set(o.symbols))
     hh = Counter(s for o in ham for s in set(o.symbols))
     names = sorted(set(hs) | set(hh), key=lambda n: (-hs[n], hh[n], n))
