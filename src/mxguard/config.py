@@ -96,7 +96,7 @@ SYMBOL_SCORES: dict[str, float] = {
     "DMARC_NO_POLICY": 0.0,
     "DMARC_TEMPERROR": 0.0,
     "DMARC_PERMERROR": 0.5,
-    # Bayes, tuned on the corpus train split (bench/accuracy_bench.py --tune)
+    # Bayes, tuned on the corpus train split (see content/bayes.py BAYES_SCORES)
     "BAYES_00": -1.5,
     "BAYES_05": -0.5,
     "BAYES_20": -0.1,

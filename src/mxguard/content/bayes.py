@@ -11,7 +11,8 @@ SpamAssassin; the maths is public, this code is our own):
    ``X`` is what we believe of a token never seen; ``S`` is how many messages'
    worth of evidence that belief is worth. Constants (:data:`DEFAULT_PARAMS`):
    **S = 0.4, X = 0.5**, chosen by 5-fold cross-validation on the *train* split
-   of the corpus (``bench/accuracy_bench.py --tune``), never on its test split.
+   of the corpus (the ``--tune`` mode of ``bench/accuracy_bench.py`` up to
+   commit f226c74), never on its test split.
 4. Only significant tokens count: ``|f(w) - 0.5| >= MIN_STRENGTH`` (**0.1**),
    at most the **300** strongest (word pairs make messages richer in tokens
    than SpamBayes' 150 assumed; cross-validation on train preferred 300).
@@ -80,7 +81,8 @@ RANGES: tuple[tuple[float, str], ...] = (
     (math.inf, "BAYES_999"),
 )
 
-# Default scores, from ``bench/accuracy_bench.py --tune``: 5-fold cross-validation
+# Default scores, from ``bench/accuracy_bench.py --tune`` (up to commit f226c74;
+# the bench now measures the whole pipeline and has no --tune): 5-fold cross-validation
 # inside the corpus *train* split with the built-in rules, the monotone scores
 # that catch the most spam at <= 0.2% false positives at add_header = 5.0. With
 # the built-in rules Bayes carries most of the weight, so BAYES_99 alone tags a

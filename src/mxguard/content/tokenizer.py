@@ -35,6 +35,16 @@ Token shapes (the prefix names where a token came from):
   like for priority headers; ``html:<tag>`` for each tag name of HTML parts;
   ``part:<type>``, ``partcharset:<charset>``, ``urltag:<element>`` from the parser.
 
+* shapes (``shape:``), the form of a message rather than its words:
+  ``shape:mid:<9.a@a.a>``, ``shape:date:...``, ``shape:from:...`` (runs of
+  letters as ``a``, of digits as ``9``), ``shape:subj:tag`` (a random tag at
+  the end), ``shape:rcvd:<bucket>``, ``shape:mime:<text parts>+<n>att``,
+  ``shape:url:labels:<bucket>``, ``shape:url:depth:<bucket>``,
+  ``shape:url:query``, ``shape:url:hostdigits``, ``shape:url:randompiece``.
+  Added in 0.x after data may have been learned: older Bayes data simply has
+  no counts for them until mail is learned again (the other tokens are
+  unchanged, so nothing learned before goes stale).
+
 Headers that are stamps of other filters or of mailing-list software
 (``X-Spam-*``, ``X-MailScanner*``, ``List-*`` ...) are deliberately not
 tokenized: they describe the path a message took to this corpus or mailbox,
@@ -402,6 +412,91 @@ def html_tag_tokens(source: str) -> list[str]:
     return ["html:" + t for t in list(tags)[:200]]
 
 
+# ------------------------------------------------------------------ shapes
+# Tokens for the *form* of a message rather than its words: how its
+# Message-ID, Date and From are written, how its links are built, how its
+# MIME tree is laid out. Mail software and spam kits keep their shapes for
+# years while the words change with every campaign, so these tokens still
+# mean something when the learned data is old. All start with "shape:".
+
+_SHAPE_RUNS = re.compile(r"[A-Za-z]+|\d+")
+SHAPE_CHARS = 40
+
+
+def shape_of(value: str, limit: int = SHAPE_CHARS) -> str:
+    """``value`` with each run of letters as ``a`` and of digits as ``9``
+    (``<20021101.JavaMail@host.example>`` -> ``<9.a@a.a>``), bounded."""
+    return _SHAPE_RUNS.sub(lambda m: "9" if m.group(0)[0].isdigit() else "a",
+                           value.strip()[:200])[:limit]
+
+
+def _mixed_run(word: str) -> bool:
+    """Letters and digits interleaved (``x7k2q9``), as generated tags are."""
+    flips = sum(1 for a, b in pairwise(word) if a.isdigit() != b.isdigit())
+    return flips >= 3
+
+
+def header_shape_tokens(headers: Iterable[tuple[str, str]]) -> list[str]:
+    """``shape:`` tokens of the Message-ID, Date, From and Subject, and of
+    the number of Received headers."""
+    out: list[str] = []
+    received = 0
+    for raw_name, value in headers:
+        name = raw_name.strip().lower()
+        if name == "received":
+            received += 1
+        elif name == "message-id":
+            out.append("shape:mid:" + shape_of(value))
+        elif name == "date":
+            out.append("shape:date:" + shape_of(value))
+        elif name == "from":
+            out.append("shape:from:" + shape_of(value.replace('"', "")))
+        elif name == "subject":
+            words = value.split()
+            if words and _mixed_run(words[-1].strip("()[]#")):
+                out.append("shape:subj:tag")
+            if value != value.strip() or "  " in value.strip():
+                out.append("shape:subj:spaces")
+    out.append("shape:rcvd:" + _count_bucket(received))
+    return out
+
+
+def uri_shape_tokens(uris: Iterable[str]) -> list[str]:
+    """``shape:url:`` tokens of how links are built: host depth, digits in the
+    host, path depth, query, long random pieces."""
+    out: dict[str, None] = {}
+    for i, uri in enumerate(uris):
+        if i >= MAX_URIS:
+            break
+        try:
+            parts = urlsplit(uri.strip()[:2000])
+            host = (parts.hostname or "").lower()
+        except ValueError:
+            continue
+        if not host:
+            continue
+        labels = host.split(".")
+        out["shape:url:labels:" + _count_bucket(len(labels))] = None
+        if any(c.isdigit() for c in labels[0 if len(labels) < 2 else -2]):
+            out["shape:url:hostdigits"] = None
+        depth = len([p for p in parts.path.split("/") if p])
+        out["shape:url:depth:" + _count_bucket(depth)] = None
+        if parts.query:
+            out["shape:url:query"] = None
+        if any(len(piece) >= 12 and _mixed_run(piece)
+               for piece in _PATH_SPLIT.split(parts.path + "?" + parts.query)):
+            out["shape:url:randompiece"] = None
+    return list(out)
+
+
+def mime_shape_token(msg: ParsedMessage) -> str:
+    """The message's text parts and attachments as one token
+    (``shape:mime:text/plain+text/html+1att``)."""
+    kinds = "+".join(dict.fromkeys(p.content_type[:20] for p in msg.parts[:8]))
+    atts = len(msg.attachments)
+    return f"shape:mime:{kinds or 'none'}+{min(atts, 3)}att"
+
+
 def tokenize(headers: Iterable[tuple[str, str]] = (), texts: Iterable[str] = (),
              uris: Iterable[str] = (), attachments: Iterable[tuple[str, str]] = (), *,
              extra: Iterable[str] = (), max_tokens: int = MAX_TOKENS,
@@ -457,6 +552,9 @@ def tokenize_message(msg: ParsedMessage, *, max_tokens: int = MAX_TOKENS) -> lis
             extra.append("attach:magic:" + att.magic)
     if msg.truncated:
         extra.append("msg:truncated")
+    extra.extend(header_shape_tokens(msg.headers))
+    extra.append(mime_shape_token(msg))
+    extra.extend(uri_shape_tokens(u.url for u in msg.uris if u.scheme != "mailto"))
     return tokenize(msg.headers, [p.text for p in msg.parts],
                     [u.url for u in msg.uris if u.scheme != "mailto"],
                     [(a.filename, a.content_type) for a in msg.attachments],

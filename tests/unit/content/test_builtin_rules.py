@@ -94,6 +94,18 @@ def zipped(*names: str) -> bytes:
 HTML_PART = "Content-Type: text/html\n\n<p>{}</p>"
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
+HTML_CT = "Content-Type: text/html\n"
+TEXT_CHARSET = 'MIME-Version: 1.0\nContent-Type: text/plain; charset="{}"\n'
+IMAGES = "".join(f'<img src="http://img.example/{i}.png">' for i in range(3))
+FOOTER = ["Copyright 2024 Example Inc.", "All rights reserved.", "Read our privacy policy.",
+          "Manage your subscription here."]
+
+
+def enc_word(text: str) -> str:
+    """``text`` as one RFC 2047 base64 encoded word."""
+    return f"=?utf-8?B?{base64.b64encode(text.encode()).decode()}?="
+
+
 # (rule, message that must fire it, control that must not, tx for both)
 CASES: list[tuple[str, bytes, bytes, Any]] = [
     ("GTUBE", make(body=f"test {GTUBE}\n"), make(body="XJS*C4JDBQADN1 only\n"), None),
@@ -187,6 +199,72 @@ CASES: list[tuple[str, bytes, bytes, Any]] = [
     ("MXG_REMOVE_LIST", make(body="To be removed from our list, reply with REMOVE."),
      make(body="The old list was removed."), None),
     ("MXG_CLICK_HERE", make(body="Click here to see more"), make(body="I clicked it"), None),
+    # structure and obfuscation
+    ("MXG_SUBJ_ENCODED_ASCII", make({"Subject": enc_word("Cheap watches today")}),
+     make({"Subject": enc_word("Grüße aus Köln")}), None),
+    ("MXG_FROM_ENCODED_ASCII", make({"From": f"{enc_word('Best Deals')} <deals@example.com>"}),
+     make({"From": f"{enc_word('Jürgen Groß')} <jg@example.com>"}), None),
+    ("MXG_SUBJ_RANDOM_TAIL", make({"Subject": "Great offer for you x7k2q9"}),
+     make({"Subject": "Patch for bug 12345 in RH8"}), None),
+    ("MXG_TO_UNDISCLOSED", make({"To": "undisclosed-recipients:;"}), make(), None),
+    ("MXG_PRIORITY_HIGH", make(extra="X-Priority: 1 (Highest)\n"),
+     make(extra="X-Priority: 3 (Normal)\n"), None),
+    ("MXG_CHARSET_FAR_SCRIPT", make(extra=TEXT_CHARSET.format("gb2312")),
+     make(extra=TEXT_CHARSET.format("utf-8")), None),
+    ("MXG_HTML_WORD_SPLIT", make(extra=HTML_CT, body="<p>Buy V<!-- zq -->iagra</p>"),
+     make(extra=HTML_CT, body="<p>Hello <!-- note --> world</p>"), None),
+    ("MXG_HTML_FONT_HUGE", make(extra=HTML_CT, body='<font size="6">BIG</font>'),
+     make(extra=HTML_CT, body='<font size="3">small</font>'), None),
+    ("MXG_HTML_IMAGES_NO_TEXT", make(extra=HTML_CT, body=IMAGES + "<p>Buy now</p>"),
+     make(extra=HTML_CT, body=IMAGES + "<p>" + "Real words here. " * 40 + "</p>"), None),
+    ("MXG_URI_OBSCURED_HOST", make(body="see http://3232235777/login now"),
+     make(body="see http://www.example.com/%7Euser/3232235777 now"), None),
+    ("MXG_URI_USERINFO", make(body="see http://www.bank.example@evil.example/login"),
+     make(body="see http://www.bank.example/login?who=ann@example.com"), None),
+    # spam offers
+    ("MXG_NOT_SPAM_CLAIM", make(body="This is not spam. Sent under Bill S.1618."),
+     make(body="Is this spam? I am not sure."), None),
+    ("MXG_BULK_MAIL_OFFER", make(body="Buy 10 million email addresses on CD"),
+     make(body="I changed my email address"), None),
+    ("MXG_OPTED_IN_CLAIM", make(body="You opted in to receive special offers."),
+     make(body="The opt-out checkbox is on the left."), None),
+    ("MXG_MORTGAGE_OFFER", make(body="Refinance now and lower your monthly payments"),
+     make(body="The finance team meets on Monday"), None),
+    ("MXG_PHARMA_OFFER", make(body="Online pharmacy, no prescription needed"),
+     make(body="The pharmacist filled my prescription"), None),
+    ("MXG_PHARMA_OBFUSCATED", make(body="Get V-i-a-g-r-a here"), make(body="Get Viagra here"),
+     None),
+    ("MXG_WEIGHT_LOSS_OFFER", make(body="Lose 30 pounds in 30 days"),
+     make(body="We lost 30 pounds sterling on the deal"), None),
+    ("MXG_ENLARGE_OFFER", make(body="Male enlargement pills"),
+     make(body="Enlarge the picture, please"), None),
+    ("MXG_INCOME_OFFER", make(body="Work from home and earn $5,000 per week"),
+     make(body="I work in the home office on Fridays"), None),
+    ("MXG_GUARANTEE_PITCH", make(body="Try it risk-free with a money-back guarantee"),
+     make(body="The guarantee ran out last year"), None),
+    ("MXG_URGENCY_PITCH", make(body="Order now, limited time offer"),
+     make(body="The order arrived in time"), None),
+    ("MXG_DEAR_STRANGER", make(body="Dear Friend,\n\nI write to you"),
+     make(body="Dear Ann,\n\nmy friend wrote to you"), None),
+    ("MXG_ADVANCE_FEE", make(body="As next of kin you will receive the transfer of funds"),
+     make(body="The funds transfer cleared"), None),
+    ("MXG_STOCK_PROMO", make(body="Investor alert: strong buy, symbol: ABCD"),
+     make(body="The stock room is full"), None),
+    ("MXG_REPLICA_OFFER", make(body="Replica watches and OEM software"),
+     make(body="A watch and some software"), None),
+    ("MXG_ADULT_OFFER", make(body="Meet local singles and horny housewives"),
+     make(body="Single malt at the local pub"), None),
+    ("MXG_ALL_CAPS_BODY", make(body="BUY THE BEST PRODUCT on THE MARKET TODAY " * 8),
+     make(body="Buy the best product on the market today. " * 8), None),
+    ("MXG_OFFERS_SEVERAL",
+     make(body="Dear Friend,\n\nRefinance now. Order now, it is risk-free."),
+     make(body="Dear Friend,\n\nRefinance now."), None),
+    ("MXG_TRICKS_SEVERAL", make({"Subject": enc_word("Your offer x7k2q9")}),
+     make({"Subject": enc_word("Your offer")}), None),
+    # signs of a legitimate sender (negative scores)
+    ("MXG_COMPANY_FOOTER", make(body=FOOTER[0] + " " + FOOTER[1]), make(body=FOOTER[1]), None),
+    ("MXG_COMPANY_FOOTER_FULL", make(body=" ".join(FOOTER[:4])),
+     make(body=" ".join(FOOTER[:3])), None),
     # authentication results from the transaction
     ("MXG_UNAUTH_EXECUTABLE", make(extra=MP, body=multipart([attachment("x.exe", b"x")])),
      make(extra=MP, body=multipart([attachment("x.exe", b"x")])),

@@ -213,3 +213,51 @@ def test_marks_lost_meanwhile_fall_back_to_the_tokens() -> None:
     tokenizer._MARK_CACHE.clear()  # as if another thread emptied it in between
     assert tokenize(texts=[text], max_tokens=10_000) == want
     assert any(t.startswith("bi:") for t in want)  # control: pairs were there to lose
+
+
+# ------------------------------------------------------------------ shape tokens
+
+@pytest.mark.parametrize(("value", "shape"), [
+    ("<20021101.JavaMail@host.example>", "<9.a@a.a>"),
+    ("Mon, 01 Jan 2024 00:00:00 +0000", "a, 9 a 9 9:9:9 +9"),
+    ("  x  ", "a"),
+])
+def test_shape_of_folds_runs(value: str, shape: str) -> None:
+    assert tokenizer.shape_of(value) == shape
+
+
+SHAPE_MSG = (b"From: Deals <deals4u@shop.example>\nTo: bob@example.org\n"
+             b"Subject: Your offer qz7k2m9\nDate: Mon, 01 Jan 2024 00:00:00 +0000\n"
+             b"Message-ID: <20240101.99@shop.example>\nReceived: from a by b; "
+             b"Mon, 01 Jan 2024 00:00:00 +0000\n\n"
+             b"See http://x1.track.shop.example/c/a/b?id=ab12cd34ef56gh\n")
+PLAIN_MSG = (b"From: Ann <ann@example.com>\nTo: bob@example.org\nSubject: Lunch\n"
+             b"Date: Mon, 01 Jan 2024 00:00:00 +0000\nMessage-ID: <1@example.com>\n\n"
+             b"See https://example.com/menu\n")
+
+
+@pytest.mark.parametrize(("token", "in_shape_msg", "in_plain_msg"), [
+    ("shape:mid:<9.9@a.a>", True, False),
+    ("shape:date:a, 9 a 9 9:9:9 +9", True, True),
+    ("shape:from:a <a9a@a.a>", True, False),
+    ("shape:subj:tag", True, False),
+    ("shape:rcvd:1", True, False),
+    ("shape:rcvd:0", False, True),
+    ("shape:mime:text/plain+0att", True, True),
+    ("shape:url:labels:4-10", True, False),
+    ("shape:url:labels:2-3", False, True),
+    ("shape:url:hostdigits", False, False),  # the registrable label has no digits
+    ("shape:url:depth:2-3", True, False),
+    ("shape:url:query", True, False),
+    ("shape:url:randompiece", True, False),
+])
+def test_shape_tokens(token: str, in_shape_msg: bool, in_plain_msg: bool) -> None:
+    assert (token in tokenize_message(parse_message(SHAPE_MSG))) is in_shape_msg
+    assert (token in tokenize_message(parse_message(PLAIN_MSG))) is in_plain_msg
+
+
+def test_shape_tokens_are_bounded_for_many_links() -> None:
+    body = " ".join(f"http://h{i}.example{i}.com/{'a/' * i}?q={i}" for i in range(500))
+    raw = b"From: a@example.com\nSubject: x\n\n" + body.encode()
+    toks = [t for t in tokenize_message(parse_message(raw)) if t.startswith("shape:url:")]
+    assert len(toks) == len(set(toks)) <= 20

@@ -31,7 +31,9 @@ SpamAssassin evals implemented (same names, so their rule files work):
   ``check_dkim_valid``, ``check_dkim_valid_author_sig``, ``check_dmarc_*``;
 * Bayes: ``check_bayes(min, max)`` with the probability the scan was given.
 
-mxguard's own (``mxg_*``) evals back the built-in ruleset ``mxguard.cf``.
+mxguard's own (``mxg_*``) evals back the built-in ruleset ``mxguard.cf``;
+those on the shape of a message (encodings, obfuscation, URL tricks, far
+character sets) are in :mod:`.structure`.
 
 The registry, :class:`ScanContext` and the shared helpers live in
 :mod:`.base`; the evals, one module per family, in :mod:`.headers` (headers,
@@ -44,7 +46,7 @@ registered.
 from __future__ import annotations
 
 # Importing the families registers their evals in EVALS.
-from mxguard.content.evals import auth, body, headers, uris  # noqa: F401
+from mxguard.content.evals import auth, body, headers, structure, uris  # noqa: F401
 from mxguard.content.evals.base import (
     EVALS,
     NET_EVALS,
