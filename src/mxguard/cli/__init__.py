@@ -75,9 +75,10 @@ def _register() -> None:
     from mxguard.cli.scan import rules, scan
     from mxguard.cli.spf import spf
     from mxguard.cli.storage import storage
+    from mxguard.cli.web import web
 
     for command in (greylist, spf, dkim, dmarc, scan, rules, learn, bayes, storage, postfix, dns,
-                    doctor, demo):
+                    doctor, demo, web):
         main.add_command(command)
 
 
