@@ -163,6 +163,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.policy: PolicyServer | None = None
         self.milter: Any = None
+        self.web: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -172,6 +173,8 @@ class Daemon:
         await self.policy.start()
         if cfg.milter.enabled:
             await self.start_milter(cfg)
+        if cfg.web.enabled:
+            await self.start_web(cfg)
         loop = asyncio.get_running_loop()
         greylister = self.runtime.services.get("greylist")
         run_expiry = getattr(greylister, "run_expiry", None)
@@ -239,6 +242,15 @@ class Daemon:
         self.milter = MilterServer(settings, MxguardMilter(self))
         await self.milter.start()
 
+    async def start_web(self, cfg: config.Config) -> None:
+        from mxguard.web.server import WebServer, check_config
+
+        problem = check_config(cfg)
+        if problem is not None:
+            raise StartupError(problem)
+        self.web = WebServer(self)
+        await self.web.start()
+
     async def reload(self) -> None:
         """Load config and lists anew; keep the old ones if anything is wrong."""
         old = self.runtime
@@ -248,6 +260,11 @@ class Daemon:
             rules = None
             if cfg.milter.enabled and cfg.mode("content") is not Mode.OFF:
                 rules = await asyncio.to_thread(load_content_rules, cfg)
+            from mxguard.web.server import check_config
+
+            web_problem = check_config(cfg) if cfg.web.enabled else None
+            if web_problem is not None:
+                raise ValueError(web_problem)
             greylister = old.services.get("greylist")
             if greylister is not None:
                 greylister.reload(cfg)
@@ -279,6 +296,8 @@ class Daemon:
         # Both doors drain at once: the grace is one deadline, not one per door.
         closing = [door.close(grace) for door in (self.policy, self.milter) if door is not None]
         await asyncio.gather(*closing)
+        if self.web is not None:
+            await self.web.close()
         for task in self._tasks:
             task.cancel()
         await close_services(self.runtime.services)
