@@ -57,7 +57,8 @@ MODE_DOC = "enforce | score | observe | off"
 # equal), for keys that name checks. Config knows no check module.
 CHECK_NAMES = ("authresults", "autolearn", "bayes", "dkim_sign", "dkim_verify", "dmarc",
                "dmarc_failure",
-               "dnsbl", "greylist", "helo", "report_safe", "rules", "spam_headers", "spf")
+               "dnsbl", "explain_header",
+               "greylist", "helo", "report_safe", "rules", "spam_headers", "spf")
 
 # Default score of every symbol a check can emit; [scores] in the file overrides.
 SYMBOL_SCORES: dict[str, float] = {

@@ -20,6 +20,7 @@ from mxguard.checks import (
     dmarc,
     dmarc_failure,
     dnsbl,
+    explain_header,
     greylist,
     helo,
     report_safe,
@@ -100,6 +101,9 @@ PIPELINE = Pipeline(
                   "wrap delivered spam in a report, the original attached", (),
                   "[content] report_safe", IN,
                   enabled=lambda cfg: cfg.content.report_safe and _content_on(cfg)),
+        CheckSpec(explain_header.NAME, Stage.DONE, None, explain_header.check,
+                  "X-Mxguard-Reason: the action, the deciding check and the top symbols", (),
+                  "[milter] explain_header", IN, enabled=lambda cfg: cfg.milter.explain_header),
     ),
     outgoing=dkim_sign.outgoing,
     actions_mode="content",  # the score actions follow [content] mode

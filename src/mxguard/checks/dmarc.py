@@ -221,7 +221,9 @@ def build_result(rt: Runtime, res: DmarcResult) -> tuple[CheckResult, str]:
     if temperror_defers(rt, res):
         action = "defer"
     _remember(rt, res)
-    detail = res.from_domain if res.result != "permerror" else "permerror"
+    aligned = [n for n, ok in (("SPF", res.spf_aligned), ("DKIM", res.dkim_aligned)) if ok]
+    detail = (f"{res.from_domain} p={res.policy or '-'} aligned="
+              f"{','.join(aligned) or 'none'}" if res.result != "permerror" else "permerror")
     decision = None
     if action == "reject":
         decision = Decision(Action.REJECT, 550, "5.7.1", reject_text(cfg, res.from_domain))

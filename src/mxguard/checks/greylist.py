@@ -242,7 +242,7 @@ class Greylister:
         text = g.text.format(url=g.url, seconds=seconds, recipient=tx.recipient,
                              sender=tx.sender, client=tx.client_address)
         action = Action.DEFER if g.action == "DEFER" else Action.DEFER_IF_PERMIT
-        return Outcome("GREYLIST_DEFERRED", reason, f"{seconds}s left",
+        return Outcome("GREYLIST_DEFERRED", reason, f"{reason}, {seconds}s left",
                        decision=Decision(action, 450, "4.2.0", text),
                        extra={"delay": str(seconds)})
 

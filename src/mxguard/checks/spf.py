@@ -285,13 +285,20 @@ def decision(cfg: SpfConfig, res: SpfResult, receiver: str) -> Decision | None:
     return Decision(Action.DEFER, 451, f"4.7.{detail}", text)
 
 
+def symbol_detail(res: SpfResult) -> str:
+    """``example.com from 192.0.2.7 (matched -all)``: what ``mxguard explain`` words."""
+    how = f"matched {res.mechanism}" if res.mechanism not in ("", "default") else res.problem
+    text = f"{res.domain} from {res.client_ip}" if res.client_ip else res.domain
+    return f"{text} ({how})" if how else text
+
+
 def _symbols(rt: Runtime, verdict: SpfVerdict) -> list[Symbol]:
     out: list[Symbol] = []
     helo = verdict.helo
     if helo is not None and helo.result in HELO_SYMBOLS:
-        out.append(symbol(rt, HELO_SYMBOLS[helo.result], helo.domain))
+        out.append(symbol(rt, HELO_SYMBOLS[helo.result], symbol_detail(helo)))
     mf = verdict.mailfrom
-    out.append(symbol(rt, "SPF_" + mf.result.upper(), mf.domain))
+    out.append(symbol(rt, "SPF_" + mf.result.upper(), symbol_detail(mf)))
     return out
 
 

@@ -70,6 +70,7 @@ def _register() -> None:
     from mxguard.cli.dns import dns
     from mxguard.cli.doctor import doctor
     from mxguard.cli.greylist import greylist
+    from mxguard.cli.history import explain, history
     from mxguard.cli.learn import bayes, learn
     from mxguard.cli.postfix import postfix
     from mxguard.cli.scan import rules, scan
@@ -78,7 +79,7 @@ def _register() -> None:
     from mxguard.cli.web import web
 
     for command in (greylist, spf, dkim, dmarc, scan, rules, learn, bayes, storage, postfix, dns,
-                    doctor, demo, web):
+                    doctor, demo, history, explain, web):
         main.add_command(command)
 
 

@@ -116,6 +116,9 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
             log.error("dmarc results: not recorded until mxguard is restarted: %s", exc)
     if cfg.milter.enabled:
         services.update(open_content_services(cfg))
+    from mxguard.core.history import open_history
+
+    await open_history(cfg, services)  # [history] enabled: the recorder, writing in background
     return services
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from mxguard.store.base import GreylistStore, StoreError, sqlite_path
 from mxguard.store.bayes_store import BayesStore, SqliteBayesStore, bayes_sqlite_path
+from mxguard.store.history import HistoryStore, SqliteHistoryStore, history_path
 from mxguard.store.received_reports import (
     ReceivedReportsStore,
     SqliteReceivedReports,
@@ -112,4 +113,25 @@ def open_received_reports(cfg: Config) -> ReceivedReportsStore:
                                  busy_timeout=cfg.storage.busy_timeout)
 
 
-__all__ = ["open_bayes_store", "open_received_reports", "open_results_store", "open_store"]
+def open_history_store(cfg: Config, *, readonly: bool = False) -> HistoryStore:
+    """The message history of ``cfg.storage_url``: for a Redis URL the shared Redis
+    (:class:`~mxguard.store.redis_history.RedisHistoryStore`), else a SQLite file
+    next to the greylist database (:func:`~mxguard.store.history.history_path`).
+    ``readonly`` (the CLI): a missing SQLite file raises StoreError, nothing is created."""
+    url = cfg.storage_url
+    h = cfg.history
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        from mxguard.store.redis_history import RedisHistoryStore
+
+        return RedisHistoryStore(url, privacy=h.privacy, timeout=cfg.storage.redis_timeout,
+                                 max_age=h.max_age_days * 86400.0,
+                                 keep_messages=cfg.web.keep_messages,
+                                 raw_max_size=cfg.milter.max_scan_size, readonly=readonly)
+    return SqliteHistoryStore(history_path(url), privacy=h.privacy,
+                              busy_timeout=cfg.storage.busy_timeout,
+                              keep_messages=cfg.web.keep_messages,
+                              raw_max_size=cfg.milter.max_scan_size, readonly=readonly)
+
+
+__all__ = ["open_bayes_store", "open_history_store", "open_received_reports",
+           "open_results_store", "open_store"]

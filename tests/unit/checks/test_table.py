@@ -36,7 +36,8 @@ def test_policy_rows_come_before_the_message_rows() -> None:
     stages = [r.stage for r in PIPELINE.rows]
     assert stages == sorted(stages)
     assert {r.name for r in PIPELINE.by_stage[Stage.DONE]} == {"autolearn", "spam_headers",
-                                                               "report_safe", "dmarc_failure"}
+                                                               "report_safe", "dmarc_failure",
+                                                               "explain_header"}
 
 
 def test_every_scored_symbol_is_emitted_by_some_row() -> None:

@@ -1,0 +1,294 @@
+"""The history recorder: a decision observer that turns each decision into a
+:class:`~mxguard.store.history.HistoryRecord` and writes it off the hot path.
+
+* Milter messages are always recorded; policy requests only when their action
+  is in ``[history] policy_actions`` (refused or deferred, by default).
+* The observer only copies what it needs into a record and appends it to a
+  bounded queue (``[history] queue_size``; past it the oldest record is dropped,
+  counted in :attr:`HistoryRecorder.dropped` and logged at most once per
+  ``[storage] fail_open_log_interval``).
+* A background task writes the queue every ``[history] flush_interval`` seconds
+  in one batch (the store works in a thread), and prunes by ``max_age_days`` and
+  ``max_records`` in small steps. A store error is counted and logged
+  (rate-limited); the batch is lost, mail is never affected.
+* ``[web] keep_messages > 0``: the raw message (headers and at most
+  ``[milter] max_scan_size`` body bytes) is copied at observe time and kept,
+  with at most :data:`RAW_QUEUE_BYTES` waiting to be written.
+
+Counters for the metrics: :attr:`~HistoryRecorder.written`,
+:attr:`~HistoryRecorder.dropped`, :attr:`~HistoryRecorder.errors`,
+:attr:`~HistoryRecorder.queued` (records waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import email.header
+import logging
+import socket
+import time
+from typing import Any
+
+from mxguard.config import Config
+from mxguard.core.runner import log_failure
+from mxguard.core.transaction import HeaderEdit, Transaction, Verdict
+from mxguard.store.history import HistoryRecord, HistoryStore, new_id
+
+log = logging.getLogger("mxguard")
+
+SERVICE = "history"
+STORE_SERVICE = "history_store"
+MAX_FIELD = 998  # characters kept of a header value or a reply
+MAX_SYMBOL_DETAIL = 300
+RAW_QUEUE_BYTES = 64 * 1024 * 1024  # raw messages waiting to be written, at most
+PRUNE_INTERVAL = 60.0  # seconds between prune rounds
+PRUNE_BATCH = 1000
+PRUNE_STEPS = 20  # batches per round at most
+WANTED_HEADERS = {"from": "from_", "subject": "subject", "message-id": "message_id"}
+
+
+def _clip(text: str, limit: int = MAX_FIELD) -> str:
+    return text if len(text) <= limit else text[:limit]
+
+
+def decode_header(value: str) -> str:
+    """A header value as one line of text (RFC 2047 words decoded, unfolded)."""
+    text = " ".join(value.split())
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError):
+        return text
+
+
+def raw_message(tx: Transaction, limit: int) -> bytes | None:
+    """Headers and the first ``limit`` body bytes of the message (None: no message)."""
+    msg = tx.message
+    if msg is None:
+        return None
+    parts = []
+    for name, value in msg.headers:
+        if not msg.headers_exact:
+            value = " " + value
+        parts.append(f"{name}:{value}".replace("\n", "\r\n"))
+    head = ("\r\n".join(parts) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    body = msg.body_file().read(max(0, limit - len(head)))
+    return head + body
+
+
+class HistoryRecorder:
+    """The observer (call it as ``recorder(door, tx, verdict, reply)``) and its writer."""
+
+    __name__ = "history"  # named in the runner's observer-failure log line
+
+    def __init__(self, cfg: Config, store: HistoryStore, host: str | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.host = host or socket.gethostname() or "localhost"
+        self.policy_actions = frozenset(cfg.history.policy_actions)
+        self.keep_raw = cfg.web.keep_messages > 0
+        self.raw_limit = cfg.milter.max_scan_size
+        self.log_interval = cfg.storage.fail_open_log_interval
+        self._queue: collections.deque[HistoryRecord] = collections.deque()
+        self._raw: collections.deque[tuple[HistoryRecord, bytes]] = collections.deque()
+        self._raw_bytes = 0
+        self.max_queue = cfg.history.queue_size
+        self.written = 0
+        self.dropped = 0
+        self.errors = 0
+        self.raw_dropped = 0
+        self.pruned = 0
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._last_prune = 0.0
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------- the observer
+
+    def __call__(self, door: str, tx: Transaction, verdict: Verdict, reply: str) -> None:
+        action = verdict.action.value
+        if door != "milter" and action not in self.policy_actions:
+            return
+        rec = self.build(door, tx, verdict, reply, action)
+        queue = self._queue
+        if len(queue) >= self.max_queue:
+            queue.popleft()
+            self.dropped += 1
+            log_failure("history-queue", self.log_interval,
+                        "history: write queue full (%d records): oldest record dropped "
+                        "(%d dropped so far)", self.max_queue, self.dropped)
+        queue.append(rec)
+        if self.keep_raw and door == "milter":
+            self._keep(rec, tx)
+
+    def build(self, door: str, tx: Transaction, verdict: Verdict, reply: str,
+              action: str) -> HistoryRecord:
+        """The record of one decision (header values are decoded at write time)."""
+        now = time.time()
+        rec = HistoryRecord(
+            id=new_id(now), time=now, host=self.host, door=door, queue_id=tx.queue_id,
+            client_address=tx.client_address, client_name=tx.client_name, helo=tx.helo,
+            sender=tx.sender, recipients=list(tx.recipients), size=tx.size,
+            score=round(verdict.score, 3), action=action, decided_by=verdict.decided_by,
+            reply=_clip(reply),
+            symbols=[{"name": s.name, "score": s.score, "detail": s.detail}
+                     for s in verdict.symbols],
+            timings=verdict.timings, observed=list(verdict.observed))
+        msg = tx.message
+        if msg is not None:
+            rec.size = msg.size or tx.size
+            wanted = WANTED_HEADERS
+            for name, value in msg.headers:
+                attr = wanted.get(name.lower())
+                if attr is not None and not getattr(rec, attr):
+                    setattr(rec, attr, value)
+        spam = verdict.decided_by == "actions"
+        added: list[list[str]] = []
+        for edit in verdict.headers:
+            if isinstance(edit, HeaderEdit) or edit.op in ("add", "insert", "change"):
+                added.append([edit.name, edit.value])
+                if edit.name.lower() == "x-spam-flag":
+                    spam = True
+        rec.headers_added = added
+        rec.spam = spam
+        return rec
+
+    def _keep(self, rec: HistoryRecord, tx: Transaction) -> None:
+        try:
+            raw = raw_message(tx, self.raw_limit)
+        except (OSError, ValueError) as exc:  # a closed spool file: the record stays
+            log_failure("history-raw", self.log_interval, "history: message bytes not "
+                        "kept: %s", exc)
+            return
+        if raw is None:
+            return
+        self._raw.append((rec, raw))
+        self._raw_bytes += len(raw)
+        rec.kept = True
+        while self._raw_bytes > RAW_QUEUE_BYTES and len(self._raw) > 1:
+            old_rec, old = self._raw.popleft()
+            self._raw_bytes -= len(old)
+            old_rec.kept = False  # still queued: its record says so
+            self.raw_dropped += 1
+
+    # ------------------------------------------------------------- the writer
+
+    @staticmethod
+    def finish(rec: HistoryRecord) -> HistoryRecord:
+        """What the observer left raw: header values decoded, bounded; details bounded."""
+        rec.from_ = _clip(decode_header(rec.from_))
+        rec.subject = _clip(decode_header(rec.subject))
+        rec.message_id = _clip(" ".join(rec.message_id.split()))
+        rec.timings = {k: round(v, 3) for k, v in rec.timings.items()}
+        for sym in rec.symbols:
+            sym["detail"] = _clip(str(sym["detail"]), MAX_SYMBOL_DETAIL)
+            sym["score"] = round(float(sym["score"]), 3)
+        rec.headers_added = [[n, _clip(v)] for n, v in rec.headers_added]
+        return rec
+
+    async def flush(self) -> int:
+        """Write what is queued (one batch); returns the records written."""
+        written = 0
+        while self._queue:
+            batch = [self.finish(self._queue.popleft())
+                     for _ in range(min(len(self._queue), 5000))]
+            try:
+                await self.store.add_many(batch)
+            except Exception as exc:  # a store outage: those records are lost, mail is not
+                self.errors += len(batch)
+                log_failure("history-store", self.log_interval,
+                            "history: %d records not written: %s", len(batch), exc)
+                break
+            written += len(batch)
+            self.written += len(batch)
+        while self._raw:
+            rec, raw = self._raw.popleft()
+            self._raw_bytes -= len(raw)
+            try:
+                await self.store.keep_raw(rec.id, raw)
+            except Exception as exc:
+                self.errors += 1
+                log_failure("history-store", self.log_interval,
+                            "history: message bytes not kept: %s", exc)
+        return written
+
+    async def prune(self) -> int:
+        """One round of pruning in small steps."""
+        h = self.cfg.history
+        removed = 0
+        try:
+            for _ in range(PRUNE_STEPS):
+                n = await self.store.prune(h.max_age_days * 86400.0, h.max_records,
+                                           PRUNE_BATCH)
+                removed += n
+                if n < PRUNE_BATCH:
+                    break
+        except Exception as exc:
+            self.errors += 1
+            log_failure("history-store", self.log_interval, "history: pruning failed: %s", exc)
+        self.pruned += removed
+        return removed
+
+    async def run(self) -> None:
+        interval = self.cfg.history.flush_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush()
+            now = time.monotonic()
+            if now - self._last_prune >= PRUNE_INTERVAL:
+                self._last_prune = now
+                await self.prune()
+
+    def start(self) -> None:
+        """Start the writer on the running loop."""
+        if self._task is None:
+            self._last_prune = time.monotonic() - PRUNE_INTERVAL + 5.0  # first prune soon
+            self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def close(self) -> None:
+        """Stop the writer, write what is queued, close the store."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush()
+        with contextlib.suppress(Exception):
+            await self.store.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"written": self.written, "dropped": self.dropped, "errors": self.errors,
+                "queued": self.queued, "pruned": self.pruned}
+
+
+async def open_history(cfg: Config, services: dict[str, Any]) -> HistoryRecorder | None:
+    """The recorder and its store in ``services`` when ``[history] enabled``, registered as
+    a decision observer and writing in the background; None (logged) when the store
+    cannot be opened: the daemon runs without history."""
+    from mxguard.core.runner import add_observer
+    from mxguard.store.backends import open_history_store
+    from mxguard.store.base import StoreError
+
+    if not cfg.history.enabled:
+        return None
+    try:
+        store = open_history_store(cfg)
+    except StoreError as exc:
+        log.error("history: not recorded until mxguard is restarted: %s", exc)
+        return None
+    recorder = HistoryRecorder(cfg, store)
+    services[SERVICE] = recorder
+    services[STORE_SERVICE] = store
+    add_observer(services, recorder)
+    recorder.start()
+    return recorder
+
+
+__all__ = ["SERVICE", "STORE_SERVICE", "HistoryRecorder", "decode_header", "open_history",
+           "raw_message"]

@@ -1,0 +1,534 @@
+"""Message history: one record per milter message and per refused or deferred
+policy request, for ``mxguard history``, ``mxguard explain`` and the dashboard.
+
+* :class:`HistoryRecord` -- one decision, JSON-serialisable (``to_dict`` /
+  ``from_dict``; the From header is the JSON key ``"from"``).
+* :class:`HistoryStore` -- the interface: every public method is a coroutine
+  whose work runs in a thread (SQLite and the blocking Redis client never hold
+  up the event loop); backends implement the ``_sync`` methods. Every failure
+  raises :class:`~mxguard.store.base.StoreError`.
+* :class:`SqliteHistoryStore` -- the embedded backend (its own file next to the
+  greylist database, :func:`history_path`); the Redis backend is
+  :mod:`mxguard.store.redis_history`. :func:`mxguard.store.backends.open_history_store`
+  picks one by ``[storage] url``.
+
+Privacy (``[history] privacy``): the store hashes sender, recipients, From,
+client address and name (and the sender's domain) with a keyed BLAKE2b, the
+key kept in the store and made on first use (greylisting's privacy scheme,
+:func:`~mxguard.checks.greylist_lists.hashed_key`), and keeps no Subject. A
+query by sender, recipient or client hashes its value the same way, so
+``mxguard history --sender a@example.com`` still finds that sender's mail.
+
+Kept raw messages (``[web] keep_messages``): ``keep_raw`` stores at most
+``raw_max_size`` bytes of a message; only the newest ``keep_messages`` are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, TypeVar
+
+from mxguard.store.base import StoreError, connect_sqlite, sibling_path, sqlite_path
+
+T = TypeVar("T")
+
+TOP_FIELDS = ("symbol", "sender", "client", "sender_domain")
+ACTIONS = ("accept", "quarantine", "defer_if_permit", "defer", "reject")
+DEFAULT_RAW_MAX = 10 * 1024 * 1024
+SECRET_SIZE = 32
+
+
+def new_id(now: float | None = None) -> str:
+    """A unique id that sorts by time: 14 hex digits of microseconds + 8 random."""
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    return f"{micros:014x}{secrets.token_hex(4)}"
+
+
+@dataclass(slots=True)
+class HistoryRecord:
+    """One decision as it is kept. ``action`` is a Verdict action value."""
+
+    id: str = ""
+    time: float = 0.0
+    host: str = ""
+    door: str = "milter"
+    queue_id: str = ""
+    client_address: str = ""
+    client_name: str = ""
+    helo: str = ""
+    sender: str = ""
+    recipients: list[str] = field(default_factory=list)
+    from_: str = ""
+    subject: str = ""
+    message_id: str = ""
+    size: int = 0
+    score: float = 0.0
+    action: str = "accept"
+    spam: bool = False
+    decided_by: str = ""
+    reply: str = ""
+    symbols: list[dict[str, Any]] = field(default_factory=list)  # {"name","score","detail"}
+    timings: dict[str, float] = field(default_factory=dict)  # check -> milliseconds
+    headers_added: list[list[str]] = field(default_factory=list)  # [[name, value]]
+    observed: list[str] = field(default_factory=list)
+    kept: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["from"] = data.pop("from_")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HistoryRecord:
+        """A record from :meth:`to_dict`'s JSON (unknown keys ignored, missing ones default)."""
+        names = {f.name for f in fields(cls)}
+        values = {("from_" if k == "from" else k): v for k, v in data.items()}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def sender_domain(self) -> str:
+        return self.sender.rpartition("@")[2].lower() if "@" in self.sender else ""
+
+    def symbol_names(self) -> list[str]:
+        return [str(s.get("name", "")) for s in self.symbols]
+
+
+def dumps(record: HistoryRecord) -> str:
+    return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+def loads(text: str | bytes) -> HistoryRecord:
+    return HistoryRecord.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """The filters of :meth:`HistoryStore.query` (values already hashed in privacy mode)."""
+
+    queue_id: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    client: str | None = None
+    action: str | None = None
+    symbol: str | None = None
+    text: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+    before_id: str | None = None
+
+    def matches(self, rec: HistoryRecord) -> bool:
+        """The filter applied to one record (the Redis backend filters in Python)."""
+        if self.queue_id is not None and rec.queue_id != self.queue_id:
+            return False
+        if self.sender is not None and rec.sender.lower() != self.sender:
+            return False
+        if self.recipient is not None and self.recipient not in \
+                [r.lower() for r in rec.recipients]:
+            return False
+        if self.client is not None and self.client not in (rec.client_address.lower(),
+                                                           rec.client_name.lower()):
+            return False
+        if self.action is not None and rec.action != self.action:
+            return False
+        if self.symbol is not None and self.symbol not in rec.symbol_names():
+            return False
+        if self.since is not None and rec.time < self.since:
+            return False
+        if self.until is not None and rec.time > self.until:
+            return False
+        if self.before_id is not None and rec.id >= self.before_id:
+            return False
+        return not (self.text is not None and self.text.lower() not in dumps(rec).lower())
+
+
+def _norm(value: str) -> str:
+    return value.strip().lower()
+
+
+class HistoryStore(ABC):
+    """Records, raw messages, counts. ``privacy``: hash addresses (see the module doc)."""
+
+    where = "history"
+    privacy = False
+    readonly = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._secret: bytes | None = None
+
+    # ------------------------------------------------------------- public, async
+
+    async def add_many(self, records: Sequence[HistoryRecord]) -> None:
+        """Store ``records`` (in privacy mode hashed here, in the writer's thread)."""
+        if records:
+            await self._run(lambda: self._add_many([self._private(r) for r in records]))
+
+    def _private(self, rec: HistoryRecord) -> tuple[HistoryRecord, str]:
+        """The record as stored and its sender domain as stored (both hashed in
+        privacy mode)."""
+        domain = rec.sender_domain
+        if not self.privacy:
+            return rec, domain
+        h = self.hash_value
+        return replace(rec, sender=h(rec.sender), recipients=[h(r) for r in rec.recipients],
+                       from_=h(rec.from_), client_address=h(rec.client_address),
+                       client_name=h(rec.client_name), subject=""), h(domain)
+
+    async def get(self, id_or_queue_id: str) -> HistoryRecord | None:
+        """The record of an id, else the newest record of that queue id."""
+        return await self._run(lambda: self._get(id_or_queue_id.strip()))
+
+    async def query(self, *, queue_id: str | None = None, sender: str | None = None,
+                    recipient: str | None = None, client: str | None = None,
+                    action: str | None = None, symbol: str | None = None,
+                    text: str | None = None, since: float | None = None,
+                    until: float | None = None, limit: int = 100,
+                    before_id: str | None = None) -> list[HistoryRecord]:
+        """Matching records, newest first; ``before_id`` pages on from that record."""
+        def run() -> list[HistoryRecord]:
+            q = Query(queue_id=queue_id or None, sender=self._q(sender),
+                      recipient=self._q(recipient), client=self._q(client),
+                      action=action or None, symbol=symbol or None, text=text or None,
+                      since=since, until=until, limit=max(1, min(int(limit), 100000)),
+                      before_id=before_id or None)
+            return self._query(q)
+        return await self._run(run)
+
+    async def timeline(self, since: float, bucket: int = 60) -> list[tuple[float, str, int]]:
+        """``(bucket_start, action, count)`` from ``since`` on, oldest first."""
+        bucket = max(60, int(bucket) // 60 * 60)
+        return await self._run(lambda: self._timeline(since, bucket))
+
+    async def top(self, field_name: str, since: float, limit: int = 10,
+                  action: str | None = None) -> list[tuple[str, int]]:
+        """The most frequent values of ``field_name`` (one of :data:`TOP_FIELDS`)."""
+        if field_name not in TOP_FIELDS:
+            raise ValueError(f"top: field {field_name!r}: expected one of "
+                             + ", ".join(TOP_FIELDS))
+        return await self._run(lambda: self._top(field_name, since, max(1, limit), action))
+
+    async def prune(self, max_age: float, max_records: int, batch: int = 1000) -> int:
+        """Delete at most ``batch`` records older than ``max_age`` seconds or past the
+        newest ``max_records``; returns how many went (call again while it is ``batch``)."""
+        return await self._run(lambda: self._prune(time.time() - max_age, max_records, batch))
+
+    async def count(self) -> int:
+        return await self._run(self._count)
+
+    async def keep_raw(self, record_id: str, data: bytes) -> None:
+        """Keep a message's bytes (cut at ``raw_max_size``); only the last
+        ``keep_messages`` stay. Does nothing when ``keep_messages`` is 0."""
+        if self.keep_messages > 0:
+            await self._run(lambda: self._keep_raw(record_id, data[:self.raw_max_size]))
+
+    async def get_raw(self, record_id: str) -> bytes | None:
+        return await self._run(lambda: self._get_raw(record_id))
+
+    async def close(self) -> None:
+        await self._run(self._close)
+
+    keep_messages = 0
+    raw_max_size = DEFAULT_RAW_MAX
+
+    # ------------------------------------------------------------- helpers
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.to_thread(self._locked, fn)
+
+    def _locked(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            try:
+                return fn()
+            except StoreError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, ValueError | TypeError) and not self._backend_error(exc):
+                    raise
+                raise StoreError(f"history store {self.where}: {type(exc).__name__}: "
+                                 f"{exc}") from None
+
+    def _backend_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.Error | OSError)
+
+    def _key(self) -> bytes | None:
+        if self._secret is None:
+            self._secret = self._load_secret(create=not self.readonly)
+        return self._secret
+
+    def hash_value(self, value: str) -> str:
+        """The stored form of an address in privacy mode ("" stays "")."""
+        if not value:
+            return ""
+        from mxguard.checks.greylist_lists import hashed_key  # checks import the stores
+
+        key = self._key()
+        if key is None:  # read-only and never written: nothing can match
+            return "h:-"
+        return hashed_key(key, _norm(value))
+
+    def _q(self, value: str | None) -> str | None:
+        if not value:
+            return None
+        return self.hash_value(value) if self.privacy else _norm(value)
+
+    # ------------------------------------------------------------- backend
+
+    @abstractmethod
+    def _load_secret(self, *, create: bool) -> bytes | None: ...
+
+    @abstractmethod
+    def _add_many(self, records: list[tuple[HistoryRecord, str]]) -> None:
+        """Store ``(record, sender domain)`` pairs, already in their stored form."""
+
+    @abstractmethod
+    def _get(self, key: str) -> HistoryRecord | None: ...
+
+    @abstractmethod
+    def _query(self, q: Query) -> list[HistoryRecord]: ...
+
+    @abstractmethod
+    def _timeline(self, since: float, bucket: int) -> list[tuple[float, str, int]]: ...
+
+    @abstractmethod
+    def _top(self, field_name: str, since: float, limit: int,
+             action: str | None) -> list[tuple[str, int]]: ...
+
+    @abstractmethod
+    def _prune(self, cutoff: float, max_records: int, batch: int) -> int: ...
+
+    @abstractmethod
+    def _count(self) -> int: ...
+
+    @abstractmethod
+    def _keep_raw(self, record_id: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def _get_raw(self, record_id: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+
+def history_path(storage_url: str) -> str:
+    """The SQLite file of the history next to the greylist database."""
+    return sibling_path(sqlite_path(storage_url), "history")
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS history (
+  id TEXT PRIMARY KEY, time REAL NOT NULL, host TEXT, door TEXT, queue_id TEXT,
+  client_address TEXT, client_name TEXT, sender TEXT, sender_domain TEXT,
+  action TEXT, score REAL, data TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_time ON history(time);
+CREATE INDEX IF NOT EXISTS history_queue ON history(queue_id);
+CREATE INDEX IF NOT EXISTS history_sender ON history(sender);
+CREATE INDEX IF NOT EXISTS history_client ON history(client_address);
+CREATE INDEX IF NOT EXISTS history_action ON history(action, time);
+CREATE TABLE IF NOT EXISTS history_rcpt (id TEXT NOT NULL, rcpt TEXT NOT NULL,
+  PRIMARY KEY (rcpt, id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_rcpt_id ON history_rcpt(id);
+CREATE TABLE IF NOT EXISTS history_sym (id TEXT NOT NULL, name TEXT NOT NULL, time REAL,
+  action TEXT, PRIMARY KEY (name, id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_sym_id ON history_sym(id);
+CREATE INDEX IF NOT EXISTS history_sym_time ON history_sym(time);
+CREATE TABLE IF NOT EXISTS history_raw (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT UNIQUE NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS history_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+
+
+class SqliteHistoryStore(HistoryStore):
+    """The history in one SQLite file (``:memory:`` for tests)."""
+
+    def __init__(self, path: str, *, privacy: bool = False, busy_timeout: float = 5.0,
+                 keep_messages: int = 0, raw_max_size: int = DEFAULT_RAW_MAX,
+                 readonly: bool = False) -> None:
+        super().__init__()
+        self.path = path
+        self.where = f"sqlite {path}"
+        self.privacy = privacy
+        self.keep_messages = keep_messages
+        self.raw_max_size = raw_max_size
+        self.readonly = readonly
+        try:
+            if readonly:
+                if path != ":memory:" and not os.path.exists(path):
+                    raise StoreError(f"history store {path}: no such file (no history was "
+                                     "written yet: is [history] enabled and the daemon "
+                                     "running?)")
+                self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                             timeout=busy_timeout, isolation_level=None,
+                                             check_same_thread=False)
+            else:
+                self._conn = connect_sqlite(path, busy_timeout, any_thread=True)
+                self._conn.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"history store {path}: {exc}") from None
+
+    def _load_secret(self, *, create: bool) -> bytes | None:
+        c = self._conn
+        if create:
+            c.execute("INSERT OR IGNORE INTO history_meta(name, value) VALUES ('key', ?)",
+                      (secrets.token_bytes(SECRET_SIZE),))
+        try:
+            row = c.execute("SELECT value FROM history_meta WHERE name = 'key'").fetchone()
+        except sqlite3.OperationalError:  # read-only and no table yet
+            return None
+        return bytes(row[0]) if row else None
+
+    def _add_many(self, records: list[tuple[HistoryRecord, str]]) -> None:
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for r, domain in records:
+                c.execute("INSERT OR REPLACE INTO history VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                          (r.id, r.time, r.host, r.door, r.queue_id, _norm(r.client_address),
+                           _norm(r.client_name), _norm(r.sender), domain, r.action, r.score,
+                           dumps(r)))
+                c.executemany("INSERT OR IGNORE INTO history_rcpt VALUES (?, ?)",
+                              [(r.id, _norm(x)) for x in r.recipients])
+                c.executemany("INSERT OR IGNORE INTO history_sym VALUES (?, ?, ?, ?)",
+                              [(r.id, n, r.time, r.action) for n in set(r.symbol_names())])
+            c.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            raise
+
+    def _get(self, key: str) -> HistoryRecord | None:
+        row = self._conn.execute("SELECT data FROM history WHERE id = ?", (key,)).fetchone()
+        if row is None:
+            row = self._conn.execute("SELECT data FROM history WHERE queue_id = ? "
+                                     "ORDER BY time DESC, id DESC LIMIT 1", (key,)).fetchone()
+        return loads(row[0]) if row else None
+
+    def _query(self, q: Query) -> list[HistoryRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("queue_id", q.queue_id), ("sender", q.sender),
+                              ("action", q.action)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if q.client is not None:
+            where.append("(client_address = ? OR client_name = ?)")
+            args += [q.client, q.client]
+        if q.recipient is not None:
+            where.append("id IN (SELECT id FROM history_rcpt WHERE rcpt = ?)")
+            args.append(q.recipient)
+        if q.symbol is not None:
+            where.append("id IN (SELECT id FROM history_sym WHERE name = ?)")
+            args.append(q.symbol)
+        if q.since is not None:
+            where.append("time >= ?")
+            args.append(q.since)
+        if q.until is not None:
+            where.append("time <= ?")
+            args.append(q.until)
+        if q.before_id is not None:
+            where.append("id < ?")
+            args.append(q.before_id)
+        if q.text is not None:
+            where.append("instr(lower(data), ?) > 0")
+            args.append(q.text.lower())
+        sql = "SELECT data FROM history"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY time DESC, id DESC LIMIT ?"
+        args.append(q.limit)
+        return [loads(row[0]) for row in self._conn.execute(sql, args)]
+
+    def _timeline(self, since: float, bucket: int) -> list[tuple[float, str, int]]:
+        rows = self._conn.execute(
+            "SELECT CAST(time / ? AS INTEGER) * ? AS b, action, COUNT(*) FROM history "
+            "WHERE time >= ? GROUP BY b, action ORDER BY b, action", (bucket, bucket, since))
+        return [(float(b), str(a), int(n)) for b, a, n in rows]
+
+    def _top(self, field_name: str, since: float, limit: int,
+             action: str | None) -> list[tuple[str, int]]:
+        if field_name == "symbol":
+            sql = "SELECT name, COUNT(*) AS n FROM history_sym WHERE time >= ?"
+            group = "name"
+        else:
+            column = {"sender": "sender", "client": "client_address",
+                      "sender_domain": "sender_domain"}[field_name]
+            sql = (f"SELECT {column}, COUNT(*) AS n FROM history WHERE time >= ? "
+                   f"AND {column} != ''")
+            group = column
+        args: list[Any] = [since]
+        if action is not None:
+            sql += " AND action = ?"
+            args.append(action)
+        sql += f" GROUP BY {group} ORDER BY n DESC, {group} LIMIT ?"
+        args.append(limit)
+        return [(str(v), int(n)) for v, n in self._conn.execute(sql, args)]
+
+    def _prune(self, cutoff: float, max_records: int, batch: int) -> int:
+        c = self._conn
+        ids = [r[0] for r in c.execute("SELECT id FROM history WHERE time < ? "
+                                       "ORDER BY time LIMIT ?", (cutoff, batch))]
+        if len(ids) < batch:
+            total = c.execute("SELECT COUNT(*) FROM history").fetchone()[0] - len(ids)
+            over = min(batch - len(ids), max(0, total - max_records))
+            if over:
+                ids += [r[0] for r in c.execute(
+                    "SELECT id FROM history WHERE time >= ? ORDER BY time, id LIMIT ?",
+                    (cutoff, over))]
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("history", "history_rcpt", "history_sym"):
+                c.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
+            c.execute(f"DELETE FROM history_raw WHERE id IN ({marks})", ids)
+            c.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            raise
+        return len(ids)
+
+    def _count(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM history").fetchone()[0])
+
+    def _keep_raw(self, record_id: str, data: bytes) -> None:
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("INSERT OR REPLACE INTO history_raw(id, data) VALUES (?, ?)",
+                      (record_id, data))
+            c.execute("DELETE FROM history_raw WHERE seq <= (SELECT MAX(seq) FROM "
+                      "history_raw) - ?", (self.keep_messages,))
+            c.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            raise
+
+    def _get_raw(self, record_id: str) -> bytes | None:
+        row = self._conn.execute("SELECT data FROM history_raw WHERE id = ?",
+                                 (record_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def _close(self) -> None:
+        self._conn.close()
+
+
+def newest_first(records: Iterable[HistoryRecord]) -> list[HistoryRecord]:
+    return sorted(records, key=lambda r: (r.time, r.id), reverse=True)
+
+
+__all__ = ["ACTIONS", "TOP_FIELDS", "HistoryRecord", "HistoryStore", "Query",
+           "SqliteHistoryStore", "dumps", "history_path", "loads", "new_id", "newest_first"]
