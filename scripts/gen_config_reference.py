@@ -16,6 +16,8 @@ BEGIN = "<!-- config-reference:begin -->"
 END = "<!-- config-reference:end -->"
 CHECKS_BEGIN = "<!-- checks-table:begin -->"
 CHECKS_END = "<!-- checks-table:end -->"
+METRICS_BEGIN = "<!-- metrics-table:begin -->"
+METRICS_END = "<!-- metrics-table:end -->"
 
 
 def checks_table() -> str:
@@ -52,6 +54,10 @@ def main() -> None:
     text = replace(readme.read_text(), BEGIN, END, table())
     if CHECKS_BEGIN in text:
         text = replace(text, CHECKS_BEGIN, CHECKS_END, checks_table())
+    if METRICS_BEGIN in text:
+        from mxguard.web.metrics import reference_table
+
+        text = replace(text, METRICS_BEGIN, METRICS_END, reference_table().rstrip("\n"))
     readme.write_text(text)
 
 

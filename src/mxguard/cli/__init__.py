@@ -72,6 +72,7 @@ def _register() -> None:
     from mxguard.cli.greylist import greylist
     from mxguard.cli.history import explain, history
     from mxguard.cli.learn import bayes, learn
+    from mxguard.cli.metrics import metrics
     from mxguard.cli.postfix import postfix
     from mxguard.cli.scan import rules, scan
     from mxguard.cli.spf import spf
@@ -79,7 +80,7 @@ def _register() -> None:
     from mxguard.cli.web import web
 
     for command in (greylist, spf, dkim, dmarc, scan, rules, learn, bayes, storage, postfix, dns,
-                    doctor, demo, history, explain, web):
+                    doctor, demo, history, explain, metrics, web):
         main.add_command(command)
 
 

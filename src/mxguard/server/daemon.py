@@ -119,6 +119,9 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
     from mxguard.core.history import open_history
 
     await open_history(cfg, services)  # [history] enabled: the recorder, writing in background
+    from mxguard.web import metrics
+
+    metrics.install(services, cfg.state_dir)  # the decision observer; counted store calls
     return services
 
 
@@ -172,6 +175,7 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.runtime.config
         self.runtime.services = await open_services(cfg)
+        self.runtime.services["metrics"].attach(self)  # snapshot file every few seconds
         self.policy = PolicyServer(cfg.policy, PolicyDoor(self))
         await self.policy.start()
         if cfg.milter.enabled:

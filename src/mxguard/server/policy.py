@@ -21,6 +21,7 @@ import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from mxguard import stats
 from mxguard.config import PolicyConfig
 from mxguard.protocols.policy import PolicyDecoder, PolicyProtocolError, PolicyRequest
 
@@ -42,6 +43,7 @@ def admit(conn: typing.Any, transport: asyncio.BaseTransport, connections: set[t
     if len(connections) >= limit:
         log.warning("%s: refusing connection from %s: %d connections open "
                     "(%s.max_connections)", door, conn.peer, len(connections), door)
+        stats.REFUSED[door] += 1
         conn.transport.abort()
         return False
     connections.add(conn)
