@@ -36,6 +36,7 @@ from aiohttp import web
 
 from mxguard import __version__
 from mxguard.core.runtime import Runtime
+from mxguard.store.history import ACTIONS
 from mxguard.web import actions
 from mxguard.web.actions import ActionError, call
 from mxguard.web.auth import LoginLimiter, Sessions, csrf_ok, session_key, verify_password
@@ -50,14 +51,13 @@ BASIC_CACHE_SECONDS = 60.0
 BASIC_CACHE_MAX = 256
 OVERVIEW_HOURS = (1, 3, 6, 12, 24, 48)
 FILTERS = ("queue_id", "sender", "recipient", "client", "action", "symbol", "text")
-ACTIONS = ("accept", "add_header", "rewrite_subject", "quarantine", "defer", "defer_if_permit",
-           "reject", "discard", "tempfail")
 MAX_FIELD = 500  # characters of a filter value
+_RECORD_ID = re.compile(r"^[0-9a-f]{1,64}$")
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
-RUNTIME_KEY: web.AppKey[Callable[[], Runtime]] = web.AppKey("runtime", Callable[[], Runtime])
-STATE_KEY: web.AppKey[WebState] = web.AppKey("state", object)  # type: ignore[arg-type]
+RUNTIME_KEY: web.AppKey[Callable[[], Runtime]] = web.AppKey("mxguard_runtime")
+STATE_KEY: web.AppKey[WebState] = web.AppKey("mxguard_web_state")
 
 
 @dataclass(frozen=True)
@@ -478,6 +478,23 @@ async def health(rt: Runtime) -> dict[str, Any]:
     return dict(result)
 
 
+def flat_health(h: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """The health dict as (dotted key, value) rows for the page."""
+    rows: list[tuple[str, str]] = []
+    for key in sorted(h):
+        value = h[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(flat_health(value, name + "."))
+        elif isinstance(value, list):
+            rows.append((name, f"{len(value)} entries"))
+        elif key == "time":
+            rows.append((name, fmt_time(value) + " UTC"))
+        else:
+            rows.append((name, str(value)))
+    return rows
+
+
 def _hours(request: web.Request) -> int:
     try:
         h = int(request.query.get("hours", "6"))
@@ -496,6 +513,7 @@ async def overview(request: web.Request) -> web.StreamResponse:
         if per:
             rows.append((starts[i], per))
     return render(request, "overview.html", data=data, recent=rows[:30],
+                  health_rows=flat_health(data["health"]),
                   hour_choices=OVERVIEW_HOURS,
                   data_json=json.dumps(data, default=str).replace("</", "<\\/"))
 
@@ -527,9 +545,9 @@ def history_filters(query: Any, now: float) -> tuple[dict[str, Any], dict[str, s
         raise ActionError("limit must be a number") from None
     args["limit"] = max(1, min(MAX_LIMIT, limit))
     if form["before_id"]:
-        if not form["before_id"].isdigit():
+        if not _RECORD_ID.match(form["before_id"]):
             raise ActionError("before_id must be a record id")
-        args["before_id"] = int(form["before_id"])
+        args["before_id"] = form["before_id"]
     return args, form
 
 
@@ -692,7 +710,7 @@ async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     h = await health(_runtime(request))
-    ok = h.get("ok", h.get("status", "ok") in ("ok", True))
+    ok = bool(h.get("store", {}).get("reachable", True))
     return json_response(h, 200 if ok else 503)
 
 
