@@ -58,6 +58,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 RUNTIME_KEY: web.AppKey[Callable[[], Runtime]] = web.AppKey("mxguard_runtime")
 STATE_KEY: web.AppKey[WebState] = web.AppKey("mxguard_web_state")
+AUTH_KEY: web.RequestKey[Auth] = web.RequestKey("mxguard_auth")
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ ENV = make_env()
 
 
 def render(request: web.Request, name: str, status: int = 200, **ctx: Any) -> web.Response:
-    auth: Auth = request.get("auth") or Auth("none")
+    auth: Auth = request.get(AUTH_KEY) or Auth("none")
     ctx.setdefault("auth", auth)
     ctx.setdefault("path", request.path)
     html = ENV.get_template(name).render(**ctx)
@@ -302,7 +303,7 @@ async def guard(request: web.Request,
     if path.startswith("/static/"):
         return await handler(request)
     if path in ("/metrics", "/healthz") and in_networks(peer, w.metrics_networks):
-        request["auth"] = Auth("network")
+        request[AUTH_KEY] = Auth("network")
         return await handler(request)
     if not w.password_hash:
         if not is_loopback(peer):
@@ -311,10 +312,10 @@ async def guard(request: web.Request,
         if request.method not in ("GET", "HEAD"):
             return _deny(request, 403, "read-only: set [web] password_hash (mxguard web "
                          "passwd) to learn or whitelist from the dashboard")
-        request["auth"] = Auth("open")
+        request[AUTH_KEY] = Auth("open")
         return await handler(request)
     if path == "/login":
-        request["auth"] = _session_auth(request, rt, state) or Auth("none")
+        request[AUTH_KEY] = _session_auth(request, rt, state) or Auth("none")
         return await handler(request)
     auth = _session_auth(request, rt, state) or await _basic_auth(request, rt, state)
     if auth is None:
@@ -335,7 +336,7 @@ async def guard(request: web.Request,
                         request.method, path, peer or "-")
             return _deny(request, 403, "missing or wrong CSRF token: reload the page and "
                          "try again")
-    request["auth"] = auth
+    request[AUTH_KEY] = auth
     return await handler(request)
 
 
@@ -618,7 +619,7 @@ async def message_learn(request: web.Request) -> web.StreamResponse:
     kind = str(form.get("kind", ""))
     rec = await _record(rt, request.match_info["ident"])
     outcome = await actions.learn(rt, str(rec.id), kind)
-    auth: Auth = request["auth"]
+    auth: Auth = request[AUTH_KEY]
     log.info("web: message %s %s by %s from %s", rec.id, outcome, auth.user,
              request.remote or "-")
     raise web.HTTPSeeOther(f"/message/{rec.id}?" + urlencode({"done": outcome}))
@@ -634,7 +635,7 @@ async def api_learn(request: web.Request) -> web.StreamResponse:
         raise ActionError('send JSON: {"id": "...", "kind": "spam|ham|forget"}')
     rec = await _record(rt, str(body.get("id", "")))
     outcome = await actions.learn(rt, str(rec.id), str(body.get("kind", "")))
-    auth: Auth = request["auth"]
+    auth: Auth = request[AUTH_KEY]
     log.info("web: message %s %s by %s from %s (API)", rec.id, outcome, auth.user,
              request.remote or "-")
     counts = await actions.bayes_counts(rt)
@@ -661,7 +662,7 @@ async def greylist_whitelist(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     entry = str(form.get("entry", ""))[:MAX_FIELD]
     added = await actions.whitelist_client(rt, entry, str(form.get("comment", "")))
-    auth: Auth = request["auth"]
+    auth: Auth = request[AUTH_KEY]
     log.info("web: greylist whitelist %s client %s by %s from %s",
              "added" if added else "kept", entry, auth.user, request.remote or "-")
     done = f"{entry}: {'added to' if added else 'already on'} the client whitelist"
@@ -684,7 +685,7 @@ async def api_whitelist(request: web.Request) -> web.StreamResponse:
         raise ActionError('send JSON: {"entry": "192.0.2.0/24", "comment": "..."}')
     entry = str(body.get("entry", ""))[:MAX_FIELD]
     added = await actions.whitelist_client(rt, entry, str(body.get("comment", "")))
-    auth: Auth = request["auth"]
+    auth: Auth = request[AUTH_KEY]
     log.info("web: greylist whitelist %s client %s by %s from %s (API)",
              "added" if added else "kept", entry, auth.user, request.remote or "-")
     return json_response({"entry": entry, "added": added})
