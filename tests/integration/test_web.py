@@ -207,3 +207,37 @@ def test_dashboard_through_postfix(stack: tuple[Web, PostfixInstance], sink: Sin
     assert "learned as spam by admin" in web.mx.log_text()
     assert PASSWORD not in web.mx.log_text()
     sink.wait_for(1)
+
+
+def test_dashboard_with_workers(tmp_path: Path) -> None:
+    """``[server] workers = 2``: the master binds the web socket, both workers serve
+    it, and a session one worker issued is valid in the other (the key comes from
+    the shared store): every request with the cookie is answered, none redirected."""
+    mx = MxguardProcess(tmp_path, (
+        f'[server]\nworkers = 2\nshutdown_grace = 3\nstate_dir = "{tmp_path}/state"\n'
+        f'[web]\npassword_hash = "{hash_password(PASSWORD)}"\n'))
+    mx.start()
+    try:
+        web = Web(f"http://127.0.0.1:{mx.web_port}", mx)
+        mx.wait_log("dashboard on http://", timeout=15)
+        deadline = time.monotonic() + 15
+        while mx.log_text().count("dashboard on http://") < 2:  # both workers serve it
+            assert time.monotonic() < deadline, mx.log_text()
+            time.sleep(0.1)
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar),
+                                              NoRedirect)
+        form = urllib.parse.urlencode({"user": "admin", "password": PASSWORD, "next": "/"})
+        status, _, _ = web.request("/login", data=form.encode(), opener=browser)
+        assert status == 303
+        pids = set()
+        for _ in range(30):  # new connections: the kernel spreads them over both workers
+            status, body, _ = web.request("/api/overview?hours=1", opener=browser)
+            assert status == 200, body
+            pids.update(str(p["pid"]) for p in json.loads(body)["health"]["workers"]
+                        ["processes"])
+        assert len(pids) == 2
+        status, _, _ = web.request("/api/overview")  # control: no cookie, no answer
+        assert status == 401
+    finally:
+        assert mx.stop() == 0

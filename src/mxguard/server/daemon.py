@@ -282,6 +282,8 @@ class Daemon:
         for key in ("listen",):
             if getattr(cfg.policy, key) != getattr(old.config.policy, key):
                 log.warning("reload: policy.%s changed; restart mxguard to apply it", key)
+        if (cfg.web.enabled, cfg.web.listen) != (old.config.web.enabled, old.config.web.listen):
+            log.warning("reload: web.enabled / web.listen changed; restart mxguard to apply it")
         if cfg.storage_url != old.config.storage_url:
             log.warning("reload: storage.url changed; restart mxguard to apply it")
         if self.policy is not None:

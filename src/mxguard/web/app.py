@@ -36,6 +36,7 @@ from aiohttp import web
 
 from mxguard import __version__
 from mxguard.core.runtime import Runtime
+from mxguard.store.base import StoreError
 from mxguard.store.history import ACTIONS
 from mxguard.web import actions
 from mxguard.web.actions import ActionError, call
@@ -351,6 +352,9 @@ async def errors(request: web.Request,
         raise
     except ActionError as exc:
         return _deny(request, exc.status, str(exc))
+    except StoreError as exc:
+        log.warning("web: %s %s: store unavailable: %s", request.method, request.path, exc)
+        return _deny(request, 503, "the store is unavailable right now (logged); try again")
     except Exception as exc:
         log.error("web: %s %s failed: %s: %s", request.method, request.path,
                   type(exc).__name__, exc)
@@ -375,7 +379,9 @@ async def headers(request: web.Request,
 
 
 def _safe_next(target: str) -> str:
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    """A local path to go to after the login; anything else (another site) is "/"."""
+    ok = target.startswith("/") and not target.startswith("//") and "\\" not in target
+    return target if ok and len(target) <= MAX_FIELD else "/"
 
 
 async def login_page(request: web.Request) -> web.StreamResponse:

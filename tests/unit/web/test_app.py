@@ -343,3 +343,14 @@ async def test_overview_json(site: Site) -> None:
     assert "store" in data["health"]
     html = await (await site.client.get("/")).text()
     assert "MXG_PRIZE" in html and 'id="timeline"' in html
+
+
+@pytest.mark.parametrize(("target", "location"), [
+    ("/history?action=reject", "/history?action=reject"),  # control: a local page
+    ("//evil.test/x", "/"), ("https://evil.test/", "/"), ("/\\evil.test", "/"),
+])
+async def test_login_goes_back_only_to_local_pages(site: Site, target: str,
+                                                   location: str) -> None:
+    resp = await site.client.post("/login", data={"user": "admin", "password": PASSWORD,
+                                                  "next": target}, allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == location
