@@ -22,19 +22,20 @@
       return {
         label: action, data: data.timeline.series[action],
         borderColor: COLORS[action] || "#557", backgroundColor: COLORS[action] || "#557",
-        pointRadius: 0, borderWidth: 1.5, tension: 0.2
+        borderWidth: 0, barPercentage: 1.0, categoryPercentage: 0.9
       };
     });
   }
   var first = JSON.parse(holder.textContent);
   var chart = new Chart(canvas, {
-    type: "line",
+    type: "bar",
     data: { labels: first.timeline.starts.map(label), datasets: datasets(first) },
     options: {
       animation: false, responsive: true, maintainAspectRatio: false,
       interaction: { mode: "index", intersect: false },
-      scales: { y: { beginAtZero: true, title: { display: true, text: "messages / min" } },
-                x: { ticks: { maxTicksLimit: 12 } } },
+      scales: { y: { stacked: true, beginAtZero: true,
+                     title: { display: true, text: "messages / min" } },
+                x: { stacked: true, ticks: { maxTicksLimit: 12 } } },
       plugins: { legend: { position: "bottom" } }
     }
   });
