@@ -75,6 +75,7 @@ def driver(tmp_path: Path) -> Iterator[Any]:
                 "--disable-background-networking", "--disable-sync",
                 f"--user-data-dir={tmp_path / 'chromium'}"):
         opts.add_argument(arg)
+    # a driver path given: Selenium skips Selenium Manager (no download, no lookup)
     service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "driver.log"))
     drv = webdriver.Chrome(service=service, options=opts)
     drv.set_page_load_timeout(30)
