@@ -522,7 +522,8 @@ async def overview(request: web.Request) -> web.StreamResponse:
     return render(request, "overview.html", data=data, recent=rows[:30],
                   health_rows=flat_health(data["health"]),
                   hour_choices=OVERVIEW_HOURS,
-                  data_json=json.dumps(data, default=str).replace("</", "<\\/"))
+                  data_json=json.dumps(data, default=str).replace("<", "\\u003c")
+                  .replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
 async def api_overview(request: web.Request) -> web.StreamResponse:

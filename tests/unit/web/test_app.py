@@ -354,3 +354,19 @@ async def test_login_goes_back_only_to_local_pages(site: Site, target: str,
     resp = await site.client.post("/login", data={"user": "admin", "password": PASSWORD,
                                                   "next": target}, allow_redirects=False)
     assert resp.status == 303 and resp.headers["Location"] == location
+
+
+async def test_overview_escapes_senders(site: Site) -> None:
+    evil = "</script><script>alert(1)</script>@evil.test"
+    now = site.clock.now
+    await site.rt.services["history_store"].add_many([HistoryRecord(
+        id=new_id(now - 5), time=now - 5, queue_id="4REJ", sender=evil,
+        client_address="203.0.113.5", action="reject", score=20.0,
+        symbols=[{"name": "GTUBE", "score": 1000.0, "detail": ""}])])
+    assert await site.login() == 303
+    html = await (await site.client.get("/")).text()
+    assert evil not in html and "<script>alert" not in html
+    assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;@evil.test" in html  # table
+    assert "\\u003c/script\\u003e" in html  # the chart's JSON
+    data = await (await site.client.get("/api/overview?hours=1")).json()
+    assert [evil, 1] in data["top_senders"]  # control: the API has the text as it is
