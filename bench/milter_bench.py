@@ -239,8 +239,9 @@ class Milter:
         return self.proc.pid
 
 
-def start_mxguard(tmp: Path, name: str, listen: str, dns_port: int, key_path: Path) -> Milter:
-    """``listen``: ``"127.0.0.1:PORT"`` or ``"unix:/path"``."""
+def start_mxguard(tmp: Path, name: str, listen: str, dns_port: int, key_path: Path,
+                  extra: str = "") -> Milter:
+    """``listen``: ``"127.0.0.1:PORT"`` or ``"unix:/path"``; ``extra``: more config."""
     work = tmp / name.replace("/", "-")
     work.mkdir()
     cfg = work / "mxguard.toml"
@@ -254,7 +255,7 @@ def start_mxguard(tmp: Path, name: str, listen: str, dns_port: int, key_path: Pa
         # bench/e2e.py and scan_bench.py measure those) stay out of the comparison
         '[content]\nmode = "off"\n[bayes]\nenabled = false\n'
         f'[dkim]\nkeys = ["{DOMAIN}:{SELECTOR}:{key_path}"]\n'
-        'internal_hosts = ["127.0.0.0/8"]\n'
+        'internal_hosts = ["127.0.0.0/8"]\n' + extra
     )
     log = work / "mxguard.log"
     with open(log, "wb") as out:
@@ -543,6 +544,9 @@ def main() -> None:
     ap.add_argument("--no-anchor", action="store_true", help="skip OpenDKIM")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--history-ab", action="store_true",
+                    help="also run mxguard/unix with [history] enabled = false (the others "
+                    "record history, the default) and print the cost of the history writes")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.seconds, args.transactions = 1, 1.0, 50
@@ -587,6 +591,11 @@ def main() -> None:
         mx_unix = start_mxguard(tmp, "mxguard/unix", f"unix:{tmp}/mxguard.sock", dns.port,
                                 key_path)
         running.append(mx_unix)
+        nohist = None
+        if args.history_ab:
+            nohist = start_mxguard(tmp, "mxguard/nohist", f"unix:{tmp}/mxguard-nohist.sock",
+                                   dns.port, key_path, "[history]\nenabled = false\n")
+            running.append(nohist)
         odk_inet = odk_unix = None
         if anchor:
             odk_unix = start_opendkim(tmp, "opendkim/unix",
@@ -597,7 +606,8 @@ def main() -> None:
                                       dns.port, key_path)
             running.append(odk_inet)
         if not args.no_throughput:
-            contenders = [mx_unix] + ([odk_unix] if odk_unix else []) + [mx_inet]
+            contenders = [mx_unix] + ([nohist] if nohist else []) + \
+                ([odk_unix] if odk_unix else []) + [mx_inet]
             print("throughput over unix sockets, mxguard over TCP too (OpenDKIM over TCP "
                   "waits ~40 ms a message for a delayed ACK: see latency)\n"
                   "  sign: internal client; verify: signed incoming mail (mxguard: DKIM, SPF, "
@@ -605,6 +615,13 @@ def main() -> None:
             stats = throughput(contenders, corpus, args, errors)
             for mt in contenders:
                 print(f"  {mt.name:13s} peak RSS {peak_rss_mb(mt.pid):.1f} MB")
+            if nohist is not None:
+                for size in SIZES:
+                    for mode in MODES:
+                        a, b = stats[(mx_unix.name, size, mode)], stats[(nohist.name, size, mode)]
+                        print(f"  history on/off (unix) {mode:6s} {size:>4s}: "
+                              f"{a.rate / b.rate:4.3f} x msgs/s, "
+                              f"{a.cpu_ms / b.cpu_ms:4.3f} x CPU per message")
             if odk_unix is not None:
                 for size in SIZES:
                     for mode in MODES:

@@ -222,7 +222,7 @@ def build_result(rt: Runtime, res: DmarcResult) -> tuple[CheckResult, str]:
         action = "defer"
     _remember(rt, res)
     aligned = [n for n, ok in (("SPF", res.spf_aligned), ("DKIM", res.dkim_aligned)) if ok]
-    detail = (f"{res.from_domain} p={res.policy or '-'} aligned="
+    detail = (f"{res.from_domain} p={res.policy if res.policy_tag else '-'} aligned="
               f"{','.join(aligned) or 'none'}" if res.result != "permerror" else "permerror")
     decision = None
     if action == "reject":

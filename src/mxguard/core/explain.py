@@ -185,9 +185,9 @@ def explain(rec: HistoryRecord, actions: Any = None) -> str:
     """The verdict of one record in plain words: the headline, then the details."""
     lines = [headline(rec, actions)]
     rcpts = ", ".join(rec.recipients) or "-"
-    lines.append(f"  {rec.door} {'message' if rec.door == 'milter' else 'request'} "
-                 f"{rec.queue_id or '-'} (record {rec.id}) on {rec.host or '-'} at "
-                 f"{_when(rec.time)}")
+    what = "milter message" if rec.door == "milter" else f"{rec.door} request"
+    lines.append(f"  {what}{' ' + rec.queue_id if rec.queue_id else ''} (record {rec.id}) "
+                 f"on {rec.host or '-'} at {_when(rec.time)}")
     client = rec.client_address or "-"
     if rec.client_name and rec.client_name != "unknown":
         client += f" ({rec.client_name})"

@@ -3,12 +3,14 @@
 
 * Milter messages are always recorded; policy requests only when their action
   is in ``[history] policy_actions`` (refused or deferred, by default).
-* The observer only copies what it needs into a record and appends it to a
-  bounded queue (``[history] queue_size``; past it the oldest record is dropped,
+* The observer keeps references to what it needs (a :class:`Pending`: the
+  verdict's final lists, the message's header list; never the body) and
+  appends them to a bounded queue (``[history] queue_size``; past it the oldest record is dropped,
   counted in :attr:`HistoryRecorder.dropped` and logged at most once per
   ``[storage] fail_open_log_interval``).
-* A background task writes the queue every ``[history] flush_interval`` seconds
-  in one batch (the store works in a thread), and prunes by ``max_age_days`` and
+* A background task builds the records (in a thread) and writes the queue every
+  ``[history] flush_interval`` seconds in one batch (the store works in a thread
+  too), and prunes by ``max_age_days`` and
   ``max_records`` in small steps. A store error is counted and logged
   (rate-limited); the batch is lost, mail is never affected.
 * ``[web] keep_messages > 0``: the raw message (headers and at most
@@ -33,7 +35,7 @@ from typing import Any
 
 from mxguard.config import Config
 from mxguard.core.runner import log_failure
-from mxguard.core.transaction import HeaderEdit, Transaction, Verdict
+from mxguard.core.transaction import Edit, HeaderEdit, Symbol, Transaction, Verdict
 from mxguard.store.history import HistoryRecord, HistoryStore, new_id
 
 log = logging.getLogger("mxguard")
@@ -46,7 +48,7 @@ RAW_QUEUE_BYTES = 64 * 1024 * 1024  # raw messages waiting to be written, at mos
 PRUNE_INTERVAL = 60.0  # seconds between prune rounds
 PRUNE_BATCH = 1000
 PRUNE_STEPS = 20  # batches per round at most
-WANTED_HEADERS = {"from": "from_", "subject": "subject", "message-id": "message_id"}
+WANTED_HEADERS = frozenset({"from", "subject", "message-id"})
 
 
 def _clip(text: str, limit: int = MAX_FIELD) -> str:
@@ -79,6 +81,29 @@ def raw_message(tx: Transaction, limit: int) -> bytes | None:
     return head + body
 
 
+class Pending:
+    """What the observer keeps of one decision until the writer builds its record."""
+
+    __slots__ = ("action", "client_address", "client_name", "decided_by", "door", "edits",
+                 "headers", "helo", "id", "kept", "observed", "queue_id", "recipients",
+                 "reply", "score", "sender", "size", "symbols", "time", "timings")
+
+    def __init__(self, now: float, door: str, action: str, reply: str, queue_id: str,
+                 client_address: str, client_name: str, helo: str, sender: str,
+                 recipients: list[str], size: int, headers: list[tuple[str, str]] | None,
+                 score: float, decided_by: str, symbols: list[Symbol],
+                 timings: dict[str, float], edits: list[Edit], observed: list[str]) -> None:
+        self.id = ""  # made by the writer (or for a kept raw message): not on the hot path
+        self.time, self.door, self.action, self.reply = now, door, action, reply
+        self.queue_id, self.client_address, self.client_name = queue_id, client_address, \
+            client_name
+        self.helo, self.sender, self.recipients, self.size = helo, sender, recipients, size
+        self.headers, self.score, self.decided_by = headers, score, decided_by
+        self.symbols, self.timings, self.edits, self.observed = symbols, timings, edits, \
+            observed
+        self.kept = False
+
+
 class HistoryRecorder:
     """The observer (call it as ``recorder(door, tx, verdict, reply)``) and its writer."""
 
@@ -92,8 +117,8 @@ class HistoryRecorder:
         self.keep_raw = cfg.web.keep_messages > 0
         self.raw_limit = cfg.milter.max_scan_size
         self.log_interval = cfg.storage.fail_open_log_interval
-        self._queue: collections.deque[HistoryRecord] = collections.deque()
-        self._raw: collections.deque[tuple[HistoryRecord, bytes]] = collections.deque()
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._raw: collections.deque[tuple[Pending, bytes]] = collections.deque()
         self._raw_bytes = 0
         self.max_queue = cfg.history.queue_size
         self.written = 0
@@ -115,7 +140,15 @@ class HistoryRecorder:
         action = verdict.action.value
         if door != "milter" and action not in self.policy_actions:
             return
-        rec = self.build(door, tx, verdict, reply, action)
+        msg = tx.message
+        # references only (the verdict's lists are final; a message's header list is
+        # replaced, never changed, when its session moves on); built in the writer
+        p = Pending(time.time(), door, action, reply, tx.queue_id, tx.client_address,
+                    tx.client_name, tx.helo, tx.sender, list(tx.recipients),
+                    msg.size or tx.size if msg is not None else tx.size,
+                    msg.headers if msg is not None else None, verdict.score,
+                    verdict.decided_by, verdict.symbols, verdict.timings, verdict.headers,
+                    verdict.observed)
         queue = self._queue
         if len(queue) >= self.max_queue:
             queue.popleft()
@@ -123,43 +156,11 @@ class HistoryRecorder:
             log_failure("history-queue", self.log_interval,
                         "history: write queue full (%d records): oldest record dropped "
                         "(%d dropped so far)", self.max_queue, self.dropped)
-        queue.append(rec)
+        queue.append(p)
         if self.keep_raw and door == "milter":
-            self._keep(rec, tx)
+            self._keep(p, tx)
 
-    def build(self, door: str, tx: Transaction, verdict: Verdict, reply: str,
-              action: str) -> HistoryRecord:
-        """The record of one decision (header values are decoded at write time)."""
-        now = time.time()
-        rec = HistoryRecord(
-            id=new_id(now), time=now, host=self.host, door=door, queue_id=tx.queue_id,
-            client_address=tx.client_address, client_name=tx.client_name, helo=tx.helo,
-            sender=tx.sender, recipients=list(tx.recipients), size=tx.size,
-            score=round(verdict.score, 3), action=action, decided_by=verdict.decided_by,
-            reply=_clip(reply),
-            symbols=[{"name": s.name, "score": s.score, "detail": s.detail}
-                     for s in verdict.symbols],
-            timings=verdict.timings, observed=list(verdict.observed))
-        msg = tx.message
-        if msg is not None:
-            rec.size = msg.size or tx.size
-            wanted = WANTED_HEADERS
-            for name, value in msg.headers:
-                attr = wanted.get(name.lower())
-                if attr is not None and not getattr(rec, attr):
-                    setattr(rec, attr, value)
-        spam = verdict.decided_by == "actions"
-        added: list[list[str]] = []
-        for edit in verdict.headers:
-            if isinstance(edit, HeaderEdit) or edit.op in ("add", "insert", "change"):
-                added.append([edit.name, edit.value])
-                if edit.name.lower() == "x-spam-flag":
-                    spam = True
-        rec.headers_added = added
-        rec.spam = spam
-        return rec
-
-    def _keep(self, rec: HistoryRecord, tx: Transaction) -> None:
+    def _keep(self, p: Pending, tx: Transaction) -> None:
         try:
             raw = raw_message(tx, self.raw_limit)
         except (OSError, ValueError) as exc:  # a closed spool file: the record stays
@@ -168,37 +169,63 @@ class HistoryRecorder:
             return
         if raw is None:
             return
-        self._raw.append((rec, raw))
+        p.kept = True
+        p.id = p.id or new_id(p.time)
+        self._raw.append((p, raw))
         self._raw_bytes += len(raw)
-        rec.kept = True
         while self._raw_bytes > RAW_QUEUE_BYTES and len(self._raw) > 1:
-            old_rec, old = self._raw.popleft()
-            self._raw_bytes -= len(old)
-            old_rec.kept = False  # still queued: its record says so
+            old, data = self._raw.popleft()
+            self._raw_bytes -= len(data)
+            old.kept = False  # still queued: its record says so
             self.raw_dropped += 1
 
     # ------------------------------------------------------------- the writer
 
-    @staticmethod
-    def finish(rec: HistoryRecord) -> HistoryRecord:
-        """What the observer left raw: header values decoded, bounded; details bounded."""
-        rec.from_ = _clip(decode_header(rec.from_))
-        rec.subject = _clip(decode_header(rec.subject))
-        rec.message_id = _clip(" ".join(rec.message_id.split()))
-        rec.timings = {k: round(v, 3) for k, v in rec.timings.items()}
-        for sym in rec.symbols:
-            sym["detail"] = _clip(str(sym["detail"]), MAX_SYMBOL_DETAIL)
-            sym["score"] = round(float(sym["score"]), 3)
-        rec.headers_added = [[n, _clip(v)] for n, v in rec.headers_added]
+    def finish(self, p: Pending) -> HistoryRecord:
+        """The record of one decision: header values decoded, everything bounded."""
+        p.id = p.id or new_id(p.time)
+        rec = HistoryRecord(
+            id=p.id, time=p.time, host=self.host, door=p.door, queue_id=p.queue_id,
+            client_address=p.client_address, client_name=p.client_name, helo=p.helo,
+            sender=p.sender, recipients=p.recipients, size=p.size,
+            score=round(p.score, 3), action=p.action, decided_by=p.decided_by,
+            reply=_clip(p.reply),
+            symbols=[{"name": s.name, "score": round(s.score, 3),
+                      "detail": _clip(s.detail, MAX_SYMBOL_DETAIL)} for s in p.symbols],
+            timings={k: round(v, 3) for k, v in p.timings.items()},
+            observed=list(p.observed), kept=p.kept)
+        if p.headers is not None:
+            found: dict[str, str] = {}
+            for name, value in p.headers:
+                key = name.lower()
+                if key in WANTED_HEADERS and key not in found:
+                    found[key] = value
+                    if len(found) == len(WANTED_HEADERS):
+                        break
+            rec.from_ = _clip(decode_header(found.get("from", "")))
+            rec.subject = _clip(decode_header(found.get("subject", "")))
+            rec.message_id = _clip(" ".join(found.get("message-id", "").split()))
+        spam = p.decided_by == "actions"
+        added: list[list[str]] = []
+        for edit in p.edits:
+            if isinstance(edit, HeaderEdit) or edit.op in ("add", "insert", "change"):
+                added.append([edit.name, _clip(edit.value)])
+                if edit.name.lower() == "x-spam-flag":
+                    spam = True
+        rec.headers_added = added
+        rec.spam = spam
         return rec
+
+    def _finish_all(self, batch: list[Pending]) -> list[HistoryRecord]:
+        return [self.finish(p) for p in batch]
 
     async def flush(self) -> int:
         """Write what is queued (one batch); returns the records written."""
         written = 0
         while self._queue:
-            batch = [self.finish(self._queue.popleft())
-                     for _ in range(min(len(self._queue), 5000))]
+            pending = [self._queue.popleft() for _ in range(min(len(self._queue), 5000))]
             try:
+                batch = await asyncio.to_thread(self._finish_all, pending)
                 await self.store.add_many(batch)
             except Exception as exc:  # a store outage: those records are lost, mail is not
                 self.errors += len(batch)
@@ -208,10 +235,10 @@ class HistoryRecorder:
             written += len(batch)
             self.written += len(batch)
         while self._raw:
-            rec, raw = self._raw.popleft()
+            p, raw = self._raw.popleft()
             self._raw_bytes -= len(raw)
             try:
-                await self.store.keep_raw(rec.id, raw)
+                await self.store.keep_raw(p.id, raw)
             except Exception as exc:
                 self.errors += 1
                 log_failure("history-store", self.log_interval,

@@ -29,13 +29,15 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import secrets
 import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from mxguard.store.base import StoreError, connect_sqlite, sibling_path, sqlite_path
@@ -51,7 +53,7 @@ SECRET_SIZE = 32
 def new_id(now: float | None = None) -> str:
     """A unique id that sorts by time: 14 hex digits of microseconds + 8 random."""
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:014x}{secrets.token_hex(4)}"
+    return f"{micros:014x}{random.getrandbits(32):08x}"  # unique, not secret
 
 
 @dataclass(slots=True)
@@ -84,9 +86,9 @@ class HistoryRecord:
     kept: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["from"] = data.pop("from_")
-        return data
+        """The JSON form (``from_`` as ``"from"``); lists and dicts are shared, not copied
+        (``dataclasses.asdict``'s deep copy was most of a write's cost)."""
+        return {key: getattr(self, name) for key, name in _KEYS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HistoryRecord:
@@ -103,8 +105,12 @@ class HistoryRecord:
         return [str(s.get("name", "")) for s in self.symbols]
 
 
+_KEYS = tuple(("from" if f.name == "from_" else f.name, f.name) for f in fields(HistoryRecord))
+
+
 def dumps(record: HistoryRecord) -> str:
-    return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"),
+                      check_circular=False)
 
 
 def loads(text: str | bytes) -> HistoryRecord:
@@ -210,13 +216,17 @@ class HistoryStore(ABC):
         bucket = max(60, int(bucket) // 60 * 60)
         return await self._run(lambda: self._timeline(since, bucket))
 
-    async def top(self, field_name: str, since: float, limit: int = 10,
+    async def top(self, field: str, since: float, limit: int = 10,
                   action: str | None = None) -> list[tuple[str, int]]:
-        """The most frequent values of ``field_name`` (one of :data:`TOP_FIELDS`)."""
-        if field_name not in TOP_FIELDS:
-            raise ValueError(f"top: field {field_name!r}: expected one of "
-                             + ", ".join(TOP_FIELDS))
-        return await self._run(lambda: self._top(field_name, since, max(1, limit), action))
+        """The most frequent values of ``field`` (one of :data:`TOP_FIELDS`: ``symbol``,
+        ``sender``, ``client``, ``sender_domain``) since ``since``, optionally only for
+        records of ``action``: ``[(value, count)]``, most frequent first. Symbols are
+        counted per hour (``since`` is rounded down to the hour); the others per record
+        (SQLite) or per hour (Redis)."""
+        if field not in TOP_FIELDS:
+            raise ValueError(f"top: field {field!r}: expected one of " + ", ".join(TOP_FIELDS))
+        name = field
+        return await self._run(lambda: self._top(name, since, max(1, limit), action))
 
     async def prune(self, max_age: float, max_records: int, batch: int = 1000) -> int:
         """Delete at most ``batch`` records older than ``max_age`` seconds or past the
@@ -329,19 +339,15 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS history (
   id TEXT PRIMARY KEY, time REAL NOT NULL, host TEXT, door TEXT, queue_id TEXT,
   client_address TEXT, client_name TEXT, sender TEXT, sender_domain TEXT,
-  action TEXT, score REAL, data TEXT NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_time ON history(time);
+  action TEXT, score REAL, symbols TEXT, data TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_time ON history(time, action);
 CREATE INDEX IF NOT EXISTS history_queue ON history(queue_id);
 CREATE INDEX IF NOT EXISTS history_sender ON history(sender);
 CREATE INDEX IF NOT EXISTS history_client ON history(client_address);
-CREATE INDEX IF NOT EXISTS history_action ON history(action, time);
-CREATE TABLE IF NOT EXISTS history_rcpt (id TEXT NOT NULL, rcpt TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS history_rcpt (rcpt TEXT NOT NULL, id TEXT NOT NULL,
   PRIMARY KEY (rcpt, id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_rcpt_id ON history_rcpt(id);
-CREATE TABLE IF NOT EXISTS history_sym (id TEXT NOT NULL, name TEXT NOT NULL, time REAL,
-  action TEXT, PRIMARY KEY (name, id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_sym_id ON history_sym(id);
-CREATE INDEX IF NOT EXISTS history_sym_time ON history_sym(time);
+CREATE TABLE IF NOT EXISTS history_symcount (hour INTEGER NOT NULL, action TEXT NOT NULL,
+  name TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (hour, action, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS history_raw (seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT UNIQUE NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS history_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -389,17 +395,21 @@ class SqliteHistoryStore(HistoryStore):
 
     def _add_many(self, records: list[tuple[HistoryRecord, str]]) -> None:
         c = self._conn
+        rows = [(r.id, r.time, r.host, r.door, r.queue_id, _norm(r.client_address),
+                 _norm(r.client_name), _norm(r.sender), domain, r.action, r.score,
+                 " " + " ".join(r.symbol_names()) + " ", dumps(r)) for r, domain in records]
+        rcpts = [(_norm(x), r.id) for r, _ in records for x in r.recipients]
+        # symbol counts per hour and action, added up per batch: a few rows, not one per hit
+        counts = Counter((int(r.time // 3600), r.action, n) for r, _ in records
+                         for n in set(r.symbol_names()))
+        syms = [(h, a, n, k) for (h, a, n), k in counts.items()]
         c.execute("BEGIN IMMEDIATE")
         try:
-            for r, domain in records:
-                c.execute("INSERT OR REPLACE INTO history VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                          (r.id, r.time, r.host, r.door, r.queue_id, _norm(r.client_address),
-                           _norm(r.client_name), _norm(r.sender), domain, r.action, r.score,
-                           dumps(r)))
-                c.executemany("INSERT OR IGNORE INTO history_rcpt VALUES (?, ?)",
-                              [(r.id, _norm(x)) for x in r.recipients])
-                c.executemany("INSERT OR IGNORE INTO history_sym VALUES (?, ?, ?, ?)",
-                              [(r.id, n, r.time, r.action) for n in set(r.symbol_names())])
+            c.executemany("INSERT OR REPLACE INTO history VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          rows)
+            c.executemany("INSERT OR IGNORE INTO history_rcpt VALUES (?, ?)", rcpts)
+            c.executemany("INSERT INTO history_symcount VALUES (?, ?, ?, ?) ON CONFLICT "
+                          "DO UPDATE SET n = n + excluded.n", syms)
             c.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -425,11 +435,11 @@ class SqliteHistoryStore(HistoryStore):
             where.append("(client_address = ? OR client_name = ?)")
             args += [q.client, q.client]
         if q.recipient is not None:
-            where.append("id IN (SELECT id FROM history_rcpt WHERE rcpt = ?)")
+            where.append("id IN (SELECT id FROM history_rcpt WHERE rcpt = ?)")  # its key
             args.append(q.recipient)
         if q.symbol is not None:
-            where.append("id IN (SELECT id FROM history_sym WHERE name = ?)")
-            args.append(q.symbol)
+            where.append("instr(symbols, ?) > 0")
+            args.append(f" {q.symbol} ")
         if q.since is not None:
             where.append("time >= ?")
             args.append(q.since)
@@ -445,7 +455,7 @@ class SqliteHistoryStore(HistoryStore):
         sql = "SELECT data FROM history"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY time DESC, id DESC LIMIT ?"
+        sql += " ORDER BY id DESC LIMIT ?"  # ids sort by time
         args.append(q.limit)
         return [loads(row[0]) for row in self._conn.execute(sql, args)]
 
@@ -458,7 +468,7 @@ class SqliteHistoryStore(HistoryStore):
     def _top(self, field_name: str, since: float, limit: int,
              action: str | None) -> list[tuple[str, int]]:
         if field_name == "symbol":
-            sql = "SELECT name, COUNT(*) AS n FROM history_sym WHERE time >= ?"
+            sql = "SELECT name, SUM(n) AS n FROM history_symcount WHERE hour >= ?"
             group = "name"
         else:
             column = {"sender": "sender", "client": "client_address",
@@ -466,7 +476,7 @@ class SqliteHistoryStore(HistoryStore):
             sql = (f"SELECT {column}, COUNT(*) AS n FROM history WHERE time >= ? "
                    f"AND {column} != ''")
             group = column
-        args: list[Any] = [since]
+        args: list[Any] = [int(since // 3600) if field_name == "symbol" else since]
         if action is not None:
             sql += " AND action = ?"
             args.append(action)
@@ -476,23 +486,25 @@ class SqliteHistoryStore(HistoryStore):
 
     def _prune(self, cutoff: float, max_records: int, batch: int) -> int:
         c = self._conn
-        ids = [r[0] for r in c.execute("SELECT id FROM history WHERE time < ? "
-                                       "ORDER BY time LIMIT ?", (cutoff, batch))]
-        if len(ids) < batch:
-            total = c.execute("SELECT COUNT(*) FROM history").fetchone()[0] - len(ids)
-            over = min(batch - len(ids), max(0, total - max_records))
+        rows = c.execute("SELECT id, data FROM history WHERE time < ? ORDER BY time LIMIT ?",
+                         (cutoff, batch)).fetchall()
+        if len(rows) < batch:
+            total = c.execute("SELECT COUNT(*) FROM history").fetchone()[0] - len(rows)
+            over = min(batch - len(rows), max(0, total - max_records))
             if over:
-                ids += [r[0] for r in c.execute(
-                    "SELECT id FROM history WHERE time >= ? ORDER BY time, id LIMIT ?",
-                    (cutoff, over))]
-        if not ids:
+                rows += c.execute("SELECT id, data FROM history WHERE time >= ? "
+                                  "ORDER BY time, id LIMIT ?", (cutoff, over)).fetchall()
+        if not rows:
             return 0
+        ids = [r[0] for r in rows]
+        rcpts = [(_norm(x), rid) for rid, data in rows for x in loads(data).recipients]
         marks = ",".join("?" * len(ids))
         c.execute("BEGIN IMMEDIATE")
         try:
-            for table in ("history", "history_rcpt", "history_sym"):
+            for table in ("history", "history_raw"):
                 c.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
-            c.execute(f"DELETE FROM history_raw WHERE id IN ({marks})", ids)
+            c.execute("DELETE FROM history_symcount WHERE hour < ?", (int(cutoff // 3600),))
+            c.executemany("DELETE FROM history_rcpt WHERE rcpt = ? AND id = ?", rcpts)
             c.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):

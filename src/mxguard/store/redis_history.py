@@ -24,6 +24,7 @@ never waits for Redis).
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -61,6 +62,35 @@ return 1
 """
 
 
+# ARGV: prefix, ttl, JSON list of {id, t, a, j, ix: [index key suffixes], top: [[field, value]]}
+LUA_ADD = """
+local p, ttl = ARGV[1], tonumber(ARGV[2])
+for _, r in ipairs(cjson.decode(ARGV[3])) do
+  local t = tonumber(r.t)
+  redis.call('SET', p .. 'rec:' .. r.id, r.j, 'EX', ttl)
+  redis.call('ZADD', p .. 'time', r.t, r.id)
+  for _, k in ipairs(r.ix) do
+    redis.call('ZADD', p .. 'ix:' .. k, r.t, r.id)
+    redis.call('EXPIRE', p .. 'ix:' .. k, ttl)
+  end
+  local m = p .. 'tl:' .. math.floor(t / 60)
+  redis.call('HINCRBY', m, r.a, 1)
+  redis.call('EXPIRE', m, ttl)
+  local h = math.floor(t / 3600)
+  for _, fv in ipairs(r.top) do
+    local k1 = p .. 'top:' .. fv[1] .. ':' .. h
+    local k2 = p .. 'top:' .. fv[1] .. ':' .. r.a .. ':' .. h
+    redis.call('HINCRBY', k1, fv[2], 1)
+    redis.call('EXPIRE', k1, ttl)
+    redis.call('HINCRBY', k2, fv[2], 1)
+    redis.call('EXPIRE', k2, ttl)
+  end
+end
+return 1
+"""
+CHUNK = 200  # records per script call: Redis stays responsive for the other hosts
+
+
 def _id_time(record_id: str) -> float | None:
     try:
         return int(record_id[:14], 16) / 1_000_000
@@ -86,6 +116,7 @@ class RedisHistoryStore(HistoryStore):
         self._p = prefix
         self._client: Any = sync_redis_client(url, max(timeout, 2.0))
         self._keep = self._client.register_script(LUA_KEEP)
+        self._add = self._client.register_script(LUA_ADD)
 
     def _backend_error(self, exc: BaseException) -> bool:
         return isinstance(exc, RedisError | OSError)
@@ -112,27 +143,25 @@ class RedisHistoryStore(HistoryStore):
         return keys
 
     def _add_many(self, records: list[tuple[HistoryRecord, str]]) -> None:
-        p, ttl = self._p, self.ttl
-        pipe = self._client.pipeline(transaction=False)
+        """One script call per :data:`CHUNK` records (Redis does the index work; a
+        pipeline of ~40 commands a record cost ~0.5 ms of Python per record)."""
+        ix = len(self._p) + 3  # the index keys go in without "<prefix>ix:"
+        entries = []
         for rec, domain in records:
-            pipe.set(p + "rec:" + rec.id, dumps(rec), ex=ttl)
-            pipe.zadd(p + "time", {rec.id: rec.time})
-            for key in self._indexes(rec):
-                pipe.zadd(key, {rec.id: rec.time})
-                pipe.expire(key, ttl)
-            minute = p + f"tl:{int(rec.time // 60)}"
-            pipe.hincrby(minute, rec.action, 1)
-            pipe.expire(minute, ttl)
-            hour = int(rec.time // 3600)
-            values = {"symbol": set(rec.symbol_names()), "sender": {rec.sender.lower()},
-                      "client": {rec.client_address.lower()}, "sender_domain": {domain}}
-            for name, found in values.items():
-                for value in found:
-                    if not value:
-                        continue
-                    for key in (p + f"top:{name}:{hour}", p + f"top:{name}:{rec.action}:{hour}"):
-                        pipe.hincrby(key, value, 1)
-                        pipe.expire(key, ttl)
+            top = [["symbol", n] for n in set(rec.symbol_names()) if n]
+            for name, value in (("sender", rec.sender.lower()),
+                                ("client", rec.client_address.lower()),
+                                ("sender_domain", domain)):
+                if value:
+                    top.append([name, value])
+            entries.append({"id": rec.id, "t": repr(rec.time), "a": rec.action,
+                            "j": dumps(rec), "ix": [k[ix:] for k in self._indexes(rec)],
+                            "top": top})
+        pipe = self._client.pipeline(transaction=False)
+        for i in range(0, len(entries), CHUNK):
+            self._add(keys=[], args=[self._p, self.ttl,
+                                     json.dumps(entries[i:i + CHUNK], ensure_ascii=False)],
+                      client=pipe)
         pipe.execute()
 
     def _get(self, key: str) -> HistoryRecord | None:

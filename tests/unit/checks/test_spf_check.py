@@ -254,3 +254,16 @@ async def test_receiver_falls_back_to_our_host_name(dns: DNSServer,
 async def test_no_header_when_disabled(dns: DNSServer) -> None:
     assert (await run(dns, tx("user@pass.example"), header=False)).headers == []
     assert (await run(dns, tx("user@pass.example"))).headers  # control
+
+
+@pytest.mark.parametrize(("res", "detail"), [
+    (SpfResult("fail", "example.com", mechanism="-all", client_ip="192.0.2.7"),
+     "example.com from 192.0.2.7 (matched -all)"),
+    (SpfResult("pass", "example.com", mechanism="ip4:192.0.2.0/24", client_ip="192.0.2.7"),
+     "example.com from 192.0.2.7 (matched ip4:192.0.2.0/24)"),
+    (SpfResult("permerror", "example.com", mechanism="default", problem="two records",
+               client_ip="192.0.2.7"), "example.com from 192.0.2.7 (two records)"),
+    (SpfResult("none", "example.com"), "example.com"),  # control: nothing more to say
+])
+def test_symbol_detail_says_what_explain_words(res: SpfResult, detail: str) -> None:
+    assert spf.symbol_detail(res) == detail
