@@ -390,3 +390,55 @@ def test_readme_lists_every_metric() -> None:
     for d in metrics.METRICS:
         assert d.name.startswith("mxguard_")
         assert (d.kind == "counter") == d.name.endswith("_total")
+
+
+async def test_refused_connections_counted_per_door() -> None:
+    import asyncio
+
+    from mxguard.config import PolicyConfig
+    from mxguard.server.policy import PolicyServer
+    from mxguard.testing.ports import free_port
+
+    async def handler(req: Any) -> bytes:
+        return b"action=DUNNO\n\n"
+
+    port = free_port()
+    server = PolicyServer(PolicyConfig(listen=f"127.0.0.1:{port}", max_connections=1), handler)
+    await server.start()
+    try:
+        _r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(100):  # the first is admitted once the loop has run its callback
+            if server.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert stats.REFUSED["policy"] == 0  # control: the first one is admitted
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        assert await r2.read() == b""  # refused: closed at once
+        assert stats.REFUSED == {"policy": 1}
+        svc = service()
+        svc.daemon = FakeDaemon(FakeRuntime(None))
+        svc.daemon.policy = server
+        got = parse(metrics.render(svc.samples()))
+        assert got["mxguard_connections"] == {(("door", "policy"),): 1}
+        assert got["mxguard_connections_refused_total"] == {(("door", "policy"),): 1}
+        w1.close()
+        w2.close()
+    finally:
+        await server.close(0.1)
+
+
+def test_folding_never_waits_for_a_held_lock(tmp_path: Path) -> None:
+    import fcntl
+
+    gone = dead_pid()
+    (tmp_path / f"{gone}.json").write_text(json.dumps(doc(gone, 1, 2, 10)))
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process folding, or stuck
+        assert metrics.fold_dead(str(tmp_path)) == 0  # not now, and no wait
+        assert (tmp_path / f"{gone}.json").exists()
+        got = totals(tmp_path)  # a reader does not wait either
+        assert got["mxguard_requests_total"][(("action", "accept"), ("door", "policy"))] == 2
+    finally:
+        os.close(fd)
+    assert metrics.fold_dead(str(tmp_path)) == 1  # control: free again, folded
