@@ -26,6 +26,8 @@ from mxguard.store.backends import open_bayes_store, open_history_store
 from mxguard.store.history import HistoryRecord, new_id
 from mxguard.web.app import COOKIE, WebState, make_app
 from mxguard.web.auth import hash_password
+from mxguard.web.server import store_secret
+from tests.support.redis import redis_url  # noqa: F401
 
 PASSWORD = "correct-horse-battery"
 HASH = hash_password(PASSWORD, n=2**4, r=1, p=1)
@@ -77,15 +79,15 @@ class Site:
         return m.group(1)
 
 
-def write_config(tmp: Path, extra: str) -> config.Config:
+def write_config(tmp: Path, extra: str, url: str = "") -> config.Config:
     path = tmp / "mxguard.toml"
-    path.write_text(f'[storage]\nurl = "sqlite:///{tmp}/mx.db"\n'
+    path.write_text(f'[storage]\nurl = "{url or f"sqlite:///{tmp}/mx.db"}"\n'
                     f'[server]\nstate_dir = "{tmp}/state"\n{extra}')
     return config.load(str(path))
 
 
-async def make_site(tmp: Path, web_extra: str) -> AsyncIterator[Site]:
-    cfg = write_config(tmp, "[web]\nkeep_messages = 10\n" + web_extra)
+async def make_site(tmp: Path, web_extra: str, url: str = "") -> AsyncIterator[Site]:
+    cfg = write_config(tmp, "[web]\nkeep_messages = 10\n" + web_extra, url)
     history = open_history_store(cfg)
     bayes_store = open_bayes_store(cfg)
     greylister = await open_greylister(cfg)
@@ -110,7 +112,7 @@ async def make_site(tmp: Path, web_extra: str) -> AsyncIterator[Site]:
                          symbols=[{"name": "DKIM_NONE", "score": 0.1, "detail": ""}])
     await history.add_many([kept, evil])
     await history.keep_raw(kept.id, SPAM)
-    app = make_app(lambda: rt, WebState(b"s" * 32, clock=clock))
+    app = make_app(lambda: rt, WebState(await store_secret(services), clock=clock))
     app.middlewares.insert(0, fake_peer)
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
@@ -127,6 +129,16 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     async for s in make_site(tmp_path, f'password_hash = "{HASH}"\nlogin_attempts = 3\n'
                              "session_ttl = 600\n"):
         yield s
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[Site]]:
+    """Two dashboards (two worker processes or MX hosts) on one store."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    extra = f'password_hash = "{HASH}"\n'
+    async for a in make_site(tmp_path, extra, url):
+        async for b in make_site(tmp_path, extra, url):
+            yield [a, b]
 
 
 @pytest.fixture
@@ -370,3 +382,22 @@ async def test_overview_escapes_senders(site: Site) -> None:
     assert "\\u003c/script\\u003e" in html  # the chart's JSON
     data = await (await site.client.get("/api/overview?hours=1")).json()
     assert [evil, 1] in data["top_senders"]  # control: the API has the text as it is
+
+
+async def test_session_valid_on_every_dashboard_of_a_store(fleet: list[Site]) -> None:
+    a, b = fleet
+    assert await a.login() == 303
+    token = a.client.session.cookie_jar.filter_cookies(a.client.make_url("/"))[COOKIE].value
+    b.client.session.cookie_jar.update_cookies({COOKIE: token})
+    assert (await b.client.get("/", allow_redirects=False)).status == 200
+    # both see the records of the shared history; learning on one counts for both
+    records = await (await b.client.get("/api/history?limit=10")).json()
+    assert {r["queue_id"] for r in records} >= {"4ABCDEF01", "4EVIL0002"}
+    kept = next(r["id"] for r in records if r["queue_id"] == "4ABCDEF01")
+    resp = await b.client.post("/api/learn", json={"id": kept, "kind": "spam"},
+                               headers={"X-CSRF-Token": await b.csrf()})
+    assert resp.status == 200, await resp.text()
+    assert (await a.rt.services["bayes"].stats()).nspam == 1
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    b.client.session.cookie_jar.update_cookies({COOKIE: forged})
+    assert (await b.client.get("/", allow_redirects=False)).status == 303  # control
