@@ -401,3 +401,35 @@ async def test_session_valid_on_every_dashboard_of_a_store(fleet: list[Site]) ->
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     b.client.session.cookie_jar.update_cookies({COOKIE: forged})
     assert (await b.client.get("/", allow_redirects=False)).status == 303  # control
+
+
+async def test_greylist_api(site: Site) -> None:
+    auth = basic("admin", PASSWORD)
+    before = await (await site.client.get("/api/greylist?client=192.0.2.33",
+                                          headers=auth)).json()
+    assert before["client_whitelisted"] == "" and before["network"] == "192.0.2.0/24"
+    resp = await site.client.post("/api/greylist/whitelist", headers=auth,
+                                  json={"entry": "192.0.2.33", "comment": "api"})
+    assert resp.status == 200 and (await resp.json()) == {"entry": "192.0.2.33",
+                                                          "added": True}
+    after = await (await site.client.get("/api/greylist?client=192.0.2.33",
+                                         headers=auth)).json()
+    assert after["client_whitelisted"] == "192.0.2.33"
+    other = await (await site.client.get("/api/greylist?client=192.0.2.34",
+                                         headers=auth)).json()
+    assert other["client_whitelisted"] == ""  # control: the neighbour is not
+    bad = await site.client.post("/api/greylist/whitelist", headers=auth, data=b"not json")
+    assert bad.status == 400
+
+
+async def test_api_learn_and_forget(site: Site) -> None:
+    auth = basic("admin", PASSWORD)
+    for kind, outcome, nspam in [("spam", "learned as spam", 1), ("forget", "forgotten", 0),
+                                 ("forget", "was not learned", 0)]:
+        resp = await site.client.post("/api/learn", headers=auth,
+                                      json={"id": "4ABCDEF01", "kind": kind})
+        data = await resp.json()
+        assert resp.status == 200 and data["outcome"] == outcome and data["nspam"] == nspam
+    resp = await site.client.post("/api/learn", headers=auth,
+                                  json={"id": "4ABCDEF01", "kind": "maybe"})
+    assert resp.status == 400
