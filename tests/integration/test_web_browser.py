@@ -70,6 +70,7 @@ def driver(tmp_path: Path) -> Iterator[Any]:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1400,1000", "--no-first-run", "--disable-extensions",
                 "--disable-background-networking", "--disable-sync",
@@ -149,6 +150,8 @@ def test_browser_login_history_learn(tmp_path: Path, dns: DNSServer, sink: Sink,
             "var c = document.getElementById('timeline');"
             "return !!(window.Chart && Chart.getChart(c));")
         assert drawn, "the chart was not drawn"
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors  # no script error, no Content-Security-Policy refusal
         driver.get(base + "/?hours=1")  # the last hour: the test's mail fills the chart
         wait.until(ec.presence_of_element_located((By.ID, "timeline")))
         screenshot(driver, "dashboard-overview.png")
@@ -176,6 +179,7 @@ def test_browser_login_history_learn(tmp_path: Path, dns: DNSServer, sink: Sink,
         assert (stats["nspam"], stats["nham"]) == ("1", "0")
         assert "1 spam, 0 ham" in driver.find_element(By.ID, "bayes-counts").text
         screenshot(driver, "dashboard-message.png")
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
 
         # log out: the dashboard asks for the login again
         driver.find_element(By.ID, "logout").click()
