@@ -38,19 +38,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
 from mxguard import __version__, stats
 from mxguard.core.transaction import Symbol, Transaction, Verdict
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from mxguard.core.runtime import Runtime
 
 log = logging.getLogger("mxguard")
@@ -397,9 +390,15 @@ class MetricsService:
             self.write()
 
     async def run(self) -> None:
+        from mxguard.core.runner import log_failure
+
         while True:
             await asyncio.sleep(WRITE_INTERVAL)
-            self.write()
+            try:
+                self.write()
+            except Exception as exc:  # a bug here must not end the writer (nor the daemon)
+                log_failure("metrics-write", 60.0, "metrics: snapshot failed: %s: %s",
+                            type(exc).__name__, exc)
 
     # -- what a reader in this process sees
     def gather(self) -> Samples:
@@ -577,13 +576,21 @@ def workers_of(directory: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- exposition
 
-class SamplesCollector(Collector):
-    """Metric families of one :data:`Samples` (in :data:`METRICS` order)."""
+class SamplesCollector:
+    """Metric families of one :data:`Samples` (in :data:`METRICS` order), for a
+    prometheus_client registry (imported only when ``/metrics`` is first read:
+    a worker that is never scraped does not load it)."""
 
     def __init__(self, samples: Samples) -> None:
         self._samples = samples
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         for d in METRICS:
             values = self._samples.get(d.name, {})
             fam: Metric
@@ -615,6 +622,9 @@ def _le(bound: float) -> str:
 
 
 def render(samples: Samples) -> bytes:
+    """The Prometheus text format of ``samples``."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SamplesCollector(samples))
     return generate_latest(registry)
@@ -685,6 +695,8 @@ def to_json(samples: Samples) -> dict[str, Any]:
 
 def exposition() -> tuple[bytes, str]:
     """``/metrics``: (body, content type) of the totals across workers."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
     return render(_active.gather() if _active is not None else
                   {"mxguard_build_info": build_info()}), CONTENT_TYPE_LATEST
 
