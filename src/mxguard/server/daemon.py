@@ -174,6 +174,12 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.runtime.config
+        if cfg.web.enabled:  # a bad [web] stops the start before any socket opens
+            from mxguard.web.server import check_config
+
+            problem = check_config(cfg)
+            if problem is not None:
+                raise StartupError(problem)
         self.runtime.services = await open_services(cfg)
         self.runtime.services["metrics"].attach(self)  # snapshot file every few seconds
         self.policy = PolicyServer(cfg.policy, PolicyDoor(self))
@@ -250,11 +256,8 @@ class Daemon:
         await self.milter.start()
 
     async def start_web(self, cfg: config.Config) -> None:
-        from mxguard.web.server import WebServer, check_config
+        from mxguard.web.server import WebServer
 
-        problem = check_config(cfg)
-        if problem is not None:
-            raise StartupError(problem)
         self.web = WebServer(self)
         await self.web.start()
 
