@@ -35,3 +35,52 @@ def test_passwd_refuses(stdin: str, needle: str) -> None:
     code, out, err = run(stdin)
     assert code == 2 and out == ""
     assert needle in err
+
+
+def _on_tty(answers: list[str]) -> tuple[int, str]:
+    """Run the real command on a pseudo-terminal, typing ``answers`` at its prompts."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, its stdin a terminal
+        try:
+            os.execv(sys.executable, [sys.executable, "-m", "mxguard", "web", "passwd"])
+        finally:
+            os._exit(127)
+    out = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+        if pending and out.rstrip().endswith(b":"):
+            os.write(fd, pending.pop(0).encode() + b"\r")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def test_passwd_on_a_terminal_asks_twice_without_echo() -> None:
+    code, out = _on_tty(["tty-password-1", "tty-password-1"])
+    assert code == 0, out
+    assert "New dashboard password:" in out and "Again:" in out
+    assert "tty-password-1" not in out  # not echoed, not printed
+    m = re.search(r'password_hash = "(scrypt\$[^"]+)"', out)
+    assert m and verify_password("tty-password-1", m.group(1))
+
+
+def test_passwd_on_a_terminal_refuses_a_mismatch() -> None:
+    code, out = _on_tty(["tty-password-1", "tty-password-2"])  # control: they differ
+    assert code == 1 and "the two passwords differ" in out and "password_hash" not in out
