@@ -289,9 +289,6 @@ def _session_auth(request: web.Request, rt: Runtime, state: WebState) -> Auth | 
     return Auth("session", rt.config.web.user, nonce, sessions.csrf(nonce))
 
 
-OPEN_PATHS = ("/static/", "/login")
-
-
 @web.middleware
 async def guard(request: web.Request,
                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
