@@ -38,38 +38,53 @@ def test_passwd_refuses(stdin: str, needle: str) -> None:
 
 
 def _on_tty(answers: list[str]) -> tuple[int, str]:
-    """Run the real command on a pseudo-terminal, typing ``answers`` at its prompts."""
+    """Run the real command on a pseudo-terminal (its controlling terminal, through
+    util-linux ``setsid --ctty``: no fork of this threaded test process), typing
+    ``answers`` at its prompts."""
     import os
     import pty
     import select
+    import subprocess
     import sys
     import time
 
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the command, its stdin a terminal
-        try:
-            os.execv(sys.executable, [sys.executable, "-m", "mxguard", "web", "passwd"])
-        finally:
-            os._exit(127)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(["setsid", "--ctty", sys.executable, "-m", "mxguard", "web",
+                             "passwd"], stdin=slave, stdout=slave, stderr=slave,
+                            close_fds=True)
+    os.close(slave)
     out = b""
-    pending = list(answers)
+    prompts = (b"New dashboard password:", b"Again:")
+    typed = 0
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if not ready:
-            continue
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:  # the child is gone
-            break
-        if not chunk:
-            break
-        out += chunk
-        if pending and out.rstrip().endswith(b":"):
-            os.write(fd, pending.pop(0).encode() + b"\r")
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # the other side is closed
+                    break
+                out += chunk
+            asked = sum(out.count(p) for p in prompts)
+            while typed < min(asked, len(answers)):
+                os.write(master, answers[typed].encode() + b"\r")
+                typed += 1
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        while select.select([master], [], [], 0.2)[0]:  # what it wrote last
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, out.decode(errors="replace")
 
 
 def test_passwd_on_a_terminal_asks_twice_without_echo() -> None:
