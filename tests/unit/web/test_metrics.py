@@ -442,3 +442,32 @@ def test_folding_never_waits_for_a_held_lock(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert metrics.fold_dead(str(tmp_path)) == 1  # control: free again, folded
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_prints_the_files_of_a_state_dir(tmp_path: Path, sleeper: Any,
+                                             as_json: bool) -> None:
+    from click.testing import CliRunner
+
+    from mxguard.cli import main
+
+    d = tmp_path / "metrics"
+    d.mkdir()
+    pid = sleeper.pid
+    (d / f"{pid}.json").write_text(json.dumps(doc(pid, metrics._start_ticks(pid), 4, 100)))
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\nstate_dir = "{tmp_path}"\n')
+    result = CliRunner().invoke(main, ["metrics", "--config", str(config),
+                                       *(["--json"] if as_json else [])])
+    assert result.exit_code == 0, result.output
+    if as_json:
+        rows = json.loads(result.output)["metrics"]["mxguard_requests_total"]
+        assert rows == [{"labels": {"door": "policy", "action": "accept"}, "value": 4}]
+    else:
+        got = parse(result.output.encode())
+        assert got["mxguard_requests_total"] == {(("action", "accept"), ("door", "policy")): 4}
+        assert "mxguard_messages_total" not in got  # control: nothing decided there
+    empty = tmp_path / "e.toml"
+    empty.write_text(f'[server]\nstate_dir = "{tmp_path}/none"\n')
+    result = CliRunner().invoke(main, ["metrics", "--config", str(empty)])
+    assert result.exit_code == 1 and "no metrics in" in result.output
