@@ -826,7 +826,8 @@ def dump(cfg: Config, *, docs: bool = True) -> str:
             lines.append(f"{f.name} = {toml_value(value)}")
     # the storage URL without its password (config show is pasted into tickets)
     resolved = {("server", "state_dir"): cfg.state_dir,
-                ("storage", "url"): redact(cfg.storage_url)}
+                ("storage", "url"): redact(cfg.storage_url),
+                ("web", "password_hash"): "***" if cfg.web.password_hash else ""}
     for name, section in sections:
         lines.append("")
         lines.append(f"[{name}]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,7 @@ class MxguardProcess:
         self.tmp = tmp
         self.port = port or free_port()
         self.milter_port = free_port()
+        self.web_port = free_port()  # every daemon its own dashboard port (default 11380)
         self.config = tmp / "mxguard.toml"
         self.log = tmp / "mxguard.log"
         self.write_config(config_text)
@@ -77,6 +79,13 @@ class MxguardProcess:
         text = top + (f'[policy]\nlisten = "127.0.0.1:{self.port}"\n'
                       f'[milter]\nlisten = "127.0.0.1:{self.milter_port}"\n'
                       f'[storage]\nurl = "sqlite:///{self.tmp}/mxguard.db"\n')
+        web_listen = f'listen = "127.0.0.1:{self.web_port}"\n'
+        if re.search(r"(?m)^\[web\]", extra):  # a caller's [web]: our port unless it has one
+            if not re.search(r"(?ms)^\[web\][^\[]*^listen\s*=", extra):
+                extra = re.sub(r"(?m)^\[web\]\n", lambda m: m.group(0) + web_listen, extra,
+                               count=1)
+        else:
+            text += "[web]\n" + web_listen
         # Later sections for [policy]/[storage] in extra are merged by hand by callers.
         self.config.write_text(text + extra)
 

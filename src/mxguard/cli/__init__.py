@@ -77,9 +77,10 @@ def _register() -> None:
     from mxguard.cli.scan import rules, scan
     from mxguard.cli.spf import spf
     from mxguard.cli.storage import storage
+    from mxguard.cli.web import web
 
     for command in (greylist, spf, dkim, dmarc, scan, rules, learn, bayes, storage, postfix, dns,
-                    doctor, demo, history, explain, metrics):
+                    doctor, demo, history, explain, metrics, web):
         main.add_command(command)
 
 

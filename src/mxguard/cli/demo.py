@@ -139,6 +139,8 @@ class Demo:
 state_dir = "{self.workdir}/state"
 [policy]
 listen = "127.0.0.1:{self.policy_port}"
+[web]
+listen = "127.0.0.1:{free_port()}"
 [milter]
 listen = "127.0.0.1:{self.milter_port}"
 authserv_id = "{MX_NAME}"

@@ -169,16 +169,25 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.policy: PolicyServer | None = None
         self.milter: Any = None
+        self.web: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
         cfg = self.runtime.config
+        if cfg.web.enabled:  # a bad [web] stops the start before any socket opens
+            from mxguard.web.server import check_config
+
+            problem = check_config(cfg)
+            if problem is not None:
+                raise StartupError(problem)
         self.runtime.services = await open_services(cfg)
         self.runtime.services["metrics"].attach(self)  # snapshot file every few seconds
         self.policy = PolicyServer(cfg.policy, PolicyDoor(self))
         await self.policy.start()
         if cfg.milter.enabled:
             await self.start_milter(cfg)
+        if cfg.web.enabled:
+            await self.start_web(cfg)
         loop = asyncio.get_running_loop()
         greylister = self.runtime.services.get("greylist")
         run_expiry = getattr(greylister, "run_expiry", None)
@@ -246,6 +255,12 @@ class Daemon:
         self.milter = MilterServer(settings, MxguardMilter(self))
         await self.milter.start()
 
+    async def start_web(self, cfg: config.Config) -> None:
+        from mxguard.web.server import WebServer
+
+        self.web = WebServer(self)
+        await self.web.start()
+
     async def reload(self) -> None:
         """Load config and lists anew; keep the old ones if anything is wrong."""
         old = self.runtime
@@ -255,6 +270,11 @@ class Daemon:
             rules = None
             if cfg.milter.enabled and cfg.mode("content") is not Mode.OFF:
                 rules = await asyncio.to_thread(load_content_rules, cfg)
+            from mxguard.web.server import check_config
+
+            web_problem = check_config(cfg) if cfg.web.enabled else None
+            if web_problem is not None:
+                raise ValueError(web_problem)
             greylister = old.services.get("greylist")
             if greylister is not None:
                 greylister.reload(cfg)
@@ -265,6 +285,8 @@ class Daemon:
         for key in ("listen",):
             if getattr(cfg.policy, key) != getattr(old.config.policy, key):
                 log.warning("reload: policy.%s changed; restart mxguard to apply it", key)
+        if (cfg.web.enabled, cfg.web.listen) != (old.config.web.enabled, old.config.web.listen):
+            log.warning("reload: web.enabled / web.listen changed; restart mxguard to apply it")
         if cfg.storage_url != old.config.storage_url:
             log.warning("reload: storage.url changed; restart mxguard to apply it")
         if self.policy is not None:
@@ -286,6 +308,8 @@ class Daemon:
         # Both doors drain at once: the grace is one deadline, not one per door.
         closing = [door.close(grace) for door in (self.policy, self.milter) if door is not None]
         await asyncio.gather(*closing)
+        if self.web is not None:
+            await self.web.close()
         for task in self._tasks:
             task.cancel()
         await close_services(self.runtime.services)

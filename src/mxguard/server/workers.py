@@ -100,6 +100,7 @@ def bind_all(cfg: config.Config) -> dict[str, socket.socket]:
     """The sockets the daemon listens on, keyed by their ``listen`` spec."""
     sockets: dict[str, socket.socket] = {}
     specs = [cfg.policy.listen] + ([cfg.milter.listen] if cfg.milter.enabled else [])
+    specs += [cfg.web.listen] if cfg.web.enabled else []
     try:
         for spec in specs:
             if spec not in sockets:
