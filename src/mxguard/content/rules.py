@@ -25,8 +25,15 @@ line scores 1.0 (``-1.0`` with ``tflags nice``, 0.01 for ``T_`` test rules,
 a scored meta needs it. ``tflags multiple`` counts every match (score times
 hits, at most ``maxhits=N``).
 
-Speed: only regex rules whose required literals occur in the text are run
-(the prefilter, :mod:`mxguard.content.rules_prefilter`). Text per body part
+Speed: the regex rules of each target (body, rawbody, full, uri, each header
+spec) are compiled into Hyperscan databases when the ``hyperscan`` package is
+installed (:mod:`mxguard.content.rules_compiled`): one pass over the text names
+the rules that may match, and only those run with Python ``re``. Without
+Hyperscan (or for the rules it cannot take) only regex rules whose required
+literals occur in the text are run (the prefilter,
+:mod:`mxguard.content.rules_prefilter`). Either way Python ``re`` decides
+every hit: ``RuleSet(parsed, compiled=False)`` runs every regex on every text
+(the reference the equivalence tests compare with). Text per body part
 is capped at :data:`BODY_PART_SCAN` characters (SpamAssassin's
 ``body_part_scan_size``). Metas are compiled by :mod:`mxguard.content.rules_meta`.
 """
@@ -36,7 +43,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,6 +56,8 @@ from mxguard.content import evals
 from mxguard.content.evals import EVALS, NET_EVALS, RuleLists, ScanContext
 from mxguard.content.evals.base import DomainSet
 from mxguard.content.mime import ParsedMessage, rendered_body
+from mxguard.content import rules_compiled as rc
+from mxguard.content.rules_hs import Unsupported, hs_pattern
 from mxguard.content.rules_meta import HitMap, MetaError, compile_meta
 from mxguard.content.rules_parser import ParsedRules, RuleDef, apply_replace_tags, parse_paths
 from mxguard.content.rules_prefilter import Prefilter, hyperscan_available, required_literals
@@ -70,7 +81,6 @@ class Rule:
     description: str = ""
     tflags: frozenset[str] = frozenset()
     maxhits: int = 0
-    regex: re.Pattern[bytes] | None = None
     literals: tuple[bytes, ...] | None = None
     header: str = ""
     negate: bool = False
@@ -80,10 +90,31 @@ class Rule:
     eval_args: tuple[str, ...] = ()
     meta_fn: Callable[[HitMap], Any] | None = None
     deps: tuple[str, ...] = ()
+    pattern: bytes | None = None  # the translated Python pattern (regex rules)
+    flags: int = 0
+    compiled_re: re.Pattern[bytes] | None = None
+    unset_hit: int = -1  # header rules: hit when the header is absent (1/0; -1 not known yet)
 
     @property
     def multiple(self) -> bool:
         return "multiple" in self.tflags
+
+    @property
+    def regex(self) -> re.Pattern[bytes] | None:
+        """The compiled regex; compiled on first use for rules read from the cache."""
+        if self.compiled_re is None and self.pattern is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.compiled_re = re.compile(self.pattern, self.flags)
+        return self.compiled_re
+
+    def absent_hit(self) -> bool:
+        """A header rule's outcome when the header is absent (its if-unset text, or empty)."""
+        if self.unset_hit < 0:
+            assert self.regex is not None
+            text = self.if_unset if self.if_unset is not None else b""
+            self.unset_hit = int((self.regex.search(text) is not None) != self.negate)
+        return bool(self.unset_hit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +148,9 @@ class LoadStats:
     ignored_settings: Counter[str] = field(default_factory=Counter)
     engine: str = "re"
     seconds: float = 0.0
+    hs_rules: int = 0  # regex rules in Hyperscan databases
+    hs_seconds: float = 0.0  # compiling (or reading) them
+    cache: str = ""  # "hit", "written", "" (no disk cache)
 
 
 # ------------------------------------------------------------------ headers
@@ -180,11 +214,59 @@ def _default_score(name: str, tflags: frozenset[str]) -> float:
     return -1.0 if "nice" in tflags else 1.0
 
 
-class RuleSet:
-    """Compiled rules; build with :func:`build_ruleset` or :func:`load_rules`."""
+class _Target:
+    """The regex rules run on one text (a body kind, or one header spec)."""
 
-    def __init__(self, parsed: ParsedRules, *, use_hyperscan: bool | None = None) -> None:
+    __slots__ = ("fast", "negated", "prefilter", "rules")
+
+    def __init__(self, rules: list[Rule], prefilter: Prefilter[Rule] | None) -> None:
+        self.rules = rules
+        self.prefilter = prefilter  # literal prefilter over all rules; None: run all
+        self.negated = [r for r in rules if r.negate]
+        # (Hyperscan matcher, literal prefilter over the rules it lacks): set once,
+        # as one tuple, when the databases are ready (maybe from another thread)
+        self.fast: tuple[rc.HsMatcher, Prefilter[Rule] | None] | None = None
+
+    def candidates(self, text: bytes) -> list[Rule]:
+        fast = self.fast
+        if fast is not None:
+            rules = self.rules
+            out = [rules[i] for i in set(fast[0].matches(text))]
+            if fast[1] is not None:
+                out += fast[1].candidates(text)
+            return out
+        if self.prefilter is not None:
+            return self.prefilter.candidates(text)
+        return self.rules
+
+
+class RuleSet:
+    """Compiled rules; build with :func:`build_ruleset` or :func:`load_rules`.
+
+    ``compiled=False`` runs every regex rule on every text (no prefilter, no
+    Hyperscan): the reference for tests. ``cache_dir``: keep translated
+    patterns and Hyperscan databases there (see
+    :mod:`mxguard.content.rules_compiled`). ``background``: compile the
+    Hyperscan databases in a thread; scans meanwhile use the literal prefilter
+    (same hits, slower); :meth:`wait_compiled` waits for it."""
+
+    def __init__(self, parsed: ParsedRules, *, use_hyperscan: bool | None = None,
+                 compiled: bool = True, cache_dir: str | os.PathLike[str] | None = None,
+                 background: bool = False) -> None:
         started = time.monotonic()
+        self.compiled = compiled
+        self._ready = threading.Event()
+        use_hs = compiled and (hyperscan_available() if use_hyperscan is None
+                               else use_hyperscan)
+        self._cache_file: Path | None = None
+        self._cached: tuple[dict[str, Any], list[bytes]] | None = None
+        if cache_dir is not None and parsed.files:
+            key = rc.cache_key(parsed.files, f"hs={use_hs}")
+            if key is not None:
+                self._cache_file = rc.cache_path(cache_dir, key)
+                self._cached = rc.read_cache(self._cache_file)
+        cached_rules: dict[str, Any] = self._cached[0].get("rules", {}) if self._cached else {}
+        self._cached_rules = cached_rules if isinstance(cached_rules, dict) else {}
         self.stats = LoadStats(files=list(parsed.files), errors=list(parsed.errors),
                                warnings=list(parsed.warnings),
                                ignored_settings=Counter(parsed.ignored))
@@ -202,17 +284,115 @@ class RuleSet:
                 self.rules[rule.name] = rule
         self.metas = self._order_metas()
         self._prune()
-        use_hs = hyperscan_available() if use_hyperscan is None else use_hyperscan
-        self.stats.engine = "hyperscan+re" if use_hs else "re"
+        self.stats.engine = "hyperscan+re" if use_hs else "re" if compiled else "re (reference)"
         self.header_rules = [r for r in self.rules.values() if r.kind == "header"]
+        self.exists_rules = [r for r in self.header_rules if r.exists]
         self.eval_rules = [r for r in self.rules.values() if r.kind == "eval"]
-        self.prefilters = {kind: Prefilter([r for r in self.rules.values() if r.kind == kind],
-                                            use_hs) for kind in REGEX_KINDS}
+        self.targets: dict[str, _Target] = {}
+        for kind in REGEX_KINDS:
+            rules = [r for r in self.rules.values() if r.kind == kind]
+            self.targets[kind] = _Target(rules, Prefilter(rules, use_hs) if compiled else None)
+        by_spec: dict[str, list[Rule]] = {}
+        for rule in self.header_rules:
+            if not rule.exists:
+                by_spec.setdefault(rule.header, []).append(rule)
+        self.header_targets = {
+            spec: _Target(rules, Prefilter(rules, False) if compiled else None)
+            for spec, rules in by_spec.items()}
         for rule in self.rules.values():
             self.stats.active[rule.kind] += 1
             if rule.literals is not None:
                 self.stats.prefiltered += 1
         self.stats.seconds = time.monotonic() - started
+        if not use_hs:
+            self._ready.set()
+        elif background:
+            threading.Thread(target=self._compile_hs, name="mxguard-rules-compile",
+                             daemon=True).start()
+        else:
+            self._compile_hs()
+            self.stats.seconds = time.monotonic() - started
+
+    # -- Hyperscan ------------------------------------------------------------
+
+    def _all_targets(self) -> dict[str, _Target]:
+        out = dict(self.targets)
+        out.update((f"header {spec}", t) for spec, t in self.header_targets.items())
+        return out
+
+    def _compile_hs(self) -> None:
+        started = time.monotonic()
+        try:
+            self._build_hs()
+        except Exception as exc:  # never an outage: the literal prefilter stays
+            log.warning("content: rules: hyperscan databases unusable (%s: %s); using the "
+                        "literal prefilter", type(exc).__name__, exc)
+        finally:
+            self.stats.hs_seconds = time.monotonic() - started
+            self._cached = None
+            self._ready.set()
+
+    def _build_hs(self) -> None:
+        cached_targets: dict[str, Any] = {}
+        blobs: list[bytes] = []
+        if self._cached is not None:
+            cached_targets, blobs = self._cached[0].get("targets", {}), self._cached[1]
+        out_targets: dict[str, Any] = {}
+        out_blobs: list[bytes] = []
+        complete = True
+        for key, target in self._all_targets().items():
+            if not target.rules or (key.startswith("header ") and len(target.rules) < 3):
+                continue  # a header spec with one or two rules: plain re is as quick
+            names = [r.name for r in target.rules]
+            entry = cached_targets.get(key)
+            dbs: list[Any] = []
+            covered: list[int] = []
+            if isinstance(entry, dict) and entry.get("names") == names:
+                first, count = entry["first"], entry["count"]
+                dbs = [rc.load_db(b) for b in blobs[first:first + count]]
+                covered = list(entry["covered"])
+                mine = blobs[first:first + count]
+            else:
+                complete = False
+                patterns: list[tuple[int, bytes]] = []
+                for i, rule in enumerate(target.rules):
+                    assert rule.regex is not None
+                    try:
+                        patterns.append((i, hs_pattern(rule.regex).encode("latin-1")))
+                    except Unsupported:
+                        continue
+                dbs, refused = rc.compile_target(patterns)
+                covered = sorted({i for i, _ in patterns} - set(refused))
+                mine = [rc.dump_db(db) for db in dbs] if self._cache_file is not None else []
+            if not dbs:
+                continue
+            out_targets[key] = {"names": names, "first": len(out_blobs), "count": len(dbs),
+                                "covered": covered}
+            out_blobs += mine
+            in_hs = set(covered)
+            rest = [r for i, r in enumerate(target.rules) if i not in in_hs]
+            target.fast = (rc.HsMatcher(dbs), Prefilter(rest, False) if rest else None)
+            self.stats.hs_rules += len(covered)
+        if self._cache_file is None:
+            return
+        if complete and self._cached is not None:
+            self.stats.cache = "hit"
+            return
+        meta = {"rules": {r.name: [r.source, r.pattern.decode("latin-1"), r.flags,
+                                   None if r.literals is None else
+                                   [lit.hex() for lit in r.literals]]
+                          for r in self.rules.values() if r.pattern is not None},
+                "targets": out_targets}
+        try:
+            rc.write_cache(self._cache_file, meta, out_blobs)
+            self.stats.cache = "written"
+        except OSError as exc:
+            log.warning("content: rules: cannot write the compiled-rules cache %s: %s",
+                        self._cache_file, exc.strerror or exc)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the Hyperscan databases (True when ready or not used)."""
+        return self._ready.wait(timeout)
 
     # -- compiling ------------------------------------------------------------
 
@@ -242,8 +422,17 @@ class RuleSet:
                 if name in parsed.replace_rules:
                     pattern = apply_replace_tags(pattern, parsed.replace_tags)
                 extra = re.MULTILINE if rdef.kind in ("body", "rawbody") else 0
-                rule.regex = compile_regex(pattern, extra)
-                rule.literals = required_literals(rule.regex)
+                hit = self._cached_rules.get(name)
+                if (isinstance(hit, list) and len(hit) == 4 and hit[0] == rdef.source
+                        and hit[2] & extra == extra):
+                    # translated before, from these very files: compiled on first use
+                    rule.pattern, rule.flags = hit[1].encode("latin-1"), int(hit[2])
+                    rule.literals = (None if hit[3] is None else
+                                     tuple(bytes.fromhex(x) for x in hit[3]))
+                else:
+                    rule.compiled_re = compile_regex(pattern, extra)
+                    rule.pattern, rule.flags = rule.compiled_re.pattern, rule.compiled_re.flags
+                    rule.literals = required_literals(rule.compiled_re)
                 if rdef.kind == "header":
                     rule.header, rule.negate = rdef.header, rdef.negate
                     if rdef.if_unset is not None:
@@ -336,7 +525,7 @@ class RuleSet:
         past_deadline(deadline)
         for kind in ("body", "rawbody", "full"):
             text = texts[kind]
-            for rule in self.prefilters[kind].candidates(text):
+            for rule in self.targets[kind].candidates(text):
                 past_deadline(deadline)
                 _count(rule, text, hits)
         self._scan_uris(msg, hits, deadline)
@@ -351,35 +540,39 @@ class RuleSet:
         return self._result(hits, score_set, time.monotonic() - started)
 
     def _scan_headers(self, ctx: ScanContext, hits: HitMap, deadline: float | None) -> None:
-        cache: dict[str, list[str]] = {}
-        for n, rule in enumerate(self.header_rules):
-            if not n % 16:
-                past_deadline(deadline)
-            if rule.exists:  # pseudo-headers (ToCc, MESSAGEID ...) too
-                if ctx.msg.get(rule.exists) or header_values(ctx.msg, rule.exists, ctx):
-                    hits[rule.name] = 1
-                continue
-            spec = rule.header
-            if spec not in cache:
-                cache[spec] = header_values(ctx.msg, spec, ctx)
-            values = cache[spec]
-            if values:
-                # Plain values end in a newline each (as SpamAssassin's get() gives
-                # them); :addr, :name, :host, :domain give bare values.
-                end = "" if _BARE_MODS.intersection(spec.split(":")[1:]) else "\n"
-                text = "".join(v + end for v in values).encode("utf-8", "replace")
-            else:
-                text = rule.if_unset if rule.if_unset is not None else b""
-            assert rule.regex is not None
-            matched = rule.regex.search(text) is not None
-            if matched != rule.negate:
+        for rule in self.exists_rules:  # pseudo-headers (ToCc, MESSAGEID ...) too
+            if ctx.msg.get(rule.exists) or header_values(ctx.msg, rule.exists, ctx):
                 hits[rule.name] = 1
+        for spec, target in self.header_targets.items():
+            past_deadline(deadline)
+            values = header_values(ctx.msg, spec, ctx)
+            if not values:
+                for rule in target.rules:
+                    if rule.absent_hit():
+                        hits[rule.name] = 1
+                continue
+            # Plain values end in a newline each (as SpamAssassin's get() gives
+            # them); :addr, :name, :host, :domain give bare values.
+            end = "" if _BARE_MODS.intersection(spec.split(":")[1:]) else "\n"
+            text = "".join(v + end for v in values).encode("utf-8", "replace")
+            matched: set[str] = set()
+            for rule in target.candidates(text):
+                assert rule.regex is not None
+                if rule.regex.search(text) is not None:
+                    matched.add(rule.name)
+                    if not rule.negate:
+                        hits[rule.name] = 1
+            for rule in target.negated:
+                if rule.name not in matched:
+                    hits[rule.name] = 1
 
     def _scan_uris(self, msg: ParsedMessage, hits: HitMap, deadline: float | None) -> None:
         urls = [u.url.encode("utf-8", "replace") for u in msg.uris]
         if not urls:
             return
-        for rule in self.prefilters["uri"].candidates(b"\n".join(urls)):
+        # Every construct of a Hyperscan pattern only widens, and a URL's match is
+        # a substring of the joined text: candidates from one pass over all URLs.
+        for rule in self.targets["uri"].candidates(b"\n".join(urls)):
             past_deadline(deadline)
             assert rule.regex is not None
             n = sum(1 for u in urls if rule.regex.search(u))
@@ -459,9 +652,13 @@ def _eval_failed(rule: Rule, exc: Exception) -> None:
 
 
 def build_ruleset(paths: Iterable[str | os.PathLike[str]], *,
-                  use_hyperscan: bool | None = None) -> RuleSet:
-    """Parse and compile rule files/directories in order (later wins)."""
-    return RuleSet(parse_paths(list(paths)), use_hyperscan=use_hyperscan)
+                  use_hyperscan: bool | None = None, compiled: bool = True,
+                  cache_dir: str | os.PathLike[str] | None = None,
+                  background: bool = False) -> RuleSet:
+    """Parse and compile rule files/directories in order (later wins); see
+    :class:`RuleSet` for the keywords."""
+    return RuleSet(parse_paths(list(paths)), use_hyperscan=use_hyperscan, compiled=compiled,
+                   cache_dir=cache_dir, background=background)
 
 
 def rule_paths(cfg: Any) -> list[str]:
