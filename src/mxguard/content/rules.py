@@ -40,6 +40,7 @@ is capped at :data:`BODY_PART_SCAN` characters (SpamAssassin's
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -160,20 +161,39 @@ def _addr_host(value: str) -> str:
     return evals.domain_of(evals.address(value))
 
 
+def _org_of(value: str) -> str:
+    return evals.org_domain(_addr_host(value))
+
+
+# pure functions of the value: cached (bounded) across messages
 _MODIFIERS: dict[str, Callable[[str], str]] = {
-    "addr": evals.address,
-    "name": evals.display_name,
-    "host": _addr_host,
-    "domain": lambda v: evals.org_domain(_addr_host(v)),
+    "addr": functools.lru_cache(maxsize=4096)(evals.address),
+    "name": functools.lru_cache(maxsize=4096)(evals.display_name),
+    "host": functools.lru_cache(maxsize=4096)(_addr_host),
+    "domain": functools.lru_cache(maxsize=4096)(_org_of),
 }
+_PSEUDO = frozenset(("ToCc", "MESSAGEID", "EnvelopeFrom"))
 
 
 _BARE_MODS = frozenset(("addr", "name", "host", "domain"))
 _ALL_HEADERS = frozenset(("ALL", "ALL-TRUSTED", "ALL-UNTRUSTED", "ALL-INTERNAL", "ALL-EXTERNAL"))
 
 
-def header_values(msg: ParsedMessage, spec: str, ctx: ScanContext | None = None) -> list[str]:
-    """The values a header rule tests (``[]`` when the header is absent)."""
+HeaderIndex = dict[str, list[str]]
+
+
+def header_index(pairs: list[tuple[str, str]]) -> HeaderIndex:
+    """Lower-case header name -> its values, in order."""
+    index: HeaderIndex = {}
+    for n, v in pairs:
+        index.setdefault(n.lower(), []).append(v)
+    return index
+
+
+def header_values(msg: ParsedMessage, spec: str, ctx: ScanContext | None = None,
+                  index: tuple[HeaderIndex, HeaderIndex] | None = None) -> list[str]:
+    """The values a header rule tests (``[]`` when the header is absent).
+    ``index``: :func:`header_index` of the decoded and of the raw headers."""
     name, *mods = spec.split(":")
     raw = "raw" in mods
     pairs = msg.raw_headers if raw else msg.headers
@@ -190,6 +210,8 @@ def header_values(msg: ParsedMessage, spec: str, ctx: ScanContext | None = None)
     elif name == "EnvelopeFrom":
         env = ctx.envelope_from if ctx is not None else evals.address(msg.first("Return-Path"))
         values = [env] if env else []
+    elif index is not None:
+        values = list(index[1 if raw else 0].get(key, ()))
     else:
         values = [v for n, v in pairs if n.lower() == key]
     if "first" in mods:
@@ -284,6 +306,11 @@ class RuleSet:
                 self.rules[rule.name] = rule
         self.metas = self._order_metas()
         self._prune()
+        # A meta none of whose rules hit has the value it has on an empty hit map:
+        # known now, so a scan evaluates only metas with a hit among their rules.
+        at_zero = HitMap()
+        _run_metas(self.metas, at_zero)
+        self._meta_plan = [(m, frozenset(m.deps), m.name in at_zero) for m in self.metas]
         self.stats.engine = "hyperscan+re" if use_hs else "re" if compiled else "re (reference)"
         self.header_rules = [r for r in self.rules.values() if r.kind == "header"]
         self.exists_rules = [r for r in self.header_rules if r.exists]
@@ -355,14 +382,27 @@ class RuleSet:
             else:
                 complete = False
                 patterns: list[tuple[int, bytes]] = []
+                coarse: list[int] = []
                 for i, rule in enumerate(target.rules):
                     assert rule.regex is not None
                     try:
                         patterns.append((i, hs_pattern(rule.regex).encode("latin-1")))
                     except Unsupported:
-                        continue
+                        coarse.append(i)
                 dbs, refused = rc.compile_target(patterns)
-                covered = sorted({i for i, _ in patterns} - set(refused))
+                # too long, or refused: once more with look-alike alternations widened
+                retry: list[tuple[int, bytes]] = []
+                for i in sorted(set(coarse) | set(refused)):
+                    rule = target.rules[i]
+                    assert rule.regex is not None
+                    try:
+                        retry.append((i, hs_pattern(rule.regex, coarse=True).encode("latin-1")))
+                    except Unsupported:
+                        continue
+                more, refused2 = rc.compile_target(retry)
+                dbs += more
+                covered = sorted(({i for i, _ in patterns} - set(refused))
+                                 | ({i for i, _ in retry} - set(refused2)))
                 mine = [rc.dump_db(db) for db in dbs] if self._cache_file is not None else []
             if not dbs:
                 continue
@@ -531,21 +571,24 @@ class RuleSet:
         self._scan_uris(msg, hits, deadline)
         self._scan_evals(ctx, hits, deadline)
         past_deadline(deadline)
-        for meta in self.metas:
-            try:
-                if meta.meta_fn is not None and meta.meta_fn(hits):
-                    hits[meta.name] = 1
-            except (TypeError, ArithmeticError):
-                continue
+        if self.compiled:
+            _run_metas_planned(self._meta_plan, hits)
+        else:
+            _run_metas(self.metas, hits)
         return self._result(hits, score_set, time.monotonic() - started)
 
     def _scan_headers(self, ctx: ScanContext, hits: HitMap, deadline: float | None) -> None:
+        index = (header_index(ctx.msg.headers), header_index(ctx.msg.raw_headers))
         for rule in self.exists_rules:  # pseudo-headers (ToCc, MESSAGEID ...) too
-            if ctx.msg.get(rule.exists) or header_values(ctx.msg, rule.exists, ctx):
+            name = rule.exists
+            if ":" not in name and name not in _PSEUDO and name not in _ALL_HEADERS:
+                if name.lower() in index[0]:
+                    hits[rule.name] = 1
+            elif ctx.msg.get(name) or header_values(ctx.msg, name, ctx, index):
                 hits[rule.name] = 1
         for spec, target in self.header_targets.items():
             past_deadline(deadline)
-            values = header_values(ctx.msg, spec, ctx)
+            values = header_values(ctx.msg, spec, ctx, index)
             if not values:
                 for rule in target.rules:
                     if rule.absent_hit():
@@ -607,6 +650,29 @@ class RuleSet:
     def describe(self, name: str) -> str:
         rule = self.rules.get(name)
         return rule.description if rule is not None else ""
+
+
+def _run_metas(metas: list[Rule], hits: HitMap) -> None:
+    for meta in metas:
+        try:
+            if meta.meta_fn is not None and meta.meta_fn(hits):
+                hits[meta.name] = 1
+        except (TypeError, ArithmeticError):
+            continue
+
+
+def _run_metas_planned(plan: list[tuple[Rule, frozenset[str], bool]], hits: HitMap) -> None:
+    keys = hits.keys()  # a live view: sees the metas set on the way
+    for meta, deps, at_zero in plan:
+        if keys.isdisjoint(deps):
+            if at_zero:
+                hits[meta.name] = 1
+            continue
+        try:
+            if meta.meta_fn is not None and meta.meta_fn(hits):
+                hits[meta.name] = 1
+        except (TypeError, ArithmeticError):
+            continue
 
 
 def _count(rule: Rule, text: bytes, hits: HitMap) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 log = logging.getLogger("mxguard")
 
 CHUNK = 24  # patterns per Hyperscan database (compile time grows faster than linearly)
-ENGINE_VERSION = "1"  # bump when translation, literals or Hyperscan patterns change
+ENGINE_VERSION = "2"  # bump when translation, literals or Hyperscan patterns change
 _MAGIC = b"MXRULES1\n"
 _HS_FLAGS_NAMES = ("HS_FLAG_PREFILTER", "HS_FLAG_SINGLEMATCH", "HS_FLAG_ALLOWEMPTY",
                    "HS_FLAG_MULTILINE")
@@ -195,7 +195,8 @@ def dump_db(db: Any) -> bytes:
 
 
 def load_db(blob: bytes) -> Any:
-    return _hs().loadb(blob)
+    hs = _hs()
+    return hs.loadb(blob, hs.HS_MODE_BLOCK)
 
 
 __all__ = ["CHUNK", "ENGINE_VERSION", "HsMatcher", "cache_key", "cache_path", "compile_target",

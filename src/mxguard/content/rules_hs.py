@@ -23,6 +23,12 @@ or widened:
   minimums above it lowered to it (Hyperscan compiles large bounded repeats
   slowly; a search for fewer repetitions finds every place with more).
 
+With ``coarse=True`` (for patterns too long for Hyperscan, such as
+SpamAssassin's look-alike letter alternations) an alternation whose branches
+are all strings of single characters, ``(?:[yY]|\xc3[\x9d\xbd]|...)``,
+becomes one character class per position, the later ones optional
+(``[yY\xc3][\x9d\xbd]?``): every branch matches it.
+
 Anything else raises :class:`Unsupported`; that rule keeps the literal
 prefilter of :mod:`mxguard.content.rules_prefilter`.
 """
@@ -41,6 +47,7 @@ _WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 _DIGIT = frozenset(b"0123456789")
 _SPACE = frozenset(b" \t\n\r\f\v")
 _ALL = frozenset(range(256))
+_HIGH = frozenset(range(128, 256))
 _CATEGORIES = {
     c.CATEGORY_DIGIT: _DIGIT, c.CATEGORY_NOT_DIGIT: _ALL - _DIGIT,
     c.CATEGORY_SPACE: _SPACE, c.CATEGORY_NOT_SPACE: _ALL - _SPACE,
@@ -86,9 +93,10 @@ def _run(run: list[int]) -> str:
 
 
 class _Writer:
-    def __init__(self, parsed: Any, flags: int) -> None:
+    def __init__(self, parsed: Any, flags: int, coarse: bool = False) -> None:
         self.groups: dict[int, tuple[list[tuple[Any, Any]], int]] = {}
         self.flags = flags
+        self.coarse = coarse
         self._collect(list(parsed), flags)
 
     def _collect(self, items: list[tuple[Any, Any]], flags: int) -> None:
@@ -119,17 +127,25 @@ class _Writer:
 
     def item(self, op: Any, av: Any, flags: int, depth: int) -> str:
         icase = bool(flags & re.IGNORECASE)
-        if op is c.LITERAL:
-            chars = _fold({av}) if icase else {av}
-            return _byte_class(chars) if len(chars) > 1 else f"\\x{av:02x}"
-        if op is c.NOT_LITERAL:
-            return _byte_class(_ALL - (_fold({av}) if icase else {av}))
-        if op is c.ANY:
-            return r"[\x00-\xff]" if flags & re.DOTALL else r"[^\n]"
-        if op is c.IN:
-            return _byte_class(_class_set(av, icase))
+        chars = _char_set(op, av, icase, flags)
+        if chars is not None:
+            if self.coarse and chars & _HIGH:
+                chars |= _HIGH
+            return _byte_class(chars) if len(chars) > 1 else f"\\x{min(chars):02x}"
         if op is c.BRANCH:
-            return "(?:" + "|".join(self.seq(list(a), flags, depth + 1) for a in av[1]) + ")"
+            if self.coarse:
+                columns = _columns([list(a) for a in av[1]], icase, flags)
+                if columns is not None:
+                    return "".join(_byte_class(col | _HIGH if col & _HIGH else col)
+                                   + ("?" if n else "") for n, col in enumerate(columns))
+                first = _first_chars(list(av[1]), icase, flags, 0)
+                widest = max(a.getwidth()[1] for a in av[1])
+                if first is not None and widest <= 8:
+                    first = first | _HIGH if first & _HIGH else first
+                    tail = f"[\\x00-\\xff]{{0,{widest - 1}}}" if widest > 1 else ""
+                    return f"(?:{_byte_class(first)}{tail})"
+            alts = dict.fromkeys(self.seq(list(a), flags, depth + 1) for a in av[1])
+            return "(?:" + "|".join(alts) + ")"
         if op is c.SUBPATTERN:
             _, add, drop, sub = av
             return "(?:" + self.seq(list(sub), (flags | add) & ~drop, depth + 1) + ")"
@@ -149,6 +165,8 @@ class _Writer:
                 quant = "?" if (lo, hi) == (0, 1) else f"{{{lo},{hi}}}"
             return f"(?:{inner}){quant}" if quant else f"(?:{inner})"
         if op is c.AT:
+            if self.coarse and av not in (c.AT_BOUNDARY, c.AT_NON_BOUNDARY):
+                return ""  # Hyperscan refuses some embedded anchors; dropped, they widen
             if av in (c.AT_BEGINNING, c.AT_BEGINNING_STRING, c.AT_BEGINNING_LINE):
                 return "^"
             if av in (c.AT_END, c.AT_END_STRING, c.AT_END_LINE):
@@ -173,6 +191,91 @@ class _Writer:
         raise Unsupported(f"regex construct {op}")
 
 
+def _char_set(op: Any, av: Any, icase: bool, flags: int) -> set[int] | None:
+    """The bytes one single-character item matches, or None for anything else."""
+    if op is c.LITERAL:
+        return _fold({av}) if icase else {av}
+    if op is c.NOT_LITERAL:
+        return set(_ALL - (_fold({av}) if icase else {av}))
+    if op is c.ANY:
+        return set(_ALL) if flags & re.DOTALL else set(_ALL - {10})
+    if op is c.IN:
+        return _class_set(av, icase)
+    return None
+
+
+def _columns(alts: list[list[tuple[Any, Any]]], icase: bool, flags: int
+             ) -> list[set[int]] | None:
+    """Per position, the union of the branches' characters: None unless every
+    branch is a non-empty string of single characters (nested alternations
+    included, those of varying length only at the end of their branch)."""
+    got = _branch_columns(alts, icase, flags, 0)
+    return got[0] if got is not None and got[0] else None
+
+
+def _branch_columns(alts: list[list[tuple[Any, Any]]], icase: bool, flags: int, depth: int
+                    ) -> tuple[list[set[int]], bool] | None:
+    columns: list[set[int]] = []
+    lengths = set()
+    for alt in alts:
+        got = _seq_columns(alt, icase, flags, depth + 1)
+        if got is None or not got[0]:
+            return None
+        cols, fixed = got
+        lengths.add(len(cols) if fixed else -1)
+        for n, chars in enumerate(cols):
+            if n == len(columns):
+                columns.append(set())
+            columns[n] |= chars
+    return columns, len(lengths) == 1 and -1 not in lengths
+
+
+def _seq_columns(items: list[tuple[Any, Any]], icase: bool, flags: int, depth: int
+                 ) -> tuple[list[set[int]], bool] | None:
+    if depth > 20:
+        return None
+    columns: list[set[int]] = []
+    for n, (op, av) in enumerate(items):
+        chars = _char_set(op, av, icase, flags)
+        if chars is not None:
+            columns.append(chars)
+            continue
+        if op is c.BRANCH:
+            got = _branch_columns([list(a) for a in av[1]], icase, flags, depth)
+        elif op is c.SUBPATTERN and not av[1] and not av[2]:
+            got = _seq_columns(list(av[3]), icase, flags, depth + 1)
+        else:
+            return None
+        if got is None:
+            return None
+        cols, fixed = got
+        columns += cols
+        if not fixed:
+            # later positions would no longer line up: only the last item may vary
+            return (columns, False) if n == len(items) - 1 else None
+    return columns, True
+
+
+def _first_chars(alts: list[Any], icase: bool, flags: int, depth: int) -> set[int] | None:
+    """The bytes every branch can start with (None if unknown or a branch may be empty)."""
+    out: set[int] = set()
+    for alt in alts:
+        items = list(alt)
+        if not items or depth > 20:
+            return None
+        op, av = items[0]
+        chars = _char_set(op, av, icase, flags)
+        if chars is None:
+            if op is c.BRANCH:
+                chars = _first_chars(list(av[1]), icase, flags, depth + 1)
+            elif op is c.SUBPATTERN and not av[1] and not av[2]:
+                chars = _first_chars([av[3]], icase, flags, depth + 1)
+            if chars is None:
+                return None
+        out |= chars
+    return out
+
+
 def _class_set(items: list[tuple[Any, Any]], icase: bool) -> set[int]:
     chars: set[int] = set()
     negate = False
@@ -194,7 +297,7 @@ def _class_set(items: list[tuple[Any, Any]], icase: bool) -> set[int]:
     return set(_ALL - chars) if negate else chars
 
 
-def hs_pattern(regex: re.Pattern[bytes]) -> str:
+def hs_pattern(regex: re.Pattern[bytes], coarse: bool = False) -> str:
     """A Hyperscan pattern (for multi-line mode) that matches wherever ``regex``
     does; raises :class:`Unsupported`."""
     if regex.flags & (re.LOCALE | re.UNICODE):
@@ -204,12 +307,12 @@ def hs_pattern(regex: re.Pattern[bytes]) -> str:
     except Exception as exc:  # the pattern compiled, so this should not happen
         raise Unsupported(f"cannot parse: {exc}") from None
     flags = parsed.state.flags
-    writer = _Writer(parsed, flags)
+    writer = _Writer(parsed, flags, coarse)
     try:
         out = writer.seq(list(parsed), flags)
     except RecursionError:
         raise Unsupported("pattern nested too deep") from None
-    if len(out) > MAX_PATTERN:
+    if len(out) > MAX_PATTERN * (3 if coarse else 1):
         raise Unsupported("pattern too long for Hyperscan")
     return out
 
