@@ -54,10 +54,10 @@ from pathlib import Path
 from typing import Any
 
 from mxguard.content import evals
+from mxguard.content import rules_compiled as rc
 from mxguard.content.evals import EVALS, NET_EVALS, RuleLists, ScanContext
 from mxguard.content.evals.base import DomainSet
 from mxguard.content.mime import ParsedMessage, rendered_body
-from mxguard.content import rules_compiled as rc
 from mxguard.content.rules_hs import Unsupported, hs_pattern
 from mxguard.content.rules_meta import HitMap, MetaError, compile_meta
 from mxguard.content.rules_parser import ParsedRules, RuleDef, apply_replace_tags, parse_paths
@@ -727,25 +727,90 @@ def build_ruleset(paths: Iterable[str | os.PathLike[str]], *,
                    cache_dir=cache_dir, background=background)
 
 
+# Where ``rules_dirs = "auto"`` looks for SpamAssassin's rules: sa-update's
+# directory first (its newest <version>/updates_spamassassin_org), then the
+# package's. MXGUARD_SA_RULES (directories separated by ":", empty for none)
+# replaces the list: the test suite sets it empty, so that what runs does not
+# depend on whether SpamAssassin is installed on the machine.
+SA_UPDATES_DIR = Path("/var/lib/spamassassin")
+SA_SHARE_DIR = Path("/usr/share/spamassassin")
+SA_SEARCH_ENV = "MXGUARD_SA_RULES"
+
+
+def _has_cf(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(path.glob("*.cf"))
+    except OSError:
+        return False
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", name))
+
+
+def spamassassin_rules_dir() -> Path | None:
+    """SpamAssassin's installed rules for ``rules_dirs = "auto"``, or None."""
+    env = os.environ.get(SA_SEARCH_ENV)
+    if env is not None:
+        return next((Path(d) for d in env.split(":") if d and _has_cf(Path(d))), None)
+    try:
+        versions = sorted((d for d in SA_UPDATES_DIR.iterdir() if d.is_dir()),
+                          key=lambda d: _version_key(d.name), reverse=True)
+    except OSError:
+        versions = []
+    for version in versions:
+        updates = version / "updates_spamassassin_org"
+        if _has_cf(updates):
+            return updates
+    return SA_SHARE_DIR if _has_cf(SA_SHARE_DIR) else None
+
+
+def rules_dirs(cfg: Any) -> tuple[list[str], str]:
+    """(``[content] rules_dirs`` resolved, how: "auto" or "configured")."""
+    value = cfg.content.rules_dirs
+    if value == "auto":
+        found = spamassassin_rules_dir()
+        return ([str(found)] if found is not None else []), "auto"
+    return list(value), "configured"
+
+
 def rule_paths(cfg: Any) -> list[str]:
     """The rule sources ``[content]`` names, in load order."""
     content = cfg.content
     paths = [str(BUILTIN_RULES)] if content.builtin_rules else []
-    return paths + list(content.rules_dirs) + list(content.local_rules)
+    return paths + rules_dirs(cfg)[0] + list(content.local_rules)
 
 
-def load_rules(cfg: Any) -> RuleSet:
-    """The RuleSet for a Config; logs one summary line and every load error."""
-    ruleset = build_ruleset(rule_paths(cfg))
+def rules_cache_dir(cfg: Any) -> str:
+    """Where compiled rules are kept: ``<state_dir>/rules-cache``."""
+    return os.path.join(cfg.state_dir, "rules-cache")
+
+
+def load_rules(cfg: Any, *, background: bool = False) -> RuleSet:
+    """The RuleSet for a Config; logs one summary line and every load error.
+    With rules besides the built-in ones, translated patterns and Hyperscan
+    databases are cached under :func:`rules_cache_dir`; ``background``:
+    Hyperscan databases not in the cache are compiled in a thread."""
+    dirs, how = rules_dirs(cfg)
+    extra = bool(dirs or cfg.content.local_rules)
+    ruleset = build_ruleset(rule_paths(cfg), cache_dir=rules_cache_dir(cfg) if extra else None,
+                            background=background)
     st = ruleset.stats
     for err in st.errors[:50]:
         log.warning("content: rules: %s", err)
     if len(st.errors) > 50:
         log.warning("content: rules: %d more errors (see mxguard rules check)",
                     len(st.errors) - 50)
+    sources = (["built-in"] if cfg.content.builtin_rules else []) + dirs + [
+        str(p) for p in cfg.content.local_rules]
+    log.info("content rules: %d rules from %s (%s)", sum(st.active.values()),
+             ", ".join(sources) or "nothing", how if dirs or how == "configured" else
+             "auto: SpamAssassin's rules not installed")
     log.info("content: rules loaded files=%d active=%d unsupported_evals=%d net_rules=%d "
-             "errors=%d engine=%s seconds=%.2f", len(st.files), sum(st.active.values()),
-             sum(st.unsupported_evals.values()), st.net_rules, len(st.errors), st.engine,
+             "errors=%d engine=%s hyperscan_rules=%s cache=%s seconds=%.2f", len(st.files),
+             sum(st.active.values()), sum(st.unsupported_evals.values()), st.net_rules,
+             len(st.errors), st.engine,
+             st.hs_rules if ruleset.wait_compiled(0) else "compiling", st.cache or "none",
              st.seconds)
     return ruleset
 
@@ -755,5 +820,6 @@ def score_set(cfg: Any, bayes_ready: bool) -> int:
     return 2 if bayes_ready and cfg.bayes.enabled else 0
 
 
-__all__ = ["BUILTIN_RULES", "LoadStats", "Rule", "RuleHit", "RuleSet", "ScanResult",
-           "build_ruleset", "header_values", "load_rules", "rule_paths", "score_set"]
+__all__ = ["BUILTIN_RULES", "SA_SHARE_DIR", "SA_UPDATES_DIR", "LoadStats", "Rule", "RuleHit",
+           "RuleSet", "ScanResult", "build_ruleset", "header_values", "load_rules", "rule_paths",
+           "rules_cache_dir", "rules_dirs", "score_set", "spamassassin_rules_dir"]
