@@ -334,7 +334,7 @@ class RuleSet:
         if not use_hs:
             self._ready.set()
         elif background:
-            threading.Thread(target=self._compile_hs, name="mxguard-rules-compile",
+            threading.Thread(target=self._compile_hs, args=(True,), name="mxguard-rules-compile",
                              daemon=True).start()
         else:
             self._compile_hs()
@@ -347,7 +347,9 @@ class RuleSet:
         out.update((f"header {spec}", t) for spec, t in self.header_targets.items())
         return out
 
-    def _compile_hs(self) -> None:
+    def _compile_hs(self, warm: bool = False) -> None:
+        """Build (or read) the Hyperscan databases; ``warm``: then compile the
+        regexes read from the cache, so the first messages do not pay for it."""
         started = time.monotonic()
         try:
             self._build_hs()
@@ -358,6 +360,12 @@ class RuleSet:
             self.stats.hs_seconds = time.monotonic() - started
             self._cached = None
             self._ready.set()
+        log.info("content: rules: hyperscan databases ready: %d rules in %.1fs (cache %s)",
+                 self.stats.hs_rules, self.stats.hs_seconds, self.stats.cache or "none")
+        if warm:
+            for rule in list(self.rules.values()):
+                if rule.pattern is not None:
+                    _ = rule.regex
 
     def _build_hs(self) -> None:
         cached_targets: dict[str, Any] = {}
