@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from milter_bench import free_port, stop, wait_listening
+from milter_bench import free_port, stop
 from milter_client import Client, Message, MilterClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,25 @@ def start(src: Path, work: Path, cfg: Path, target: str) -> tuple[subprocess.Pop
         proc = subprocess.Popen([sys.executable, "-m", "mxguard", "serve", "--config", str(cfg)],
                                 stdout=out, stderr=out,
                                 env=dict(os.environ, PYTHONPATH=str(src)))
-    wait_listening(target, proc, "mxguard", log)
+    wait_listening(target, proc, log)
     return proc, time.monotonic() - t0, log.read_text(errors="replace")
+
+
+def wait_listening(target: str, proc: subprocess.Popen[bytes], log: Path,
+                   timeout: float = 180) -> None:
+    """Until the milter door accepts connections (a loaded machine starts slowly)."""
+    host, _, port = target.partition(":")[2].rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"mxguard exited early with status {proc.returncode}\n{tail}")
+        try:
+            socket.create_connection((host, int(port)), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"mxguard did not start listening on {target}")
 
 
 def wait_compiled(log: Path, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
