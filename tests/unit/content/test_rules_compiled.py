@@ -69,6 +69,7 @@ def test_compiled_engines_hit_exactly_what_one_regex_per_rule_hits(rules: list[P
 def test_hyperscan_engine_really_uses_databases() -> None:
     rs = build_ruleset([SAMPLE_RULES], use_hyperscan=True)
     assert rs.stats.engine == "hyperscan+re"
+    assert build_ruleset([SAMPLE_RULES]).stats.engine in ("literals+re", "re")  # opt-in
     assert rs.stats.hs_rules >= 30
     assert all(rs.targets[k].fast is not None for k in ("body", "rawbody", "full", "uri"))
     ref = build_ruleset([SAMPLE_RULES], compiled=False)
