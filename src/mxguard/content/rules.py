@@ -25,11 +25,12 @@ line scores 1.0 (``-1.0`` with ``tflags nice``, 0.01 for ``T_`` test rules,
 a scored meta needs it. ``tflags multiple`` counts every match (score times
 hits, at most ``maxhits=N``).
 
-Speed: the regex rules of each target (body, rawbody, full, uri, each header
-spec) are compiled into Hyperscan databases when the ``hyperscan`` package is
-installed (:mod:`mxguard.content.rules_compiled`): one pass over the text names
-the rules that may match, and only those run with Python ``re``. Without
-Hyperscan (or for the rules it cannot take) only regex rules whose required
+Speed: with ``MXGUARD_RULES_HYPERSCAN=1`` (experimental: Hyperscan was seen
+to lose matches of patterns compiled together) the regex rules of each target
+(body, rawbody, full, uri, each header spec) are compiled into Hyperscan
+databases (:mod:`mxguard.content.rules_compiled`): one pass over the text names
+the rules that may match, and only those run with Python ``re``. By default
+(or for the rules Hyperscan cannot take) only regex rules whose required
 literals occur in the text are run (the prefilter,
 :mod:`mxguard.content.rules_prefilter`). Either way Python ``re`` decides
 every hit: ``RuleSet(parsed, compiled=False)`` runs every regex on every text
