@@ -416,8 +416,10 @@ class DmarcConfig:
 class ContentConfig:
     mode: Mode = opt(Mode.ENFORCE, MODE_DOC + " (score actions from [actions])")
     builtin_rules: bool = opt(True, "use mxguard's own ruleset")
-    rules_dirs: list[str] = opt([], "directories of SpamAssassin .cf rules, e.g. "
-                                "/usr/share/spamassassin and /var/lib/spamassassin/<version>")
+    rules_dirs: list[str] | str = opt("auto", '"auto": SpamAssassin\'s rules when installed '
+                                      "(the newest /var/lib/spamassassin/<version>/"
+                                      "updates_spamassassin_org, else /usr/share/spamassassin), "
+                                      "else none; or a list of directories/.cf files; [] none")
     local_rules: list[str] = opt([], "your own .cf rule files, read last (scores override)")
     header_prefix: str = opt("X-Spam-", "prefix of the spam headers (X-Spam-Flag, "
                              "X-Spam-Status, X-Spam-Level)")
@@ -663,6 +665,11 @@ def _check_semantics(obj: Any, where: str, src: str) -> None:
                                       and not isinstance(obj.workers, bool)
                                       and 1 <= obj.workers <= 256)):
         raise bad("workers", obj.workers, '"auto" or an integer from 1 to 256')
+    if isinstance(obj, ContentConfig) and not (
+            obj.rules_dirs == "auto" or (isinstance(obj.rules_dirs, list)
+                                         and all(isinstance(v, str) for v in obj.rules_dirs))):
+        raise bad("rules_dirs", obj.rules_dirs,
+                  '"auto" or a list of rule directories/files (strings); [] for none')
     if isinstance(obj, PolicyConfig | MilterConfig) and not _check_listen(obj.listen):
         raise bad("listen", obj.listen, '"host:port" or "unix:/path"')
     if isinstance(obj, DnsConfig):

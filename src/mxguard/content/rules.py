@@ -25,18 +25,29 @@ line scores 1.0 (``-1.0`` with ``tflags nice``, 0.01 for ``T_`` test rules,
 a scored meta needs it. ``tflags multiple`` counts every match (score times
 hits, at most ``maxhits=N``).
 
-Speed: only regex rules whose required literals occur in the text are run
-(the prefilter, :mod:`mxguard.content.rules_prefilter`). Text per body part
+Speed: with ``MXGUARD_RULES_HYPERSCAN=1`` (experimental: Hyperscan was seen
+to lose matches of patterns compiled together) the regex rules of each target
+(body, rawbody, full, uri, each header spec) are compiled into Hyperscan
+databases (:mod:`mxguard.content.rules_compiled`): one pass over the text names
+the rules that may match, and only those run with Python ``re``. By default
+(or for the rules Hyperscan cannot take) only regex rules whose required
+literals occur in the text are run (the prefilter,
+:mod:`mxguard.content.rules_prefilter`). Either way Python ``re`` decides
+every hit: ``RuleSet(parsed, compiled=False)`` runs every regex on every text
+(the reference the equivalence tests compare with). Text per body part
 is capped at :data:`BODY_PART_SCAN` characters (SpamAssassin's
 ``body_part_scan_size``). Metas are compiled by :mod:`mxguard.content.rules_meta`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,9 +55,11 @@ from pathlib import Path
 from typing import Any
 
 from mxguard.content import evals
+from mxguard.content import rules_compiled as rc
 from mxguard.content.evals import EVALS, NET_EVALS, RuleLists, ScanContext
 from mxguard.content.evals.base import DomainSet
 from mxguard.content.mime import ParsedMessage, rendered_body
+from mxguard.content.rules_hs import Unsupported, hs_pattern
 from mxguard.content.rules_meta import HitMap, MetaError, compile_meta
 from mxguard.content.rules_parser import ParsedRules, RuleDef, apply_replace_tags, parse_paths
 from mxguard.content.rules_prefilter import Prefilter, hyperscan_available, required_literals
@@ -59,6 +72,7 @@ BUILTIN_RULES = Path(__file__).resolve().parent.parent / "data" / "rules" / "mxg
 BODY_PART_SCAN = 50_000  # characters of each text part seen by body rules
 RAWBODY_PART_SCAN = 500_000
 REGEX_KINDS = ("body", "rawbody", "full", "uri")
+HS_RULES_ENV = "MXGUARD_RULES_HYPERSCAN"  # "1": Hyperscan databases of the regexes
 
 
 @dataclass(slots=True)
@@ -70,7 +84,6 @@ class Rule:
     description: str = ""
     tflags: frozenset[str] = frozenset()
     maxhits: int = 0
-    regex: re.Pattern[bytes] | None = None
     literals: tuple[bytes, ...] | None = None
     header: str = ""
     negate: bool = False
@@ -80,10 +93,31 @@ class Rule:
     eval_args: tuple[str, ...] = ()
     meta_fn: Callable[[HitMap], Any] | None = None
     deps: tuple[str, ...] = ()
+    pattern: bytes | None = None  # the translated Python pattern (regex rules)
+    flags: int = 0
+    compiled_re: re.Pattern[bytes] | None = None
+    unset_hit: int = -1  # header rules: hit when the header is absent (1/0; -1 not known yet)
 
     @property
     def multiple(self) -> bool:
         return "multiple" in self.tflags
+
+    @property
+    def regex(self) -> re.Pattern[bytes] | None:
+        """The compiled regex; compiled on first use for rules read from the cache."""
+        if self.compiled_re is None and self.pattern is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.compiled_re = re.compile(self.pattern, self.flags)
+        return self.compiled_re
+
+    def absent_hit(self) -> bool:
+        """A header rule's outcome when the header is absent (its if-unset text, or empty)."""
+        if self.unset_hit < 0:
+            assert self.regex is not None
+            text = self.if_unset if self.if_unset is not None else b""
+            self.unset_hit = int((self.regex.search(text) is not None) != self.negate)
+        return bool(self.unset_hit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +151,9 @@ class LoadStats:
     ignored_settings: Counter[str] = field(default_factory=Counter)
     engine: str = "re"
     seconds: float = 0.0
+    hs_rules: int = 0  # regex rules in Hyperscan databases
+    hs_seconds: float = 0.0  # compiling (or reading) them
+    cache: str = ""  # "hit", "written", "" (no disk cache)
 
 
 # ------------------------------------------------------------------ headers
@@ -126,20 +163,39 @@ def _addr_host(value: str) -> str:
     return evals.domain_of(evals.address(value))
 
 
+def _org_of(value: str) -> str:
+    return evals.org_domain(_addr_host(value))
+
+
+# pure functions of the value: cached (bounded) across messages
 _MODIFIERS: dict[str, Callable[[str], str]] = {
-    "addr": evals.address,
-    "name": evals.display_name,
-    "host": _addr_host,
-    "domain": lambda v: evals.org_domain(_addr_host(v)),
+    "addr": functools.lru_cache(maxsize=4096)(evals.address),
+    "name": functools.lru_cache(maxsize=4096)(evals.display_name),
+    "host": functools.lru_cache(maxsize=4096)(_addr_host),
+    "domain": functools.lru_cache(maxsize=4096)(_org_of),
 }
+_PSEUDO = frozenset(("ToCc", "MESSAGEID", "EnvelopeFrom"))
 
 
 _BARE_MODS = frozenset(("addr", "name", "host", "domain"))
 _ALL_HEADERS = frozenset(("ALL", "ALL-TRUSTED", "ALL-UNTRUSTED", "ALL-INTERNAL", "ALL-EXTERNAL"))
 
 
-def header_values(msg: ParsedMessage, spec: str, ctx: ScanContext | None = None) -> list[str]:
-    """The values a header rule tests (``[]`` when the header is absent)."""
+HeaderIndex = dict[str, list[str]]
+
+
+def header_index(pairs: list[tuple[str, str]]) -> HeaderIndex:
+    """Lower-case header name -> its values, in order."""
+    index: HeaderIndex = {}
+    for n, v in pairs:
+        index.setdefault(n.lower(), []).append(v)
+    return index
+
+
+def header_values(msg: ParsedMessage, spec: str, ctx: ScanContext | None = None,
+                  index: tuple[HeaderIndex, HeaderIndex] | None = None) -> list[str]:
+    """The values a header rule tests (``[]`` when the header is absent).
+    ``index``: :func:`header_index` of the decoded and of the raw headers."""
     name, *mods = spec.split(":")
     raw = "raw" in mods
     pairs = msg.raw_headers if raw else msg.headers
@@ -156,6 +212,8 @@ def header_values(msg: ParsedMessage, spec: str, ctx: ScanContext | None = None)
     elif name == "EnvelopeFrom":
         env = ctx.envelope_from if ctx is not None else evals.address(msg.first("Return-Path"))
         values = [env] if env else []
+    elif index is not None:
+        values = list(index[1 if raw else 0].get(key, ()))
     else:
         values = [v for n, v in pairs if n.lower() == key]
     if "first" in mods:
@@ -180,11 +238,66 @@ def _default_score(name: str, tflags: frozenset[str]) -> float:
     return -1.0 if "nice" in tflags else 1.0
 
 
-class RuleSet:
-    """Compiled rules; build with :func:`build_ruleset` or :func:`load_rules`."""
+class _Target:
+    """The regex rules run on one text (a body kind, or one header spec)."""
 
-    def __init__(self, parsed: ParsedRules, *, use_hyperscan: bool | None = None) -> None:
+    __slots__ = ("fast", "negated", "prefilter", "rules")
+
+    def __init__(self, rules: list[Rule], prefilter: Prefilter[Rule] | None) -> None:
+        self.rules = rules
+        self.prefilter = prefilter  # literal prefilter over all rules; None: run all
+        self.negated = [r for r in rules if r.negate]
+        # (Hyperscan matcher, literal prefilter over the rules it lacks): set once,
+        # as one tuple, when the databases are ready (maybe from another thread)
+        self.fast: tuple[rc.HsMatcher, Prefilter[Rule] | None] | None = None
+
+    def candidates(self, text: bytes) -> list[Rule]:
+        fast = self.fast
+        if fast is not None:
+            rules = self.rules
+            out = [rules[i] for i in set(fast[0].matches(text))]
+            if fast[1] is not None:
+                out += fast[1].candidates(text)
+            return out
+        if self.prefilter is not None:
+            return self.prefilter.candidates(text)
+        return self.rules
+
+
+class RuleSet:
+    """Compiled rules; build with :func:`build_ruleset` or :func:`load_rules`.
+
+    ``compiled=False`` runs every regex rule on every text (no prefilter, no
+    Hyperscan): the reference for tests. ``cache_dir``: keep translated
+    patterns and Hyperscan databases there (see
+    :mod:`mxguard.content.rules_compiled`). ``background``: compile the
+    Hyperscan databases in a thread; scans meanwhile use the literal prefilter
+    (same hits, slower); :meth:`wait_compiled` waits for it."""
+
+    def __init__(self, parsed: ParsedRules, *, use_hyperscan: bool | None = None,
+                 compiled: bool = True, cache_dir: str | os.PathLike[str] | None = None,
+                 background: bool = False) -> None:
         started = time.monotonic()
+        self.compiled = compiled
+        self._ready = threading.Event()
+        literal_hs = compiled and (hyperscan_available() if use_hyperscan is None
+                                   else use_hyperscan)
+        # The regex databases are opt-in (HS_RULES_ENV=1, or use_hyperscan=True):
+        # Hyperscan 5 (python-hyperscan 0.9.1) was seen to lose matches of some
+        # patterns when compiled together (19 of 6,046 corpus messages with
+        # SpamAssassin's rules); until that is understood the default is the
+        # literal prefilter, whose hits are identical.
+        use_hs = literal_hs and (use_hyperscan is True
+                                 or os.environ.get(HS_RULES_ENV) == "1")
+        self._cache_file: Path | None = None
+        self._cached: tuple[dict[str, Any], list[bytes]] | None = None
+        if cache_dir is not None and parsed.files:
+            key = rc.cache_key(parsed.files, f"hs={use_hs}")
+            if key is not None:
+                self._cache_file = rc.cache_path(cache_dir, key)
+                self._cached = rc.read_cache(self._cache_file)
+        cached_rules: dict[str, Any] = self._cached[0].get("rules", {}) if self._cached else {}
+        self._cached_rules = cached_rules if isinstance(cached_rules, dict) else {}
         self.stats = LoadStats(files=list(parsed.files), errors=list(parsed.errors),
                                warnings=list(parsed.warnings),
                                ignored_settings=Counter(parsed.ignored))
@@ -202,17 +315,144 @@ class RuleSet:
                 self.rules[rule.name] = rule
         self.metas = self._order_metas()
         self._prune()
-        use_hs = hyperscan_available() if use_hyperscan is None else use_hyperscan
-        self.stats.engine = "hyperscan+re" if use_hs else "re"
+        # A meta none of whose rules hit has the value it has on an empty hit map:
+        # known now, so a scan evaluates only metas with a hit among their rules.
+        at_zero = HitMap()
+        _run_metas(self.metas, at_zero)
+        self._meta_plan = [(m, frozenset(m.deps), m.name in at_zero) for m in self.metas]
+        self.stats.engine = ("hyperscan+re" if use_hs else "literals+re" if compiled
+                             else "re (reference)")
         self.header_rules = [r for r in self.rules.values() if r.kind == "header"]
+        self.exists_rules = [r for r in self.header_rules if r.exists]
         self.eval_rules = [r for r in self.rules.values() if r.kind == "eval"]
-        self.prefilters = {kind: Prefilter([r for r in self.rules.values() if r.kind == kind],
-                                            use_hs) for kind in REGEX_KINDS}
+        self.targets: dict[str, _Target] = {}
+        for kind in REGEX_KINDS:
+            rules = [r for r in self.rules.values() if r.kind == kind]
+            self.targets[kind] = _Target(rules, Prefilter(rules, literal_hs) if compiled
+                                         else None)
+        by_spec: dict[str, list[Rule]] = {}
+        for rule in self.header_rules:
+            if not rule.exists:
+                by_spec.setdefault(rule.header, []).append(rule)
+        self.header_targets = {
+            spec: _Target(rules, Prefilter(rules, False) if compiled else None)
+            for spec, rules in by_spec.items()}
         for rule in self.rules.values():
             self.stats.active[rule.kind] += 1
             if rule.literals is not None:
                 self.stats.prefiltered += 1
         self.stats.seconds = time.monotonic() - started
+        self._use_hs = use_hs
+        if not use_hs and self._cache_file is None:
+            self._ready.set()
+        elif background:
+            threading.Thread(target=self._compile_hs, args=(True,), name="mxguard-rules-compile",
+                             daemon=True).start()
+        else:
+            self._compile_hs()
+            self.stats.seconds = time.monotonic() - started
+
+    # -- Hyperscan ------------------------------------------------------------
+
+    def _all_targets(self) -> dict[str, _Target]:
+        out = dict(self.targets)
+        out.update((f"header {spec}", t) for spec, t in self.header_targets.items())
+        return out
+
+    def _compile_hs(self, warm: bool = False) -> None:
+        """Build (or read) the Hyperscan databases; ``warm``: then compile the
+        regexes read from the cache, so the first messages do not pay for it."""
+        started = time.monotonic()
+        try:
+            self._build_hs()
+        except Exception as exc:  # never an outage: the literal prefilter stays
+            log.warning("content: rules: hyperscan databases unusable (%s: %s); using the "
+                        "literal prefilter", type(exc).__name__, exc)
+        finally:
+            self.stats.hs_seconds = time.monotonic() - started
+            self._cached = None
+            self._ready.set()
+        log.info("content: rules: hyperscan databases ready: %d rules in %.1fs (cache %s)",
+                 self.stats.hs_rules, self.stats.hs_seconds, self.stats.cache or "none")
+        if warm:
+            for rule in list(self.rules.values()):
+                if rule.pattern is not None:
+                    _ = rule.regex
+
+    def _build_hs(self) -> None:
+        cached_targets: dict[str, Any] = {}
+        blobs: list[bytes] = []
+        if self._cached is not None:
+            cached_targets, blobs = self._cached[0].get("targets", {}), self._cached[1]
+        out_targets: dict[str, Any] = {}
+        out_blobs: list[bytes] = []
+        complete = True
+        for key, target in (self._all_targets() if self._use_hs else {}).items():
+            if not target.rules or (key.startswith("header ") and len(target.rules) < 3):
+                continue  # a header spec with one or two rules: plain re is as quick
+            names = [r.name for r in target.rules]
+            entry = cached_targets.get(key)
+            dbs: list[Any] = []
+            covered: list[int] = []
+            if isinstance(entry, dict) and entry.get("names") == names:
+                first, count = entry["first"], entry["count"]
+                dbs = [rc.load_db(b) for b in blobs[first:first + count]]
+                covered = list(entry["covered"])
+                mine = blobs[first:first + count]
+            else:
+                complete = False
+                patterns: list[tuple[int, bytes]] = []
+                coarse: list[int] = []
+                for i, rule in enumerate(target.rules):
+                    assert rule.regex is not None
+                    try:
+                        patterns.append((i, hs_pattern(rule.regex).encode("latin-1")))
+                    except Unsupported:
+                        coarse.append(i)
+                dbs, refused = rc.compile_target(patterns)
+                # too long, or refused: once more with look-alike alternations widened
+                retry: list[tuple[int, bytes]] = []
+                for i in sorted(set(coarse) | set(refused)):
+                    rule = target.rules[i]
+                    assert rule.regex is not None
+                    try:
+                        retry.append((i, hs_pattern(rule.regex, coarse=True).encode("latin-1")))
+                    except Unsupported:
+                        continue
+                more, refused2 = rc.compile_target(retry)
+                dbs += more
+                covered = sorted(({i for i, _ in patterns} - set(refused))
+                                 | ({i for i, _ in retry} - set(refused2)))
+                mine = [rc.dump_db(db) for db in dbs] if self._cache_file is not None else []
+            if not dbs:
+                continue
+            out_targets[key] = {"names": names, "first": len(out_blobs), "count": len(dbs),
+                                "covered": covered}
+            out_blobs += mine
+            in_hs = set(covered)
+            rest = [r for i, r in enumerate(target.rules) if i not in in_hs]
+            target.fast = (rc.HsMatcher(dbs), Prefilter(rest, False) if rest else None)
+            self.stats.hs_rules += len(covered)
+        if self._cache_file is None:
+            return
+        if complete and self._cached is not None and self._cached_rules:
+            self.stats.cache = "hit"
+            return
+        meta = {"rules": {r.name: [r.source, r.pattern.decode("latin-1"), r.flags,
+                                   None if r.literals is None else
+                                   [lit.hex() for lit in r.literals]]
+                          for r in self.rules.values() if r.pattern is not None},
+                "targets": out_targets}
+        try:
+            rc.write_cache(self._cache_file, meta, out_blobs)
+            self.stats.cache = "written"
+        except OSError as exc:
+            log.warning("content: rules: cannot write the compiled-rules cache %s: %s",
+                        self._cache_file, exc.strerror or exc)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the Hyperscan databases (True when ready or not used)."""
+        return self._ready.wait(timeout)
 
     # -- compiling ------------------------------------------------------------
 
@@ -242,8 +482,17 @@ class RuleSet:
                 if name in parsed.replace_rules:
                     pattern = apply_replace_tags(pattern, parsed.replace_tags)
                 extra = re.MULTILINE if rdef.kind in ("body", "rawbody") else 0
-                rule.regex = compile_regex(pattern, extra)
-                rule.literals = required_literals(rule.regex)
+                hit = self._cached_rules.get(name)
+                if (isinstance(hit, list) and len(hit) == 4 and hit[0] == rdef.source
+                        and hit[2] & extra == extra):
+                    # translated before, from these very files: compiled on first use
+                    rule.pattern, rule.flags = hit[1].encode("latin-1"), int(hit[2])
+                    rule.literals = (None if hit[3] is None else
+                                     tuple(bytes.fromhex(x) for x in hit[3]))
+                else:
+                    rule.compiled_re = compile_regex(pattern, extra)
+                    rule.pattern, rule.flags = rule.compiled_re.pattern, rule.compiled_re.flags
+                    rule.literals = required_literals(rule.compiled_re)
                 if rdef.kind == "header":
                     rule.header, rule.negate = rdef.header, rdef.negate
                     if rdef.if_unset is not None:
@@ -336,50 +585,57 @@ class RuleSet:
         past_deadline(deadline)
         for kind in ("body", "rawbody", "full"):
             text = texts[kind]
-            for rule in self.prefilters[kind].candidates(text):
+            for rule in self.targets[kind].candidates(text):
                 past_deadline(deadline)
                 _count(rule, text, hits)
         self._scan_uris(msg, hits, deadline)
         self._scan_evals(ctx, hits, deadline)
         past_deadline(deadline)
-        for meta in self.metas:
-            try:
-                if meta.meta_fn is not None and meta.meta_fn(hits):
-                    hits[meta.name] = 1
-            except (TypeError, ArithmeticError):
-                continue
+        if self.compiled:
+            _run_metas_planned(self._meta_plan, hits)
+        else:
+            _run_metas(self.metas, hits)
         return self._result(hits, score_set, time.monotonic() - started)
 
     def _scan_headers(self, ctx: ScanContext, hits: HitMap, deadline: float | None) -> None:
-        cache: dict[str, list[str]] = {}
-        for n, rule in enumerate(self.header_rules):
-            if not n % 16:
-                past_deadline(deadline)
-            if rule.exists:  # pseudo-headers (ToCc, MESSAGEID ...) too
-                if ctx.msg.get(rule.exists) or header_values(ctx.msg, rule.exists, ctx):
+        index = (header_index(ctx.msg.headers), header_index(ctx.msg.raw_headers))
+        for rule in self.exists_rules:  # pseudo-headers (ToCc, MESSAGEID ...) too
+            name = rule.exists
+            if ":" not in name and name not in _PSEUDO and name not in _ALL_HEADERS:
+                if name.lower() in index[0]:
                     hits[rule.name] = 1
-                continue
-            spec = rule.header
-            if spec not in cache:
-                cache[spec] = header_values(ctx.msg, spec, ctx)
-            values = cache[spec]
-            if values:
-                # Plain values end in a newline each (as SpamAssassin's get() gives
-                # them); :addr, :name, :host, :domain give bare values.
-                end = "" if _BARE_MODS.intersection(spec.split(":")[1:]) else "\n"
-                text = "".join(v + end for v in values).encode("utf-8", "replace")
-            else:
-                text = rule.if_unset if rule.if_unset is not None else b""
-            assert rule.regex is not None
-            matched = rule.regex.search(text) is not None
-            if matched != rule.negate:
+            elif ctx.msg.get(name) or header_values(ctx.msg, name, ctx, index):
                 hits[rule.name] = 1
+        for spec, target in self.header_targets.items():
+            past_deadline(deadline)
+            values = header_values(ctx.msg, spec, ctx, index)
+            if not values:
+                for rule in target.rules:
+                    if rule.absent_hit():
+                        hits[rule.name] = 1
+                continue
+            # Plain values end in a newline each (as SpamAssassin's get() gives
+            # them); :addr, :name, :host, :domain give bare values.
+            end = "" if _BARE_MODS.intersection(spec.split(":")[1:]) else "\n"
+            text = "".join(v + end for v in values).encode("utf-8", "replace")
+            matched: set[str] = set()
+            for rule in target.candidates(text):
+                assert rule.regex is not None
+                if rule.regex.search(text) is not None:
+                    matched.add(rule.name)
+                    if not rule.negate:
+                        hits[rule.name] = 1
+            for rule in target.negated:
+                if rule.name not in matched:
+                    hits[rule.name] = 1
 
     def _scan_uris(self, msg: ParsedMessage, hits: HitMap, deadline: float | None) -> None:
         urls = [u.url.encode("utf-8", "replace") for u in msg.uris]
         if not urls:
             return
-        for rule in self.prefilters["uri"].candidates(b"\n".join(urls)):
+        # Every construct of a Hyperscan pattern only widens, and a URL's match is
+        # a substring of the joined text: candidates from one pass over all URLs.
+        for rule in self.targets["uri"].candidates(b"\n".join(urls)):
             past_deadline(deadline)
             assert rule.regex is not None
             n = sum(1 for u in urls if rule.regex.search(u))
@@ -414,6 +670,29 @@ class RuleSet:
     def describe(self, name: str) -> str:
         rule = self.rules.get(name)
         return rule.description if rule is not None else ""
+
+
+def _run_metas(metas: list[Rule], hits: HitMap) -> None:
+    for meta in metas:
+        try:
+            if meta.meta_fn is not None and meta.meta_fn(hits):
+                hits[meta.name] = 1
+        except (TypeError, ArithmeticError):
+            continue
+
+
+def _run_metas_planned(plan: list[tuple[Rule, frozenset[str], bool]], hits: HitMap) -> None:
+    keys = hits.keys()  # a live view: sees the metas set on the way
+    for meta, deps, at_zero in plan:
+        if keys.isdisjoint(deps):
+            if at_zero:
+                hits[meta.name] = 1
+            continue
+        try:
+            if meta.meta_fn is not None and meta.meta_fn(hits):
+                hits[meta.name] = 1
+        except (TypeError, ArithmeticError):
+            continue
 
 
 def _count(rule: Rule, text: bytes, hits: HitMap) -> None:
@@ -459,30 +738,99 @@ def _eval_failed(rule: Rule, exc: Exception) -> None:
 
 
 def build_ruleset(paths: Iterable[str | os.PathLike[str]], *,
-                  use_hyperscan: bool | None = None) -> RuleSet:
-    """Parse and compile rule files/directories in order (later wins)."""
-    return RuleSet(parse_paths(list(paths)), use_hyperscan=use_hyperscan)
+                  use_hyperscan: bool | None = None, compiled: bool = True,
+                  cache_dir: str | os.PathLike[str] | None = None,
+                  background: bool = False) -> RuleSet:
+    """Parse and compile rule files/directories in order (later wins); see
+    :class:`RuleSet` for the keywords."""
+    return RuleSet(parse_paths(list(paths)), use_hyperscan=use_hyperscan, compiled=compiled,
+                   cache_dir=cache_dir, background=background)
+
+
+# Where ``rules_dirs = "auto"`` looks for SpamAssassin's rules: sa-update's
+# directory first (its newest <version>/updates_spamassassin_org), then the
+# package's. MXGUARD_SA_RULES (directories separated by ":", empty for none)
+# replaces the list: the test suite sets it empty, so that what runs does not
+# depend on whether SpamAssassin is installed on the machine.
+SA_UPDATES_DIR = Path("/var/lib/spamassassin")
+SA_SHARE_DIR = Path("/usr/share/spamassassin")
+SA_SEARCH_ENV = "MXGUARD_SA_RULES"
+
+
+def _has_cf(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(path.glob("*.cf"))
+    except OSError:
+        return False
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", name))
+
+
+def spamassassin_rules_dir() -> Path | None:
+    """SpamAssassin's installed rules for ``rules_dirs = "auto"``, or None."""
+    env = os.environ.get(SA_SEARCH_ENV)
+    if env is not None:
+        return next((Path(d) for d in env.split(":") if d and _has_cf(Path(d))), None)
+    try:
+        versions = sorted((d for d in SA_UPDATES_DIR.iterdir() if d.is_dir()),
+                          key=lambda d: _version_key(d.name), reverse=True)
+    except OSError:
+        versions = []
+    for version in versions:
+        updates = version / "updates_spamassassin_org"
+        if _has_cf(updates):
+            return updates
+    return SA_SHARE_DIR if _has_cf(SA_SHARE_DIR) else None
+
+
+def rules_dirs(cfg: Any) -> tuple[list[str], str]:
+    """(``[content] rules_dirs`` resolved, how: "auto" or "configured")."""
+    value = cfg.content.rules_dirs
+    if value == "auto":
+        found = spamassassin_rules_dir()
+        return ([str(found)] if found is not None else []), "auto"
+    return list(value), "configured"
 
 
 def rule_paths(cfg: Any) -> list[str]:
     """The rule sources ``[content]`` names, in load order."""
     content = cfg.content
     paths = [str(BUILTIN_RULES)] if content.builtin_rules else []
-    return paths + list(content.rules_dirs) + list(content.local_rules)
+    return paths + rules_dirs(cfg)[0] + list(content.local_rules)
 
 
-def load_rules(cfg: Any) -> RuleSet:
-    """The RuleSet for a Config; logs one summary line and every load error."""
-    ruleset = build_ruleset(rule_paths(cfg))
+def rules_cache_dir(cfg: Any) -> str:
+    """Where compiled rules are kept: ``<state_dir>/rules-cache``."""
+    return os.path.join(cfg.state_dir, "rules-cache")
+
+
+def load_rules(cfg: Any, *, background: bool = False) -> RuleSet:
+    """The RuleSet for a Config; logs one summary line and every load error.
+    With rules besides the built-in ones, translated patterns and Hyperscan
+    databases are cached under :func:`rules_cache_dir`; ``background``:
+    Hyperscan databases not in the cache are compiled in a thread."""
+    dirs, how = rules_dirs(cfg)
+    extra = bool(dirs or cfg.content.local_rules)
+    ruleset = build_ruleset(rule_paths(cfg), cache_dir=rules_cache_dir(cfg) if extra else None,
+                            background=background)
     st = ruleset.stats
     for err in st.errors[:50]:
         log.warning("content: rules: %s", err)
     if len(st.errors) > 50:
         log.warning("content: rules: %d more errors (see mxguard rules check)",
                     len(st.errors) - 50)
+    sources = (["built-in"] if cfg.content.builtin_rules else []) + dirs + [
+        str(p) for p in cfg.content.local_rules]
+    log.info("content rules: %d rules from %s (%s)", sum(st.active.values()),
+             ", ".join(sources) or "nothing", how if dirs or how == "configured" else
+             "auto: SpamAssassin's rules not installed")
     log.info("content: rules loaded files=%d active=%d unsupported_evals=%d net_rules=%d "
-             "errors=%d engine=%s seconds=%.2f", len(st.files), sum(st.active.values()),
-             sum(st.unsupported_evals.values()), st.net_rules, len(st.errors), st.engine,
+             "errors=%d engine=%s hyperscan_rules=%s cache=%s seconds=%.2f", len(st.files),
+             sum(st.active.values()), sum(st.unsupported_evals.values()), st.net_rules,
+             len(st.errors), st.engine,
+             st.hs_rules if ruleset.wait_compiled(0) else "compiling", st.cache or "none",
              st.seconds)
     return ruleset
 
@@ -492,5 +840,6 @@ def score_set(cfg: Any, bayes_ready: bool) -> int:
     return 2 if bayes_ready and cfg.bayes.enabled else 0
 
 
-__all__ = ["BUILTIN_RULES", "LoadStats", "Rule", "RuleHit", "RuleSet", "ScanResult",
-           "build_ruleset", "header_values", "load_rules", "rule_paths", "score_set"]
+__all__ = ["BUILTIN_RULES", "SA_SHARE_DIR", "SA_UPDATES_DIR", "LoadStats", "Rule", "RuleHit",
+           "RuleSet", "ScanResult", "build_ruleset", "header_values", "load_rules", "rule_paths",
+           "rules_cache_dir", "rules_dirs", "score_set", "spamassassin_rules_dir"]

@@ -91,8 +91,8 @@ def load_content_rules(cfg: config.Config) -> Any:
     """The compiled rule set (built-in and SpamAssassin .cf files); seconds with SA's rules."""
     from mxguard.content.rules import load_rules
 
-    try:
-        return load_rules(cfg)
+    try:  # Hyperscan databases not cached yet: compiled in a thread, served meanwhile
+        return load_rules(cfg, background=True)
     except (OSError, ValueError) as exc:
         raise StartupError(f"{cfg.source}: [content] rules: {exc}") from None
 

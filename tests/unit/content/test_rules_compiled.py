@@ -1,0 +1,324 @@
+"""The compiled rule engine: identical hits to one regex per rule (Hyperscan
+databases and the literal prefilter against ``compiled=False``), Hyperscan
+prefilter patterns never narrower than the regex, the on-disk cache, and
+``rules_dirs = "auto"``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mxguard import config as mxconfig
+from mxguard.content import rules as rules_mod
+from mxguard.content import rules_compiled as rc
+from mxguard.content.mime import ParsedMessage, parse_message
+from mxguard.content.rules import BUILTIN_RULES, RuleSet, build_ruleset
+from mxguard.content.rules_hs import Unsupported, hs_pattern
+from mxguard.content.rules_prefilter import hyperscan_available
+from mxguard.content.rules_regex import compile_regex
+from tests.support import DATA
+
+SAMPLE = DATA / "corpus-sample"
+SAMPLE_RULES = DATA / "rules-sample" / "sample.cf"
+needs_hs = pytest.mark.skipif(not hyperscan_available(), reason="hyperscan not installed "
+                              "(the fast extra, x86_64 only)")
+
+
+def _messages() -> list[tuple[str, ParsedMessage]]:
+    return [(p.name, parse_message(p.read_bytes())) for p in sorted(SAMPLE.iterdir())]
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def messages() -> list[tuple[str, ParsedMessage]]:
+    if "msgs" not in _CACHE:
+        _CACHE["msgs"] = _messages()
+    result: list[tuple[str, ParsedMessage]] = _CACHE["msgs"]
+    return result
+
+
+def engines(paths: list[Path]) -> dict[str, RuleSet]:
+    out = {"reference": build_ruleset(paths, compiled=False),
+           "prefilter": build_ruleset(paths, use_hyperscan=False)}
+    if hyperscan_available():
+        out["hyperscan"] = build_ruleset(paths, use_hyperscan=True)
+    return out
+
+
+# ------------------------------------------------------------------ identical hits
+
+@pytest.mark.parametrize("rules", [[BUILTIN_RULES], [SAMPLE_RULES]], ids=["builtin", "sample"])
+def test_compiled_engines_hit_exactly_what_one_regex_per_rule_hits(rules: list[Path]) -> None:
+    sets = engines(rules)
+    assert len(messages()) >= 40
+    for name, msg in messages():
+        ref = sets["reference"].scan(msg, now=0.0)
+        for engine, rs in sets.items():
+            got = rs.scan(msg, now=0.0)
+            assert got.counts == ref.counts, (engine, name)
+            assert got.score == ref.score, (engine, name)
+
+
+@needs_hs
+def test_hyperscan_engine_really_uses_databases() -> None:
+    rs = build_ruleset([SAMPLE_RULES], use_hyperscan=True)
+    assert rs.stats.engine == "hyperscan+re"
+    assert build_ruleset([SAMPLE_RULES]).stats.engine in ("literals+re", "re")  # opt-in
+    assert rs.stats.hs_rules >= 30
+    assert all(rs.targets[k].fast is not None for k in ("body", "rawbody", "full", "uri"))
+    ref = build_ruleset([SAMPLE_RULES], compiled=False)
+    assert ref.stats.hs_rules == 0 and all(t.fast is None for t in ref.targets.values())
+
+
+def test_sample_rules_exercise_every_type_and_the_control_never_fires() -> None:
+    rs = build_ruleset([SAMPLE_RULES], compiled=False)
+    fired: set[str] = set()
+    for _, msg in messages():
+        fired |= set(rs.scan(msg, now=0.0).counts)
+    kinds = {rs.rules[n].kind for n in fired if n in rs.rules}
+    assert kinds >= {"header", "body", "rawbody", "full", "uri", "meta", "eval"}
+    for name in ("SX_B_MANY_CAPS", "SX_M_NO_HEADERS", "SX_NO_XMAILER", "SX_EXISTS_LIST",
+                 "SX_B_FUZZY_FREE", "SX_U_CGI", "SX_ALL_ORDER", "SX_B_BACKREF", "SX_B_ATOMIC",
+                 "SX_R_FONT", "SX_M_NESTED", "SX_TO_NONE", "SX_FROM_RAW_ENC"):
+        assert name in fired, name
+    assert "SX_B_NOT_MATCHING" not in fired  # control (and pruned: score 0)
+    assert "SX_M_UNDEF" not in fired  # disabled: undefined rule
+
+
+# ------------------------------------------------------------------ Hyperscan patterns
+
+SUPERSET_CASES = [
+    # (perl regex, text the regex matches, text it does not)
+    ("/\\bfree\\b/i", b"it is FREE now", b"freedom"),
+    ("/^hello$/m", b"x\nhello\ny", b"hello there"),
+    ("/(?<!\\w)viagra/i", b" ViAgRa", b"pills"),
+    ("/\\b(\\w{3,})\\s+\\1\\b/", b"the the", b"a b"),
+    ("/(?>\\d{3}-)\\d{4}/", b"555-1234", b"55-12"),
+    ("/a[^.]{0,200}b/", b"a" + b"x" * 150 + b"b", b"a.b"),
+    ("/(?s)begin.{1,80}end/", b"begin\n\nend", b"nothing"),
+    ("/\\Aabc\\Z/", b"abc", b"xabc"),
+    ("/x{20,}/", b"x" * 25, b"x" * 3),
+    ("/(?i:AB)c/", b"abc", b"abC"),
+    ("/[[:alpha:]]{3}\\d/", b"abc1", b"ab1"),
+    ("/caf\\xc3\\xa9/", "café".encode(), b"cafe"),
+    ("/\\s\\S\\w\\W\\d\\D/", b" a_!1x", b"abcdef"),
+    ("/(?:[yY]|\\xc3\\xbd|\\xc3[\\xbf\\xbe])(?:[oO0]|\\xc3\\xb6)u/", "ýöu".encode(), b"zzz"),
+]
+
+
+@pytest.mark.parametrize("perl,hit,miss", SUPERSET_CASES)
+def test_hyperscan_pattern_matches_wherever_the_regex_does(perl: str, hit: bytes,
+                                                          miss: bytes) -> None:
+    regex = compile_regex(perl)
+    assert regex.search(hit) and not regex.search(miss)
+    for coarse in (False, True):
+        pattern = hs_pattern(regex, coarse=coarse)
+        widened = re.compile(pattern.encode("latin-1"), re.M)  # the same syntax as Python's
+        assert widened.search(hit), (coarse, pattern)
+        if hyperscan_available():
+            dbs, refused = rc.compile_target([(0, pattern.encode("latin-1"))])
+            assert not refused
+            matcher = rc.HsMatcher(dbs)
+            assert matcher.matches(hit) == [0]
+
+
+def test_hyperscan_pattern_stays_selective_for_plain_words() -> None:
+    """Control: widening keeps literals, so a text without them is not a candidate."""
+    pattern = hs_pattern(compile_regex("/\\bclick\\s+here\\b/i"))
+    assert not re.search(pattern.encode("latin-1"), b"nothing to see", re.M)
+
+
+def test_unsupported_constructs_fall_back() -> None:
+    with pytest.raises(Unsupported):
+        hs_pattern(re.compile(b"x" * 30_000))  # too long for Hyperscan
+    rs = build_ruleset_text("body LONG /" + "ab" * 15_000 + "/\n")
+    msg = parse_message(b"Subject: x\n\n" + b"ab" * 15_000 + b"\n")
+    assert rs.scan(msg).counts.get("LONG") == 1  # literal prefilter, still a hit
+
+
+def build_ruleset_text(text: str, **kw: Any) -> RuleSet:
+    from mxguard.content.rules_parser import ParsedRules, parse_text
+
+    parsed = ParsedRules()
+    parse_text(text, "test.cf", parsed)
+    return RuleSet(parsed, **kw)
+
+
+# ------------------------------------------------------------------ the disk cache
+
+def test_cache_is_written_then_read_with_identical_hits(tmp_path: Path) -> None:
+    first = build_ruleset([SAMPLE_RULES], cache_dir=tmp_path)
+    files = list(tmp_path.glob("rules-*.bin"))
+    assert first.stats.cache == "written" and len(files) == 1
+    assert oct(files[0].stat().st_mode & 0o777) == "0o640"
+    second = build_ruleset([SAMPLE_RULES], cache_dir=tmp_path)
+    assert second.stats.cache == ("hit" if hyperscan_available() else "")
+    assert second.stats.hs_rules == first.stats.hs_rules
+    # rules read from the cache compile their regex on first use
+    assert any(r.compiled_re is None for r in second.rules.values() if r.pattern)
+    for _, msg in messages()[:15]:
+        assert second.scan(msg, now=0.0).counts == first.scan(msg, now=0.0).counts
+
+
+def test_changed_rule_file_misses_the_cache(tmp_path: Path) -> None:
+    cf = tmp_path / "r.cf"
+    cf.write_text("body A /alpha/\n")
+    build_ruleset([cf], cache_dir=tmp_path / "c")
+    cf.write_text("body A /beta/\n")
+    rs = build_ruleset([cf], cache_dir=tmp_path / "c")
+    assert rs.stats.cache == "written"
+    msg = parse_message(b"Subject: x\n\nbeta\n")
+    assert rs.scan(msg).counts == {"A": 1}
+    assert len(list((tmp_path / "c").glob("rules-*.bin"))) == 1  # the old one is removed
+
+
+def test_damaged_cache_is_ignored(tmp_path: Path) -> None:
+    build_ruleset([SAMPLE_RULES], cache_dir=tmp_path)
+    (path,) = tmp_path.glob("rules-*.bin")
+    path.write_bytes(path.read_bytes()[:1000])
+    rs = build_ruleset([SAMPLE_RULES], cache_dir=tmp_path)
+    assert rs.stats.cache == "written"
+    assert rc.read_cache(path) is not None
+
+
+def test_cache_never_written_or_read_through_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    key = rc.cache_key([str(SAMPLE_RULES)], f"hs={hyperscan_available()}")
+    assert key is not None
+    path = rc.cache_path(tmp_path / "c", key)
+    path.parent.mkdir()
+    path.symlink_to(victim)
+    assert rc.read_cache(path) is None
+    rs = build_ruleset([SAMPLE_RULES], cache_dir=tmp_path / "c")
+    assert rs.stats.cache == "written"
+    assert victim.read_bytes() == b"keep" and not path.is_symlink()
+
+
+def test_background_compile_serves_meanwhile_with_identical_hits(tmp_path: Path) -> None:
+    rs = build_ruleset([SAMPLE_RULES], cache_dir=tmp_path, background=True)
+    ref = build_ruleset([SAMPLE_RULES], compiled=False)
+    name, msg = messages()[0]
+    assert rs.scan(msg, now=0.0).counts == ref.scan(msg, now=0.0).counts
+    assert rs.wait_compiled(120)
+    for name, msg in messages()[:10]:
+        assert rs.scan(msg, now=0.0).counts == ref.scan(msg, now=0.0).counts, name
+
+
+# ------------------------------------------------------------------ rules_dirs = "auto"
+
+@pytest.fixture
+def sa_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Temporary stand-ins for /var/lib/spamassassin and /usr/share/spamassassin."""
+    updates, share = tmp_path / "var-lib-sa", tmp_path / "usr-share-sa"
+    monkeypatch.setattr(rules_mod, "SA_UPDATES_DIR", updates)
+    monkeypatch.setattr(rules_mod, "SA_SHARE_DIR", share)
+    monkeypatch.delenv(rules_mod.SA_SEARCH_ENV, raising=False)
+    return updates, share
+
+
+def _cf(directory: Path, text: str = "body SA_RULE /sa-marker/\n") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "10_test.cf").write_text(text)
+    return directory
+
+
+def content(**kw: Any) -> mxconfig.Config:
+    return mxconfig.Config(content=mxconfig.ContentConfig(**kw))
+
+
+AUTO_CASES = [
+    # (what is installed, expected directory relative to tmp, or None)
+    ("nothing", None),
+    ("share", "usr-share-sa"),
+    ("updates", "var-lib-sa/4.000001/updates_spamassassin_org"),
+    ("share+updates", "var-lib-sa/4.000001/updates_spamassassin_org"),
+    ("share+empty-updates", "usr-share-sa"),  # control: a version dir without .cf files
+]
+
+
+@pytest.mark.parametrize("installed,expected", AUTO_CASES)
+def test_auto_finds_spamassassin_rules(sa_dirs: tuple[Path, Path], tmp_path: Path,
+                                       installed: str, expected: str | None) -> None:
+    updates, share = sa_dirs
+    if "share" in installed:
+        _cf(share)
+    if installed in ("updates", "share+updates"):
+        _cf(updates / "3.004006" / "updates_spamassassin_org")
+        _cf(updates / "4.000001" / "updates_spamassassin_org")
+    if installed == "share+empty-updates":
+        (updates / "4.000001" / "updates_spamassassin_org").mkdir(parents=True)
+    dirs, how = rules_mod.rules_dirs(content())
+    assert how == "auto"
+    assert dirs == ([] if expected is None else [str(tmp_path / expected)])
+
+
+def test_auto_loads_them_and_says_so(sa_dirs: tuple[Path, Path], tmp_path: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    _cf(sa_dirs[1])
+    cfg = mxconfig.Config(server=mxconfig.ServerConfig(state_dir=str(tmp_path / "state")))
+    with caplog.at_level(logging.INFO, logger="mxguard"):
+        rs = rules_mod.load_rules(cfg)
+    assert "SA_RULE" in rs.rules
+    line = next(r.getMessage() for r in caplog.records if "content rules:" in r.getMessage())
+    assert line.endswith(f"from built-in, {sa_dirs[1]} (auto)")
+    assert list((tmp_path / "state" / "rules-cache").glob("rules-*.bin"))
+
+
+def test_auto_without_spamassassin_says_so(sa_dirs: tuple[Path, Path],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="mxguard"):
+        rs = rules_mod.load_rules(mxconfig.Config())
+    assert "SA_RULE" not in rs.rules
+    assert any("from built-in (auto: SpamAssassin's rules not installed)" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ([], []),
+    (["/somewhere/else"], ["/somewhere/else"]),
+])
+def test_a_list_keeps_its_meaning(sa_dirs: tuple[Path, Path], value: list[str],
+                                  expected: list[str]) -> None:
+    _cf(sa_dirs[1])  # installed, but not asked for
+    assert rules_mod.rules_dirs(content(rules_dirs=value)) == (expected, "configured")
+
+
+def test_environment_overrides_the_search(sa_dirs: tuple[Path, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _cf(sa_dirs[1])
+    monkeypatch.setenv(rules_mod.SA_SEARCH_ENV, "")
+    assert rules_mod.rules_dirs(content()) == ([], "auto")
+    other = _cf(tmp_path / "other")
+    monkeypatch.setenv(rules_mod.SA_SEARCH_ENV, f"/nonexistent:{other}")
+    assert rules_mod.rules_dirs(content()) == ([str(other)], "auto")
+
+
+def test_the_test_suite_hides_installed_spamassassin_rules() -> None:
+    assert os.environ.get(rules_mod.SA_SEARCH_ENV) == ""
+
+
+@pytest.mark.parametrize("toml,ok", [
+    ('rules_dirs = "auto"', True),
+    ("rules_dirs = []", True),
+    ('rules_dirs = ["/usr/share/spamassassin"]', True),
+    ('rules_dirs = "sometimes"', False),
+    ("rules_dirs = 5", False),
+    ('rules_dirs = ["/a", 5]', False),
+])
+def test_rules_dirs_validation(tmp_path: Path, toml: str, ok: bool) -> None:
+    path = tmp_path / "mxguard.toml"
+    path.write_text(f"[content]\n{toml}\n")
+    if ok:
+        mxconfig.load(path)
+        return
+    with pytest.raises(mxconfig.ConfigError) as err:
+        mxconfig.load(path)
+    msg = str(err.value)
+    assert str(path) in msg and "content.rules_dirs" in msg and '"auto"' in msg
