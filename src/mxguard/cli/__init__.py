@@ -6,6 +6,7 @@ printed as one line and exit 2; never a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -13,8 +14,48 @@ import click
 from mxguard import __version__, config
 from mxguard.cli.common import CONFIG_OPTION, load_or_exit
 
+# Command groups by name -> "module:attribute", imported only when run (or listed by
+# --help): `mxguard learn --stdin`, run once per message by Dovecot, does not pay for
+# importing every other command (DNS, DKIM, the dashboard ...).
+LAZY_COMMANDS: dict[str, str] = {
+    "bayes": "mxguard.cli.learn:bayes",
+    "demo": "mxguard.cli.demo:demo",
+    "dkim": "mxguard.cli.dkim:dkim",
+    "dmarc": "mxguard.cli.dmarc_received:dmarc",  # adds ingest and summary to cli.dmarc's group
+    "dns": "mxguard.cli.dns:dns",
+    "doctor": "mxguard.cli.doctor:doctor",
+    "explain": "mxguard.cli.history:explain",
+    "greylist": "mxguard.cli.greylist:greylist",
+    "history": "mxguard.cli.history:history",
+    "learn": "mxguard.cli.learn:learn",
+    "metrics": "mxguard.cli.metrics:metrics",
+    "postfix": "mxguard.cli.postfix:postfix",
+    "rules": "mxguard.cli.scan:rules",
+    "scan": "mxguard.cli.scan:scan",
+    "spf": "mxguard.cli.spf:spf",
+    "storage": "mxguard.cli.storage:storage",
+    "web": "mxguard.cli.web:web",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group whose subcommands in :data:`LAZY_COMMANDS` are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in LAZY_COMMANDS:
+            return command
+        module_name, _, attr = LAZY_COMMANDS[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(command, click.Command)
+        self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="mxguard")
 def main() -> None:
     """mxguard: one daemon that makes a Postfix mail server spam-resistant."""
@@ -60,28 +101,3 @@ def config_check(file: str) -> None:
 def config_show(file: str | None, no_docs: bool) -> None:
     """Print the effective configuration (defaults filled in) as TOML."""
     click.echo(config.dump(load_or_exit(file), docs=not no_docs), nl=False)
-
-
-def _register() -> None:
-    from mxguard.cli import dmarc_received  # noqa: F401 - adds ingest and summary to dmarc
-    from mxguard.cli.demo import demo
-    from mxguard.cli.dkim import dkim
-    from mxguard.cli.dmarc import dmarc
-    from mxguard.cli.dns import dns
-    from mxguard.cli.doctor import doctor
-    from mxguard.cli.greylist import greylist
-    from mxguard.cli.history import explain, history
-    from mxguard.cli.learn import bayes, learn
-    from mxguard.cli.metrics import metrics
-    from mxguard.cli.postfix import postfix
-    from mxguard.cli.scan import rules, scan
-    from mxguard.cli.spf import spf
-    from mxguard.cli.storage import storage
-    from mxguard.cli.web import web
-
-    for command in (greylist, spf, dkim, dmarc, scan, rules, learn, bayes, storage, postfix, dns,
-                    doctor, demo, history, explain, metrics, web):
-        main.add_command(command)
-
-
-_register()
