@@ -298,3 +298,43 @@ def test_incomplete_input_of_all_connections_is_bounded(tmp_path: Path, dns: DNS
             s.close()
     finally:
         assert mx.stop() == 0
+
+
+def wait_for_log(proc: MxguardProcess, text: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while text not in proc.log_text():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dashboard_port_taken_mail_is_still_served(tmp_path: Path, workers: int) -> None:
+    """A taken [web] listen port (another program, a second daemon after an upgrade) costs
+    the dashboard, never the mail: the doors serve, one error line says what is off."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    proc = MxguardProcess(tmp_path, f"[server]\nworkers = {workers}\n"
+                                    f'[web]\nlisten = "127.0.0.1:{port}"\n'
+                                    '[helo]\nmode = "off"\n[spf]\nmode = "off"\n'
+                                    '[greylist]\nmode = "off"\n')
+    try:
+        proc.start()
+        assert PolicyClient(proc.port).ask() == "DUNNO"
+        assert wait_for_log(proc, f"dashboard: cannot listen on 127.0.0.1:{port}")
+    finally:
+        proc.stop()
+        holder.close()
+
+
+def test_dashboard_port_free_is_served(tmp_path: Path) -> None:  # control
+    proc = MxguardProcess(tmp_path)
+    try:
+        proc.start()
+        assert wait_for_log(proc, f"dashboard on http://127.0.0.1:{proc.web_port}/")
+        assert "dashboard: cannot listen" not in proc.log_text()
+    finally:
+        proc.stop()

@@ -258,8 +258,18 @@ class Daemon:
     async def start_web(self, cfg: config.Config) -> None:
         from mxguard.web.server import WebServer
 
-        self.web = WebServer(self)
-        await self.web.start()
+        web_server = WebServer(self)
+        try:
+            await web_server.start()
+        except OSError as exc:
+            # The dashboard is not worth a mail outage: a port taken (by another daemon,
+            # after an upgrade) leaves the doors serving, with one line saying what is off.
+            log.error("dashboard: cannot listen on %s: %s; mail is served, the dashboard "
+                      "and /metrics over HTTP are off until mxguard restarts",
+                      cfg.web.listen, exc.strerror or exc)
+            await web_server.close()
+            return
+        self.web = web_server
 
     async def reload(self) -> None:
         """Load config and lists anew; keep the old ones if anything is wrong."""

@@ -100,7 +100,6 @@ def bind_all(cfg: config.Config) -> dict[str, socket.socket]:
     """The sockets the daemon listens on, keyed by their ``listen`` spec."""
     sockets: dict[str, socket.socket] = {}
     specs = [cfg.policy.listen] + ([cfg.milter.listen] if cfg.milter.enabled else [])
-    specs += [cfg.web.listen] if cfg.web.enabled else []
     try:
         for spec in specs:
             if spec not in sockets:
@@ -109,6 +108,10 @@ def bind_all(cfg: config.Config) -> dict[str, socket.socket]:
         for sock in sockets.values():
             sock.close()
         raise
+    if cfg.web.enabled and cfg.web.listen not in sockets:
+        # the dashboard is not worth a mail outage: each worker logs what is off
+        with contextlib.suppress(OSError):
+            sockets[cfg.web.listen] = bind(cfg.web.listen)
     return sockets
 
 
