@@ -62,6 +62,29 @@ def request(i: int, conn: int, kind: str) -> bytes:
     ).encode()
 
 
+def request_full(i: int, conn: int, kind: str) -> bytes:
+    """``--checks full``: HELO, SPF and greylisting all decide. The HELO name and the
+    sender domain resolve through the benchmark's loopback DNS (TTL 300: cached after
+    the first sight); the client passes SPF (ip4: for most, include: for every 4th), so
+    greylisting decides as in the greylist-only workload. A known triplet repeats its
+    sender, so the SPF result of that (client, HELO, sender) is remembered, as for a
+    message with several recipients; a new one is a new SPF evaluation."""
+    n = i if kind == "new" else i % 1000
+    tag = f"{kind}{letters(conn)}x{letters(n)}"
+    net = "203.0.113" if n % 4 == 3 else "198.51.100"
+    return (
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
+        f"client_address={net}.{n % 250 + 1}\nclient_name=unknown\n"
+        f"reverse_client_name=unknown\nhelo_name=mail{conn}.d{letters(conn)}.bench.test\n"
+        f"sender=sender-{tag}@d{letters(n % 200)}.bench.test\n"
+        f"recipient=rcpt{n % 50}@dest.test\nrecipient_count=0\nqueue_id=\ninstance=b{i}\n"
+        "size=2300\nsasl_method=\nsasl_username=\nsasl_sender=\nccert_subject=\n"
+        "ccert_issuer=\nccert_fingerprint=\nencryption_protocol=\nencryption_cipher=\n"
+        "encryption_keysize=0\netrn_domain=\nstress=\npolicy_context=\n"
+        "server_address=127.0.0.1\nserver_port=25\nserver_name=mx.dest.test\n\n"
+    ).encode()
+
+
 async def client(port: int, conn: int, kind: str, deadline: float, start: int,
                  counts: list[int], replies: dict[str, int], limit: int | None) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

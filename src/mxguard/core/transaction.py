@@ -15,6 +15,7 @@ Nothing here does I/O and nothing here knows a wire protocol.
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import ipaddress
 from collections.abc import Callable
@@ -180,6 +181,7 @@ class CheckResult:
     replace_body: Any = None  # a new body (bytes or a file) at end of message
 
 
+@functools.lru_cache(maxsize=8192)  # addresses are immutable; checks ask several times
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         addr = ipaddress.ip_address(value)
