@@ -300,8 +300,30 @@ def _strongest(decisions: list[Decision | None]) -> Decision | None:
     return max(found, key=lambda d: ACTION_RANK[d.action]) if found else None
 
 
+# What build_result made of a remembered verdict: the next recipient of the same
+# message (the same verdict object) gets a copy instead of a new Received-SPF
+# header, decision and symbols. Keyed by the verdict's and config's identity (both
+# held, so an id is never reused while its entry lives); bounded; a reload is a
+# new config object, so nothing built under the old scores is reused.
+MAX_BUILT = 4096
+_BUILT: dict[tuple[int, int, str], tuple[SpfVerdict, object, CheckResult]] = {}
+
+
 def build_result(rt: Runtime, verdict: SpfVerdict, receiver: str) -> CheckResult:
     """Symbols, decision, Received-SPF header and extras for one verdict."""
+    cfg = rt.config
+    key = (id(verdict), id(cfg), receiver)
+    hit = _BUILT.get(key)
+    if hit is None or hit[0] is not verdict or hit[1] is not cfg:
+        if len(_BUILT) >= MAX_BUILT:
+            _BUILT.clear()
+        hit = _BUILT[key] = (verdict, cfg, _build_result(rt, verdict, receiver))
+    made = hit[2]  # a fresh result: the runner and the door may change its lists
+    return CheckResult(NAME, list(made.symbols), made.decision, list(made.headers),
+                       made.reason, dict(made.extra))
+
+
+def _build_result(rt: Runtime, verdict: SpfVerdict, receiver: str) -> CheckResult:
     cfg, mf, helo = rt.config.spf, verdict.mailfrom, verdict.helo
     helo_decision = decision(cfg, helo, receiver) if helo is not None else None
     chosen = _strongest([helo_decision, decision(cfg, mf, receiver)])
