@@ -206,6 +206,20 @@ def peak_rss_mb(pid: int) -> float:
     return status_mb(pid, "VmHWM") + sum(status_mb(c, "VmHWM") for c in children(pid))
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size of the process and its workers: what they take together
+    (a forked worker shares the master's pages; RSS counts them in each)."""
+    total = 0.0
+    for p in (pid, *children(pid)):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
 def children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -312,8 +326,9 @@ def measure(name: str, port: int, pid: int, args: argparse.Namespace) -> dict[st
               f"(runs: {', '.join(f'{r:.0f}' for r in rates)}); server CPU {cpu:.0f} us/req "
               f"= {1e6 / cpu:,.0f} req/s per core; replies {replies}", flush=True)
     out["rss"] = peak_rss_mb(pid)
-    print(f"  {name:9s} peak RSS {out['rss']:.1f} MB (processes: {1 + len(children(pid))})",
-          flush=True)
+    out["pss"] = pss_mb(pid)
+    print(f"  {name:9s} peak RSS {out['rss']:.1f} MB summed over {1 + len(children(pid))} "
+          f"process(es); PSS now {out['pss']:.1f} MB (shared pages counted once)", flush=True)
     return out
 
 
