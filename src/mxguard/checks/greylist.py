@@ -86,8 +86,8 @@ class LookupCache:
     most ``size`` of each, least recently used dropped first.
 
     Only answers that need no write to be right are kept: a passed triplet (a new or
-    a waiting one always goes to the store) and a client's record (None: not seen
-    yet). Every write this process makes about a key drops that key, so the next
+    a waiting one always goes to the store) and, with it, its client's record
+    (None: not seen yet). Every write this process makes about a key drops that key, so the next
     request reads what the store now holds; another process's writes (a second
     worker, a second host on one Redis, the CLI) are seen within the lifetime.
     The store stays the one truth: a delivery is still counted there, at most once
@@ -120,14 +120,13 @@ class LookupCache:
 
     def put(self, key: str, record: TripletRecord | None, ckey: str,
             client: ClientRecord | None, now: float) -> None:
-        if self.lifetime <= 0:
-            return
+        if self.lifetime <= 0 or record is None or not record.passed:
+            return  # a new or waiting triplet: the next request asks the store anyway
         until = now + self.lifetime
         self._clients[ckey] = (min(until, client.expires) if client else until, client)
         self._clients.move_to_end(ckey)
-        if record is not None and record.passed:
-            self._triplets[key] = (min(until, record.expires), record)
-            self._triplets.move_to_end(key)
+        self._triplets[key] = (min(until, record.expires), record)
+        self._triplets.move_to_end(key)
         for table in (self._triplets, self._clients):
             while len(table) > self.size:
                 table.popitem(last=False)
