@@ -239,19 +239,25 @@ class Greylister:
 
     async def decide(self, tx: Transaction, now: float) -> Outcome | None:
         """The greylisting outcome of one RCPT request (None: not greylisting it)."""
+        return (await self.decide_noting_cache(tx, now))[0]
+
+    async def decide_noting_cache(self, tx: Transaction,
+                                  now: float) -> tuple[Outcome | None, bool]:
+        """:meth:`decide`, and whether the lookup cache answered instead of the store
+        (then the answer says nothing about the store being back after an outage)."""
         if not tx.recipient:
-            return None
+            return None, False
         if tx.sasl_username:
-            return Outcome(None, "authenticated")
+            return Outcome(None, "authenticated"), False
         spf = tx.results.get("spf")
         if spf is not None and spf.decision is not None and spf.decision.action is Action.REJECT:
-            return None
+            return None, False
         s = self._s
         await self.ensure_ready()
         await self.refresh_dynamic()
         listed = self._whitelisted(tx, s)
         if listed is not None:
-            return listed
+            return listed, False
         g = s.cfg
         net = client_network(tx.client_address, g.ipv4_prefix, g.ipv6_prefix, g.lookup_by_host)
         text = triplet_text(net, normalize_sender(tx.sender), normalize_recipient(tx.recipient))
@@ -262,10 +268,12 @@ class Greylister:
             self.cache.put(key, record, ckey, client, now)
         else:
             record, client = hit
+        cached = hit is not None
         if g.auto_whitelist_clients and client and client.count >= g.auto_whitelist_clients:
             await self._touch_client(ckey, client, now, g)
-            return Outcome("GREYLIST_AUTO_WHITELISTED", "awl", f"{net} count={client.count}")
-        return await self._triplet(tx, g, key, record, (ckey, client), now)
+            return Outcome("GREYLIST_AUTO_WHITELISTED", "awl",
+                           f"{net} count={client.count}"), cached
+        return await self._triplet(tx, g, key, record, (ckey, client), now), cached
 
     def _key(self, text: str) -> str:
         assert self._secret is not None  # decide() made sure
@@ -447,7 +455,7 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
             _warned_missing = True
         return None
     try:
-        outcome = await greylister.decide(tx, rt.clock())
+        outcome, cached = await greylister.decide_noting_cache(tx, rt.clock())
     except StoreError:
         # Store unavailable (e.g. Redis down): the first failure of each
         # [storage] fail_open_log_interval goes to the pipeline, which logs it and
@@ -456,7 +464,8 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
             raise
         return CheckResult(NAME, reason="error:StoreError",
                            decision=FAIL_ACTIONS.get(rt.config.policy.fail_action))
-    greylister.store_ok()
+    if not cached:  # a cached answer during an outage is no sign the store is back
+        greylister.store_ok()
     if outcome is None:
         return None
     return CheckResult(

@@ -10,6 +10,7 @@ the SQLite file itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -808,3 +809,26 @@ def test_lookup_cache_is_bounded() -> None:
     unpassed = TripletRecord("w", 0.0, 0.0, 0.0, 1e12)
     cache.put("w", unpassed, "c9", None, 100.0)
     assert cache.get("w", "c9", 100.0) is None  # control: a waiting triplet is never kept
+
+
+async def test_cached_answer_during_an_outage_is_no_recovery(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """The store fails (Redis away): a known triplet is still answered from the
+    cache, and that is not logged as the store being back; a real answer is."""
+    await env.deliver(tx())
+    await env.run(tx())  # cached now
+    lookup = env.gl.store.lookup
+
+    async def down(key: str, ckey: str) -> Any:
+        raise StoreError("redis: connection refused")
+
+    env.gl.store.lookup = down  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="mxguard"):
+        with pytest.raises(StoreError):  # the first failure goes to the pipeline
+            await env.run(tx(sender="new@else.example"))
+        res = await env.run(tx())
+        assert res is not None and res.reason == "known"  # from the cache
+        assert not [r for r in caplog.records if "available again" in r.getMessage()]
+        env.gl.store.lookup = lookup  # type: ignore[method-assign]
+        await env.run(tx(sender="new@else.example"))  # control: the store answers
+    assert [r for r in caplog.records if "available again" in r.getMessage()]
