@@ -722,7 +722,7 @@ def count_lookups(env: Env) -> list[int]:
         calls[0] += 1
         return await lookup(key, ckey)
 
-    env.gl.store.lookup = counted  # type: ignore[method-assign]
+    env.gl.store.lookup = counted  # type: ignore[method-assign,assignment]
     return calls
 
 
@@ -822,7 +822,7 @@ async def test_cached_answer_during_an_outage_is_no_recovery(
     async def down(key: str, ckey: str) -> Any:
         raise StoreError("redis: connection refused")
 
-    env.gl.store.lookup = down  # type: ignore[method-assign]
+    env.gl.store.lookup = down  # type: ignore[method-assign,assignment]
     with caplog.at_level(logging.WARNING, logger="mxguard"):
         with pytest.raises(StoreError):  # the first failure goes to the pipeline
             await env.run(tx(sender="new@else.example"))
