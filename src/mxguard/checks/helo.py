@@ -51,11 +51,17 @@ def valid_ipv4(text: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=4096)  # a pure function, asked up to three times a request
 def valid_hostname(name: str) -> bool:
     """Postfix's valid_hostname(): letters, digits, '-' and '_' in labels of at
     most 63 characters, no label starting or ending with '-', not all-numeric,
     at most 255 characters; one trailing dot is tolerated."""
+    if len(name) > 256:  # too long with or without the dot; never kept in the memo
+        return False
+    return _valid_hostname(name)
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function, asked up to three times a request
+def _valid_hostname(name: str) -> bool:
     if name.endswith("."):
         name = name[:-1]
     if not name or len(name) > 255:

@@ -221,7 +221,7 @@ class HeloMemory:
     def put(self, key: Key, result: SpfResult, now: float, ttl: float) -> None:
         if result.result == "temperror":
             ttl = min(ttl, TEMPERROR_TTL)
-        if ttl <= 0:
+        if ttl <= 0 or len(key[1]) > 255:  # no host name is longer: not kept
             return
         self._items[key] = (now + ttl, result)
         self._items.move_to_end(key)

@@ -181,8 +181,14 @@ class CheckResult:
     replace_body: Any = None  # a new body (bytes or a file) at end of message
 
 
-@functools.lru_cache(maxsize=8192)  # addresses are immutable; checks ask several times
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # checks ask several times a request; addresses are immutable, so one parse is
+    # shared. Only address-sized text is remembered (bounded in bytes, not just count).
+    return _parse_ip(value) if len(value) <= 100 else _parse_ip.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:

@@ -150,3 +150,12 @@ async def test_a_name_partly_cached_is_looked_up(dns: DNSServer) -> None:
     await resolver.query("mxonly.example.test", "A")  # NODATA, cached; AAAA and MX are not
     assert await helo.resolves(resolver, "mxonly.example.test") is True
     assert resolver.stats.queries == 3
+
+
+def test_hostname_memo_keeps_only_host_sized_names() -> None:
+    long = ("a" * 60 + ".") * 5  # 305 characters: too long for a host name
+    before = helo._valid_hostname.cache_info().currsize
+    assert helo.valid_hostname(long) is False
+    assert helo._valid_hostname.cache_info().currsize == before  # not remembered
+    assert helo.valid_hostname("mail.example.test") is True  # control: remembered, same answer
+    assert helo.valid_hostname("mail.example.test") is True
