@@ -229,6 +229,9 @@ class GreylistConfig:
     expiry_interval: float = opt(60.0, "seconds between expiry steps", lo=1, hi=DAY)
     skip_spf_pass_domains: list[str] = opt([], "sender domains (or *.parent) not greylisted "
                                            "when SPF passes")
+    lookup_cache: float = opt(10.0, "seconds a passed triplet and a client's record read "
+                              "from the store are reused in this process (0: ask the store "
+                              "every time); writes always reach the store", lo=0, hi=300)
 
 
 @dataclass(frozen=True)

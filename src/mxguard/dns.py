@@ -152,6 +152,17 @@ class Resolver:
         finally:
             del self._inflight[key]
 
+    def cached(self, name: str, rdtype: str) -> Answer | None:
+        """The cached, unexpired answer for ``name``/``rdtype``, or None; no query
+        and no wait (a check that has all it needs cached need not suspend)."""
+        key = (name.lower().rstrip("."), rdtype.upper())
+        hit = self._cache.get(key)
+        if hit is None or hit[0] <= self._clock():
+            return None
+        self.stats.cache_hits += 1
+        self._cache.move_to_end(key)
+        return hit[1]
+
     def _store(self, key: tuple[str, str], answer: Answer) -> None:
         if self.cache_size <= 0 or answer.ttl <= 0:
             return

@@ -67,8 +67,25 @@ def setup(cfg: LogConfig) -> None:
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]|[^\x21-\x7e]')
 
 
+_KV: dict[str, str] = {}  # value -> as logged: HELO names, clients, recipients recur
+KV_MEMO = 4096  # values remembered (each at most KV_MEMO_LEN characters), then start over
+KV_MEMO_LEN = 256
+
+
 def kv(value: str) -> str:
     """A log value: quoted when it has spaces, quotes or is empty."""
+    done = _KV.get(value)
+    if done is not None:
+        return done
+    done = _kv(value)
+    if len(value) <= KV_MEMO_LEN:
+        if len(_KV) >= KV_MEMO:
+            _KV.clear()
+        _KV[value] = done
+    return done
+
+
+def _kv(value: str) -> str:
     if not value:
         return "-"
     # the same test as _NEEDS_QUOTES, in C string methods: 3x faster per value (10 per line)
@@ -81,18 +98,13 @@ def kv(value: str) -> str:
 
 def decision_line(tx: Transaction, verdict: Verdict, action: str) -> str:
     symbols = ",".join(f"{s.name}({s.score:g})" if s.score else s.name for s in verdict.symbols)
+    # one f-string for the fields every line has: no list of pieces to join
     parts = [
-        f"action={kv(verdict.action.value)}",
-        f"reply={kv(action)}",
-        f"stage={tx.stage.name}",
-        f"client={kv(tx.client_address)}[{kv(tx.client_name)}]",
-        f"helo={kv(tx.helo)}",
-        f"sender={kv(tx.sender or '<>')}",
-        f"recipient={kv(tx.recipient)}",
-        f"queue_id={kv(tx.queue_id)}",
-        f"reason={kv(';'.join(verdict.reasons))}",
-        f"symbols={kv(symbols)}",
-        f"score={verdict.score:g}",
+        f"action={kv(verdict.action.value)} reply={kv(action)} stage={tx.stage.name} "
+        f"client={kv(tx.client_address)}[{kv(tx.client_name)}] helo={kv(tx.helo)} "
+        f"sender={kv(tx.sender or '<>')} recipient={kv(tx.recipient)} "
+        f"queue_id={kv(tx.queue_id)} reason={kv(';'.join(verdict.reasons))} "
+        f"symbols={kv(symbols)} score={verdict.score:g}",
     ]
     if tx.sasl_username:
         parts.append(f"sasl_username={kv(tx.sasl_username)}")

@@ -124,3 +124,18 @@ async def test_identical_queries_in_flight_are_coalesced(dns: DNSServer) -> None
 def test_reverse_name() -> None:
     assert reverse_name("192.0.2.1") == "1.2.0.192.in-addr.arpa"
     assert reverse_name("2001:db8::1").endswith(".8.b.d.0.1.0.0.2.ip6.arpa")
+
+
+async def test_cached_reads_only_unexpired_answers(dns: DNSServer) -> None:
+    clock = Clock()
+    r = resolver(dns, clock)
+    assert r.cached("a.test", "A") is None  # never asked
+    await r.query("a.test", "A")
+    hit = r.cached("A.TEST.", "a")  # the same key normalisation as query()
+    assert hit is not None and hit.records == ("192.0.2.1",)
+    assert r.cached("a.test", "MX") is None  # control: another type was not asked
+    clock.now += 301
+    assert r.cached("a.test", "A") is None  # past its TTL
+    queries = r.stats.queries
+    await r.query("a.test", "A")
+    assert r.stats.queries == queries + 1  # expired: asked again, not served stale

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import errno
 import fnmatch
+import functools
 import os
 import re
 import stat
@@ -214,8 +215,11 @@ def _colon_list(value: str) -> list[str]:
     return [part.strip(" \t") for part in value.split(":")]
 
 
+@functools.lru_cache(maxsize=256)  # one sender's key, message after message: loaded once
 def parse_key_record(text: str) -> KeyRecord:
-    """Parse a key record; :class:`KeyRecordError` carries the reason."""
+    """Parse a key record; :class:`KeyRecordError` carries the reason (a bad
+    record raises every time: errors are not remembered). The result is
+    immutable, so the same record text may share one."""
     try:
         tags = parse_tag_list(text)
     except TagListError as exc:

@@ -26,6 +26,7 @@ import logging
 import math
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,6 +80,71 @@ class Outcome:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+class LookupCache:
+    """What the store answered for passed triplets and for clients, reused for
+    ``[greylist] lookup_cache`` seconds (and at most until the record expires), at
+    most ``size`` of each, least recently used dropped first.
+
+    Only answers that need no write to be right are kept: a passed triplet (a new or
+    a waiting one always goes to the store) and, with it, its client's record
+    (None: not seen yet). Every write this process makes about a key drops that key, so the next
+    request reads what the store now holds; another process's writes (a second
+    worker, a second host on one Redis, the CLI) are seen within the lifetime.
+    The store stays the one truth: a delivery is still counted there, at most once
+    per interval, whatever an older copy here says."""
+
+    def __init__(self, lifetime: float, size: int = 10000) -> None:
+        self.lifetime = lifetime
+        self.size = size
+        self.hits = 0
+        self._triplets: OrderedDict[str, tuple[float, TripletRecord]] = OrderedDict()
+        self._clients: OrderedDict[str, tuple[float, ClientRecord | None]] = OrderedDict()
+
+    def get(self, key: str, ckey: str,
+            now: float) -> tuple[TripletRecord, ClientRecord | None] | None:
+        """Both the passed triplet and the client, or None (then ask the store)."""
+        t = self._triplets.get(key)
+        c = self._clients.get(ckey)
+        if t is None or c is None:
+            return None
+        if t[0] <= now:
+            del self._triplets[key]
+            return None
+        if c[0] <= now:
+            del self._clients[ckey]
+            return None
+        self._triplets.move_to_end(key)
+        self._clients.move_to_end(ckey)
+        self.hits += 1
+        return t[1], c[1]
+
+    def put(self, key: str, record: TripletRecord | None, ckey: str,
+            client: ClientRecord | None, now: float) -> None:
+        if self.lifetime <= 0 or record is None or not record.passed:
+            return  # a new or waiting triplet: the next request asks the store anyway
+        until = now + self.lifetime
+        self._clients[ckey] = (min(until, client.expires) if client else until, client)
+        self._clients.move_to_end(ckey)
+        self._triplets[key] = (min(until, record.expires), record)
+        self._triplets.move_to_end(key)
+        for table in (self._triplets, self._clients):
+            while len(table) > self.size:
+                table.popitem(last=False)
+
+    def drop_triplet(self, key: str) -> None:
+        self._triplets.pop(key, None)
+
+    def drop_client(self, ckey: str) -> None:
+        self._clients.pop(ckey, None)
+
+    def clear(self) -> None:
+        self._triplets.clear()
+        self._clients.clear()
+
+    def __len__(self) -> int:
+        return len(self._triplets) + len(self._clients)
+
+
 @dataclass(frozen=True, slots=True)
 class _Settings:
     """Config and lists swapped as one object on reload."""
@@ -119,6 +185,7 @@ class Greylister:
         self._store_failed_since = 0  # of them, since the store last worked
         self._store_logged = -math.inf
         self.where = getattr(getattr(store, "conn", None), "where", type(store).__name__)
+        self.cache = LookupCache(cfg.greylist.lookup_cache)
 
     def store_failed(self, interval: float) -> bool:
         """Count a request the store failed; True if it is to be logged (once per interval)."""
@@ -163,6 +230,7 @@ class Greylister:
         """Build new lists from ``cfg``; swap them in only if all of them load."""
         self._s = _settings(cfg)
         self._fail_log_interval = cfg.storage.fail_open_log_interval
+        self.cache = LookupCache(cfg.greylist.lookup_cache)  # the lists or the keys may differ
 
     async def close(self) -> None:
         await self.store.close()
@@ -171,28 +239,41 @@ class Greylister:
 
     async def decide(self, tx: Transaction, now: float) -> Outcome | None:
         """The greylisting outcome of one RCPT request (None: not greylisting it)."""
+        return (await self.decide_noting_cache(tx, now))[0]
+
+    async def decide_noting_cache(self, tx: Transaction,
+                                  now: float) -> tuple[Outcome | None, bool]:
+        """:meth:`decide`, and whether the lookup cache answered instead of the store
+        (then the answer says nothing about the store being back after an outage)."""
         if not tx.recipient:
-            return None
+            return None, False
         if tx.sasl_username:
-            return Outcome(None, "authenticated")
+            return Outcome(None, "authenticated"), False
         spf = tx.results.get("spf")
         if spf is not None and spf.decision is not None and spf.decision.action is Action.REJECT:
-            return None
+            return None, False
         s = self._s
         await self.ensure_ready()
         await self.refresh_dynamic()
         listed = self._whitelisted(tx, s)
         if listed is not None:
-            return listed
+            return listed, False
         g = s.cfg
         net = client_network(tx.client_address, g.ipv4_prefix, g.ipv6_prefix, g.lookup_by_host)
         text = triplet_text(net, normalize_sender(tx.sender), normalize_recipient(tx.recipient))
         key, ckey = (self._key(text), self._key("client\t" + net)) if g.privacy else (text, net)
-        record, client = await self.store.lookup(key, ckey)
+        hit = self.cache.get(key, ckey, now)
+        if hit is None:
+            record, client = await self.store.lookup(key, ckey)
+            self.cache.put(key, record, ckey, client, now)
+        else:
+            record, client = hit
+        cached = hit is not None
         if g.auto_whitelist_clients and client and client.count >= g.auto_whitelist_clients:
             await self._touch_client(ckey, client, now, g)
-            return Outcome("GREYLIST_AUTO_WHITELISTED", "awl", f"{net} count={client.count}")
-        return await self._triplet(tx, g, key, record, (ckey, client), now)
+            return Outcome("GREYLIST_AUTO_WHITELISTED", "awl",
+                           f"{net} count={client.count}"), cached
+        return await self._triplet(tx, g, key, record, (ckey, client), now), cached
 
     def _key(self, text: str) -> str:
         assert self._secret is not None  # decide() made sure
@@ -219,7 +300,9 @@ class Greylister:
                        record: TripletRecord | None, client: tuple[str, ClientRecord | None],
                        now: float) -> Outcome:
         if record is None or (not record.passed and now - record.first_seen > g.retry_window):
+            self.cache.drop_triplet(key)
             await self.store.record_first_seen(key, now, now + max(g.retry_window, g.delay))
+            self.cache.drop_triplet(key)
             if g.delay > 0:
                 return self._defer(tx, g, "new", g.delay)
             record = TripletRecord(key, now, now, 0.0, now)
@@ -227,13 +310,17 @@ class Greylister:
             waited = now - record.first_seen
             if waited < g.delay:
                 return self._defer(tx, g, "early", min(g.delay, g.delay - waited))
+            self.cache.drop_triplet(key)
             first = await self.store.mark_passed(key, now, now + g.max_age)
+            self.cache.drop_triplet(key)
             await self._count_delivery(client, now, g)
             header = self._header(waited, now) if first and g.header and g.delay else None
             return Outcome("GREYLIST_PASSED", "passed", f"delayed {int(waited)}s",
                            header=header, extra={"delay": str(int(waited))})
         if now - record.last_seen >= TOUCH_INTERVAL:
+            self.cache.drop_triplet(key)
             await self.store.touch_triplet(key, now, now + g.max_age)
+            self.cache.drop_triplet(key)
         await self._count_delivery(client, now, g)
         return Outcome("GREYLIST_PASSED", "known")
 
@@ -260,12 +347,16 @@ class Greylister:
         if rec is not None and now - rec.last_counted < g.auto_whitelist_interval:
             await self._touch_client(ckey, rec, now, g)
             return
+        self.cache.drop_client(ckey)
         await self.store.count_client(ckey, now, now + g.max_age, g.auto_whitelist_interval)
+        self.cache.drop_client(ckey)
 
     async def _touch_client(self, ckey: str, rec: ClientRecord, now: float,
                             g: GreylistConfig) -> None:
         if now - rec.last_seen >= TOUCH_INTERVAL:
+            self.cache.drop_client(ckey)
             await self.store.touch_client(ckey, now, now + g.max_age)
+            self.cache.drop_client(ckey)
 
     # ------------------------------------------------------------ dynamic whitelist
 
@@ -364,7 +455,7 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
             _warned_missing = True
         return None
     try:
-        outcome = await greylister.decide(tx, rt.clock())
+        outcome, cached = await greylister.decide_noting_cache(tx, rt.clock())
     except StoreError:
         # Store unavailable (e.g. Redis down): the first failure of each
         # [storage] fail_open_log_interval goes to the pipeline, which logs it and
@@ -373,7 +464,8 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
             raise
         return CheckResult(NAME, reason="error:StoreError",
                            decision=FAIL_ACTIONS.get(rt.config.policy.fail_action))
-    greylister.store_ok()
+    if not cached:  # a cached answer during an outage is no sign the store is back
+        greylister.store_ok()
     if outcome is None:
         return None
     return CheckResult(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import ipaddress
 
 from mxguard.config import HeloConfig
@@ -54,6 +55,13 @@ def valid_hostname(name: str) -> bool:
     """Postfix's valid_hostname(): letters, digits, '-' and '_' in labels of at
     most 63 characters, no label starting or ending with '-', not all-numeric,
     at most 255 characters; one trailing dot is tolerated."""
+    if len(name) > 256:  # too long with or without the dot; never kept in the memo
+        return False
+    return _valid_hostname(name)
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function, asked up to three times a request
+def _valid_hostname(name: str) -> bool:
     if name.endswith("."):
         name = name[:-1]
     if not name or len(name) > 255:
@@ -90,13 +98,19 @@ def _exempt_entry(entry: str, tx: Transaction) -> bool:
     return ip is not None and ip.version == net.version and ip in net
 
 
+@functools.lru_cache(maxsize=64)
+def _networks(entries: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                                 ...]:
+    """``exempt_networks`` parsed once per list (config validated them)."""
+    return tuple(ipaddress.ip_network(net, strict=False) for net in entries)
+
+
 def exempt(tx: Transaction, cfg: HeloConfig) -> str:
     """Why this client is not checked ("" when it is)."""
     if tx.authenticated:
         return "authenticated"
     ip = tx.client_ip
-    for net in cfg.exempt_networks:
-        network = ipaddress.ip_network(net, strict=False)
+    for network in _networks(tuple(cfg.exempt_networks)):
         if ip is not None and ip.version == network.version and ip in network:
             return "network"
     if any(_exempt_entry(e, tx) for e in cfg.exempt_helo):
@@ -126,7 +140,13 @@ def syntax(tx: Transaction, cfg: HeloConfig, rt: Runtime) -> CheckResult | None:
 
 
 async def resolves(resolver: Resolver, name: str) -> bool:
-    """True when ``name`` has an A, AAAA or MX record (Postfix's test)."""
+    """True when ``name`` has an A, AAAA or MX record (Postfix's test).
+
+    When all three answers are cached (a known HELO name: most requests), they
+    are read without starting a lookup, so the check does not wait at all."""
+    cached = [resolver.cached(name, t) for t in ("A", "AAAA", "MX")]
+    if None not in cached:
+        return any(a.records for a in cached if a is not None)
     answers = await asyncio.gather(*(resolver.query(name, t) for t in ("A", "AAAA", "MX")))
     return any(a.records for a in answers)
 

@@ -58,6 +58,7 @@ from mxguard.dns import DnsTempError
 
 NAME = "spf"
 MEMORY_KEY = "spf_memory"
+HELO_MEMORY_KEY = "spf_helo_memory"
 TEMPERROR_TTL = 60.0  # a temporary failure is not remembered longer than this
 MAX_TEXT = 400  # longest explanation put into an SMTP reply
 DEFAULT_FAIL_TEXT = SpfConfig().fail_text
@@ -198,12 +199,62 @@ async def receiver_name(tx: Transaction) -> str:
     return _FQDN[0]
 
 
+class HeloMemory:
+    """The HELO identity's result per (client address, HELO, receiver): the same for
+    every message of that client, whatever its sender, so a new sender costs one
+    evaluation (MAIL FROM), not two. Bounded like :class:`SpfMemory`, same TTLs."""
+
+    def __init__(self, size: int = 20000) -> None:
+        self.size = size
+        self._items: OrderedDict[Key, tuple[float, SpfResult]] = OrderedDict()
+
+    def get(self, key: Key, now: float) -> SpfResult | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[0] <= now:
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return item[1]
+
+    def put(self, key: Key, result: SpfResult, now: float, ttl: float) -> None:
+        if result.result == "temperror":
+            ttl = min(ttl, TEMPERROR_TTL)
+        if ttl <= 0 or len(key[1]) > 255:  # no host name is longer: not kept
+            return
+        self._items[key] = (now + ttl, result)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def helo_memory(rt: Runtime) -> HeloMemory:
+    mem: HeloMemory = rt.services.setdefault(HELO_MEMORY_KEY, HeloMemory())
+    return mem
+
+
+async def _check_helo(tx: Transaction, rt: Runtime, receiver: str) -> SpfResult:
+    """The HELO identity's result, remembered per (client, HELO, receiver)."""
+    mem, now, key = helo_memory(rt), rt.clock(), (tx.client_address, tx.helo, receiver)
+    found = mem.get(key, now)
+    if found is not None:
+        return found
+    cfg = rt.config.spf
+    result = await check_helo(rt.resolver, tx.client_address, tx.helo, receiver=receiver,
+                              timeout=cfg.timeout)
+    mem.put(key, result, now, float(cfg.result_cache_ttl))
+    return result
+
+
 async def _evaluate(tx: Transaction, rt: Runtime, receiver: str) -> SpfVerdict:
     cfg, resolver = rt.config.spf, rt.resolver
     helo_wanted = bool(cfg.helo_check and tx.helo)
     if not tx.sender and helo_wanted:  # the same evaluation (RFC 7208 §2.4)
-        helo = await check_helo(resolver, tx.client_address, tx.helo, receiver=receiver,
-                                timeout=cfg.timeout)
+        helo = await _check_helo(tx, rt, receiver)
         return SpfVerdict(None, dataclasses.replace(helo, identity="mailfrom"))
     # The two identities are independent: evaluate them side by side, so a slow or
     # dead DNS costs one timeout, not two.
@@ -211,9 +262,10 @@ async def _evaluate(tx: Transaction, rt: Runtime, receiver: str) -> SpfVerdict:
                                    receiver=receiver, timeout=cfg.timeout)
     if not helo_wanted:
         return SpfVerdict(None, await mailfrom_eval)
-    helo, mailfrom = await asyncio.gather(
-        check_helo(resolver, tx.client_address, tx.helo, receiver=receiver,
-                   timeout=cfg.timeout), mailfrom_eval)
+    known = helo_memory(rt).get((tx.client_address, tx.helo, receiver), rt.clock())
+    if known is not None:  # the HELO of a known client: only MAIL FROM to evaluate
+        return SpfVerdict(known, await mailfrom_eval)
+    helo, mailfrom = await asyncio.gather(_check_helo(tx, rt, receiver), mailfrom_eval)
     return SpfVerdict(helo, mailfrom)
 
 
@@ -307,8 +359,30 @@ def _strongest(decisions: list[Decision | None]) -> Decision | None:
     return max(found, key=lambda d: ACTION_RANK[d.action]) if found else None
 
 
+# What build_result made of a remembered verdict: the next recipient of the same
+# message (the same verdict object) gets a copy instead of a new Received-SPF
+# header, decision and symbols. Keyed by the verdict's and config's identity (both
+# held, so an id is never reused while its entry lives); bounded; a reload is a
+# new config object, so nothing built under the old scores is reused.
+MAX_BUILT = 4096
+_BUILT: dict[tuple[int, int, str], tuple[SpfVerdict, object, CheckResult]] = {}
+
+
 def build_result(rt: Runtime, verdict: SpfVerdict, receiver: str) -> CheckResult:
     """Symbols, decision, Received-SPF header and extras for one verdict."""
+    cfg = rt.config
+    key = (id(verdict), id(cfg), receiver)
+    hit = _BUILT.get(key)
+    if hit is None or hit[0] is not verdict or hit[1] is not cfg:
+        if len(_BUILT) >= MAX_BUILT:
+            _BUILT.clear()
+        hit = _BUILT[key] = (verdict, cfg, _build_result(rt, verdict, receiver))
+    made = hit[2]  # a fresh result: the runner and the door may change its lists
+    return CheckResult(NAME, list(made.symbols), made.decision, list(made.headers),
+                       made.reason, dict(made.extra))
+
+
+def _build_result(rt: Runtime, verdict: SpfVerdict, receiver: str) -> CheckResult:
     cfg, mf, helo = rt.config.spf, verdict.mailfrom, verdict.helo
     helo_decision = decision(cfg, helo, receiver) if helo is not None else None
     chosen = _strongest([helo_decision, decision(cfg, mf, receiver)])

@@ -15,6 +15,7 @@ Nothing here does I/O and nothing here knows a wire protocol.
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import ipaddress
 from collections.abc import Callable
@@ -181,6 +182,13 @@ class CheckResult:
 
 
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # checks ask several times a request; addresses are immutable, so one parse is
+    # shared. Only address-sized text is remembered (bounded in bytes, not just count).
+    return _parse_ip(value) if len(value) <= 100 else _parse_ip.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:

@@ -13,6 +13,7 @@ line without ``=``, NUL bytes or too many attributes raise
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 from mxguard.core.transaction import Action, Stage, Transaction, Verdict
 
@@ -116,7 +117,20 @@ class PolicyDecoder:
     def _request(self, lines: list[str]) -> PolicyRequest:
         if len(lines) > self.max_attributes:
             raise PolicyProtocolError(f"more than {self.max_attributes} attributes")
-        attrs: dict[str, str] = {}
+        # The usual request: every line name=value, every name known. Split in C in
+        # one go (a third of the cost of the loop below); anything else -- a line
+        # without "=", an empty or unknown name -- takes the loop, which says why.
+        try:
+            attrs = dict(map(str.split, lines, repeat("="), repeat(1)))
+        except ValueError:
+            pass
+        else:
+            if attrs.keys() <= KNOWN_ATTRIBUTES:
+                if attrs.get("request") != "smtpd_access_policy":
+                    raise PolicyProtocolError(
+                        f"unsupported request={attrs.get('request', '')!r}")
+                return PolicyRequest(attrs)
+        attrs = {}
         unknown: list[str] = []
         for line in lines:
             key, sep, value = line.partition("=")

@@ -235,3 +235,13 @@ def test_signing_key_properties() -> None:
     assert SigningKey("d", "s", RSA).bits == 1024
     assert SigningKey("d", "s", ED).algorithm == "ed25519-sha256"
     assert SigningKey("d", "s", ED).bits == 256
+
+
+def test_key_record_parsed_once_errors_every_time() -> None:
+    """The same record text gives the same (immutable) record; a bad one raises on
+    every call, never a remembered success."""
+    record = public_key_record(RSA)
+    assert parse_key_record(record) is parse_key_record(record)
+    for _ in range(2):
+        with pytest.raises(KeyRecordError):
+            parse_key_record("v=DKIM1; p=")

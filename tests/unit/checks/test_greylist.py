@@ -10,6 +10,7 @@ the SQLite file itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from mxguard.checks import evaluate
-from mxguard.checks.greylist import Greylister, check, open_greylister
+from mxguard.checks.greylist import Greylister, LookupCache, check, open_greylister
 from mxguard.checks.greylist_lists import (
     DEFAULT_CLIENT_FILE,
     WhitelistError,
@@ -30,7 +31,7 @@ from mxguard.config import Config, GreylistConfig, ServerConfig, StorageConfig
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Action, CheckResult, Decision, Mode, Stage, Transaction
 from mxguard.store.backends import open_store
-from mxguard.store.base import StoreError
+from mxguard.store.base import StoreError, TripletRecord
 from mxguard.store.sqlite import SqliteGreylistStore
 from tests.support.redis import shared_server
 
@@ -707,3 +708,127 @@ async def test_store_error_answers_the_fail_action(env_factory: EnvFactory) -> N
     verdict = await evaluate(tx(rcpt="other@rcpt.example"), rt, Stage.RCPT)
     assert verdict.decision is not None and verdict.decision.code == 451
     assert verdict.reasons == ["greylist:error:StoreError"]
+
+
+# ---------------------------------------------------------------- the lookup cache
+
+
+def count_lookups(env: Env) -> list[int]:
+    """Wrap the store's lookup: the list's one element counts the calls."""
+    calls = [0]
+    lookup = env.gl.store.lookup
+
+    async def counted(key: str, ckey: str) -> Any:
+        calls[0] += 1
+        return await lookup(key, ckey)
+
+    env.gl.store.lookup = counted  # type: ignore[method-assign,assignment]
+    return calls
+
+
+async def test_known_triplet_is_answered_from_the_cache(env: Env) -> None:
+    await env.deliver(tx())
+    calls = count_lookups(env)
+    for _ in range(3):
+        res = await env.run(tx())
+        assert res is not None and res.reason == "known" and names(res) == ["GREYLIST_PASSED"]
+    assert calls[0] == 1  # the first read; the next two from the cache
+    # control: a new triplet is never answered from the cache, each sight asks the store
+    for _ in range(2):
+        assert is_deferred(await env.run(tx(sender="carol@other.example")))
+    assert calls[0] == 3
+
+
+async def test_cached_triplet_still_refreshes_the_store(env: Env, tmp_path: Path) -> None:
+    """The last use reaches the store (TOUCH_INTERVAL), so the row does not expire
+    while the cache answers; the touch drops the copy, the next request rereads."""
+    await env.deliver(tx())
+    await env.run(tx())
+    calls = count_lookups(env)
+    env.clock.advance(5)
+    await env.run(tx())
+    assert calls[0] == 0  # within the lifetime: no read
+    env.clock.advance(30 * DAY)  # past the lifetime too: read, then touched
+    assert (await env.run(tx())).reason == "known"  # type: ignore[union-attr]
+    assert calls[0] == 1
+    env.clock.advance(30 * DAY)  # 60 days after the delivery: known, as the store was touched
+    await env.gl.expire_once()
+    res = await env.run(tx())
+    assert res is not None and res.reason == "known"
+
+
+async def test_cache_lifetime_and_off(env_factory: EnvFactory) -> None:
+    env = await env_factory(lookup_cache=10)
+    await env.deliver(tx())
+    calls = count_lookups(env)
+    await env.run(tx())
+    env.clock.advance(9)
+    await env.run(tx())
+    assert calls[0] == 1
+    env.clock.advance(2)  # past 10 s: read again
+    await env.run(tx())
+    assert calls[0] == 2
+    off = await env_factory(lookup_cache=0)
+    await off.deliver(tx(sender="dave@else.example"))
+    calls = count_lookups(off)
+    for _ in range(3):
+        await off.run(tx(sender="dave@else.example"))
+    assert calls[0] == 3  # control: lookup_cache = 0 asks the store every time
+
+
+async def test_deleted_triplet_is_greylisted_again_after_the_lifetime(env: Env) -> None:
+    """Another process (a second worker, the CLI) changed the store: seen within the
+    cache's lifetime, never later."""
+    await env.deliver(tx())
+    await env.run(tx())
+    assert await env.gl.store.purge(None) > 0  # every row gone (mxguard greylist purge)
+    res = await env.run(tx())
+    assert res is not None and res.reason == "known"  # within the lifetime: the copy
+    env.clock.advance(env.cfg.greylist.lookup_cache + 1)
+    assert is_deferred(await env.run(tx()))
+
+
+async def test_client_count_writes_drop_the_cached_client(env_factory: EnvFactory) -> None:
+    env = await env_factory(auto_whitelist_clients=2, auto_whitelist_interval=3600)
+    await env.deliver(tx())  # counted once
+    env.clock.advance(3601)
+    await env.run(tx())  # counted twice: the client is auto-whitelisted from now on
+    res = await env.run(tx(sender="erin@new.example"))  # a new triplet, same network
+    assert names(res) == ["GREYLIST_AUTO_WHITELISTED"]
+    assert names(await env.run(tx())) == ["GREYLIST_AUTO_WHITELISTED"]
+
+
+def test_lookup_cache_is_bounded() -> None:
+    cache = LookupCache(60, size=3)
+    for i in range(10):
+        rec = TripletRecord(f"t{i}", 0.0, 0.0, 1.0, 1e12)
+        cache.put(f"t{i}", rec, f"c{i}", None, 100.0)
+    assert len(cache) == 6  # three of each kind: the oldest went first
+    assert cache.get("t0", "c0", 100.0) is None
+    assert cache.get("t9", "c9", 100.0) is not None
+    unpassed = TripletRecord("w", 0.0, 0.0, 0.0, 1e12)
+    cache.put("w", unpassed, "c9", None, 100.0)
+    assert cache.get("w", "c9", 100.0) is None  # control: a waiting triplet is never kept
+
+
+async def test_cached_answer_during_an_outage_is_no_recovery(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """The store fails (Redis away): a known triplet is still answered from the
+    cache, and that is not logged as the store being back; a real answer is."""
+    await env.deliver(tx())
+    await env.run(tx())  # cached now
+    lookup = env.gl.store.lookup
+
+    async def down(key: str, ckey: str) -> Any:
+        raise StoreError("redis: connection refused")
+
+    env.gl.store.lookup = down  # type: ignore[method-assign,assignment]
+    with caplog.at_level(logging.WARNING, logger="mxguard"):
+        with pytest.raises(StoreError):  # the first failure goes to the pipeline
+            await env.run(tx(sender="new@else.example"))
+        res = await env.run(tx())
+        assert res is not None and res.reason == "known"  # from the cache
+        assert not [r for r in caplog.records if "available again" in r.getMessage()]
+        env.gl.store.lookup = lookup  # type: ignore[method-assign]
+        await env.run(tx(sender="new@else.example"))  # control: the store answers
+    assert [r for r in caplog.records if "available again" in r.getMessage()]

@@ -125,3 +125,37 @@ async def test_switches_turn_single_tests_off(dns: DNSServer) -> None:
     rt = runtime(dns, reject_non_fqdn=False, reject_unknown=False)
     assert await helo.check(tx("exchange"), rt) is None
     assert (await helo.check(tx("a..b"), rt)).decision is not None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("name", "known"), [
+    ("mail.example.test", True), ("v6.example.test", True), ("mxonly.example.test", True),
+    ("txtonly.example.test", False), ("nx.example.test", False),
+])
+async def test_a_known_name_is_judged_from_the_cache_alike(dns: DNSServer, name: str,
+                                                           known: bool) -> None:
+    """The second sight of a name reads the three cached answers without a lookup
+    and comes to the same verdict as the first, which asked the DNS."""
+    resolver = Resolver(DnsConfig(nameservers=[dns.address], timeout=0.5))
+    assert await helo.resolves(resolver, name) is known
+    asked = resolver.stats.queries
+    assert await helo.resolves(resolver, name) is known
+    assert resolver.stats.queries == asked  # answered from the cache
+    resolver.clear_cache()  # control: nothing cached, so the DNS is asked again
+    assert await helo.resolves(resolver, name) is known
+    assert resolver.stats.queries == asked + 3
+
+
+async def test_a_name_partly_cached_is_looked_up(dns: DNSServer) -> None:
+    resolver = Resolver(DnsConfig(nameservers=[dns.address], timeout=0.5))
+    await resolver.query("mxonly.example.test", "A")  # NODATA, cached; AAAA and MX are not
+    assert await helo.resolves(resolver, "mxonly.example.test") is True
+    assert resolver.stats.queries == 3
+
+
+def test_hostname_memo_keeps_only_host_sized_names() -> None:
+    long = ("a" * 60 + ".") * 5  # 305 characters: too long for a host name
+    before = helo._valid_hostname.cache_info().currsize
+    assert helo.valid_hostname(long) is False
+    assert helo._valid_hostname.cache_info().currsize == before  # not remembered
+    assert helo.valid_hostname("mail.example.test") is True  # control: remembered, same answer
+    assert helo.valid_hostname("mail.example.test") is True

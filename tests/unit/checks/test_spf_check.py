@@ -5,6 +5,7 @@ Real DNS on loopback, a Runtime built from Config(). Each case has a control.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -267,3 +268,58 @@ async def test_no_header_when_disabled(dns: DNSServer) -> None:
 ])
 def test_symbol_detail_says_what_explain_words(res: SpfResult, detail: str) -> None:
     assert spf.symbol_detail(res) == detail
+
+
+async def test_helo_identity_is_evaluated_once_per_client_and_helo(dns: DNSServer) -> None:
+    """A new sender from a known (client, HELO) evaluates MAIL FROM only; the HELO
+    result and the answer are those of a fresh evaluation."""
+    rt = runtime(dns, cache=0)  # no DNS cache: every evaluation shows in the queries
+    before = _txt_queries(dns, "mx.good.example")
+    first = await spf.check(tx("a@pass.example"), rt)
+    second = await spf.check(tx("b@pass.example"), rt)
+    fresh = await spf.check(tx("b@pass.example"), runtime(dns, cache=0))
+    assert _txt_queries(dns, "mx.good.example") == before + 2  # rt once, the fresh one once
+    assert first is not None and second is not None and fresh is not None
+    assert second.extra == fresh.extra and second.extra["spf_helo"] == "pass"
+    assert [s.name for s in second.symbols] == [s.name for s in fresh.symbols]
+    assert second.headers == fresh.headers
+    # control: another HELO from the same client is evaluated anew
+    await spf.check(tx("c@pass.example", helo="mx.bad.example"), rt)
+    assert _txt_queries(dns, "mx.bad.example") >= 1
+
+
+async def test_helo_memory_expires_and_is_bounded(dns: DNSServer) -> None:
+    rt = runtime(dns, cache=0, result_cache_ttl=100)
+    clock = rt.clock
+    assert isinstance(clock, Clock)
+    before = _txt_queries(dns, "mx.good.example")
+    await spf.check(tx("d@pass.example"), rt)
+    clock.now += 99
+    await spf.check(tx("e@pass.example"), rt)  # control: still remembered
+    assert _txt_queries(dns, "mx.good.example") == before + 1
+    clock.now += 2
+    await spf.check(tx("f@pass.example"), rt)
+    assert _txt_queries(dns, "mx.good.example") == before + 2
+    mem = spf.HeloMemory(size=2)
+    for i in range(3):
+        mem.put((str(i), "h", "r"), SpfResult("pass"), 0.0, 10.0)
+    assert len(mem) == 2 and mem.get(("0", "h", "r"), 0.0) is None
+    mem.put(("t", "h", "r"), SpfResult("temperror"), 0.0, 600.0)
+    assert mem.get(("t", "h", "r"), 61.0) is None  # a temperror: 60 s at most
+
+
+async def test_built_result_is_a_fresh_copy_and_follows_a_reload(dns: DNSServer) -> None:
+    rt = runtime(dns)
+    first = await spf.check(tx("g@pass.example"), rt)
+    assert first is not None
+    first.symbols.clear()
+    first.headers.clear()
+    again = await spf.check(tx("g@pass.example"), rt)  # the remembered verdict, built before
+    assert again is not None and names(again) == ["SPF_HELO_PASS", "SPF_PASS"] and again.headers
+    rt.config = dataclasses.replace(rt.config, scores={"SPF_PASS": -3.0})  # a reload
+    reloaded = await spf.check(tx("g@pass.example"), rt)
+    assert reloaded is not None and [s.score for s in reloaded.symbols][-1] == -3.0
+    assert [s.score for s in again.symbols][-1] != -3.0  # control: the old config's score
+    for _ in range(spf.MAX_BUILT + 10):  # bounded
+        spf.build_result(rt, spf.SpfVerdict(None, SpfResult("pass")), RECEIVER)
+    assert len(spf._BUILT) <= spf.MAX_BUILT

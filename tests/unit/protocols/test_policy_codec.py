@@ -57,6 +57,16 @@ def test_crlf_and_values_with_equals_and_utf8() -> None:
     assert r.attrs["helo_name"] == "é.example"
 
 
+def test_known_and_unknown_names_decode_alike() -> None:
+    """The all-known fast path and the line-by-line path give the same attributes."""
+    (fast,) = PolicyDecoder().feed(req(protocol_state="RCPT", sender="a=b@c", helo_name=""))
+    (slow,) = PolicyDecoder().feed(req(protocol_state="RCPT", sender="a=b@c", helo_name="",
+                                       future_thing="1"))
+    assert fast.attrs == {k: v for k, v in slow.attrs.items() if k != "future_thing"}
+    assert fast.attrs["sender"] == "a=b@c" and fast.attrs["helo_name"] == ""
+    assert (fast.unknown, slow.unknown) == ((), ("future_thing",))
+
+
 def test_unknown_attributes_are_kept_and_reported() -> None:
     (r,) = PolicyDecoder().feed(req(protocol_state="RCPT", future_thing="1"))
     assert r.unknown == ("future_thing",)
@@ -66,6 +76,9 @@ def test_unknown_attributes_are_kept_and_reported() -> None:
 
 @pytest.mark.parametrize(("wire", "match"), [
     (b"request=smtpd_access_policy\nnonsense\n\n", "name=value"),
+    (b"request=smtpd_access_policy\n=value\n\n", "name=value"),  # an empty name
+    (b"request=smtpd_access_policy\nsender=a@b\nnonsense\n\n", "name=value"),
+    (b"sender=a@b\n\n", "unsupported request"),  # known names only, no request=
     (b"\x00\x01\x02binary\n\n", "NUL"),
     (b"\n", "empty request"),
     (b"request=other\n\n", "unsupported request"),
