@@ -27,6 +27,9 @@ from mxguard.web.auth import hash_password
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+# The screenshots go to docs/ when MXGUARD_SCREENSHOTS=docs (how the ones in the repository
+# were taken: `MXGUARD_SCREENSHOTS=docs pytest tests/integration/test_web_browser.py`), else
+# into the test's temporary directory, so a test run leaves the checkout as it was.
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 OUTSIDE = "127.1.0.5"
 PASSWORD = "browser-pass-1234"
@@ -93,13 +96,15 @@ def bayes_stats(config: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in done.stdout.splitlines())
 
 
-def screenshot(drv: Any, name: str) -> None:
-    """The whole page as docs/NAME (the window is made as tall as the page)."""
+def screenshot(drv: Any, name: str, where: Path | None = None) -> None:
+    """The whole page as NAME in docs/ or ``where`` (the window is made as tall as the page)."""
     height = int(drv.execute_script("return document.documentElement.scrollHeight"))
     drv.set_window_size(1400, max(800, min(height + 40, 4000)))
     time.sleep(0.3)  # the resize relayouts the chart
-    DOCS.mkdir(exist_ok=True)
-    assert drv.save_screenshot(str(DOCS / name))
+    out = DOCS if os.environ.get("MXGUARD_SCREENSHOTS") == "docs" or where is None else where
+    out.mkdir(exist_ok=True)
+    assert drv.save_screenshot(str(out / name))
+    assert (out / name).stat().st_size > 10000  # a page, not an empty frame
 
 
 def test_browser_login_history_learn(tmp_path: Path, dns: DNSServer, sink: Sink, driver: Any,
@@ -154,13 +159,16 @@ def test_browser_login_history_learn(tmp_path: Path, dns: DNSServer, sink: Sink,
         assert errors == [], errors  # no script error, no Content-Security-Policy refusal
         driver.get(base + "/?hours=1")  # the last hour: the test's mail fills the chart
         wait.until(ec.presence_of_element_located((By.ID, "timeline")))
-        screenshot(driver, "dashboard-overview.png")
+        screenshot(driver, "dashboard-overview.png", tmp_path)
 
         # find the message in the history, open it
         driver.find_element(By.LINK_TEXT, "History").click()
         box = wait.until(ec.presence_of_element_located((By.NAME, "queue_id")))
         box.send_keys(target.queue_id)
+        unfiltered = driver.find_element(By.TAG_NAME, "body")  # lists the target too
         driver.find_element(By.ID, "search").click()
+        wait.until(ec.staleness_of(unfiltered))  # the filtered page has replaced it
+        wait.until(ec.url_contains("queue_id="))
         link = wait.until(ec.element_to_be_clickable((By.LINK_TEXT, target.queue_id)))
         rows = driver.find_elements(By.CSS_SELECTOR, "#records tbody tr")
         assert len(rows) == 1 and "Cheap watches for you" in rows[0].text
@@ -178,7 +186,7 @@ def test_browser_login_history_learn(tmp_path: Path, dns: DNSServer, sink: Sink,
         stats = bayes_stats(mx.config)
         assert (stats["nspam"], stats["nham"]) == ("1", "0")
         assert "1 spam, 0 ham" in driver.find_element(By.ID, "bayes-counts").text
-        screenshot(driver, "dashboard-message.png")
+        screenshot(driver, "dashboard-message.png", tmp_path)
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
 
         # log out: the dashboard asks for the login again
