@@ -255,7 +255,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
 
 
 def start_mxguard(tmp: Path, port: int, checks: str = "greylist", workers: str = "1",
-                  dns_port: int = 0, storage: str = "") -> subprocess.Popen[bytes]:
+                  dns_port: int = 0, storage: str = "", extra: str = "") -> subprocess.Popen[bytes]:
     """``checks``: "greylist" (HELO and SPF off, as postgrey) or "full" (HELO, SPF and
     greylisting on, DNS from the benchmark's loopback server)."""
     cfg = tmp / "mxguard.toml"
@@ -267,7 +267,7 @@ def start_mxguard(tmp: Path, port: int, checks: str = "greylist", workers: str =
         f'[server]\nworkers = {workers_value}\n'
         f'[storage]\nurl = "{storage or f"sqlite:///{tmp}/mxguard.db"}"\n'
         f'{only}[milter]\nenabled = false\n'
-        "[greylist]\ndelay = 1\nauto_whitelist_clients = 0\n"
+        "[greylist]\ndelay = 1\nauto_whitelist_clients = 0\n" + extra.replace("\\n", "\n")
     )
     log = open(tmp / "mxguard.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen([sys.executable, "-m", "mxguard", "serve", "--config", str(cfg)],
@@ -411,6 +411,8 @@ def main() -> None:
     ap.add_argument("--workers", default="1", help='[server] workers: a number or "auto"')
     ap.add_argument("--storage", default="", help="[storage] url (default: a temp SQLite)")
     ap.add_argument("--no-anchor", action="store_true", help="skip postgrey")
+    ap.add_argument("--extra", default="", help='more config for mxguard, e.g. '
+                    '"[history]\\nenabled = false" (\\n for new lines)')
     ap.add_argument("--ceiling", action="store_true",
                     help="also drive a trivial server: the load client's own ceiling")
     ap.add_argument("--profile", metavar="DIR", default="",
@@ -444,7 +446,8 @@ def main() -> None:
             dns, dns_port = start_dns(tmp)
         try:
             port = free_port()
-            proc = start_mxguard(tmp, port, args.checks, args.workers, dns_port, args.storage)
+            proc = start_mxguard(tmp, port, args.checks, args.workers, dns_port, args.storage,
+                                 args.extra)
             try:
                 results["mxguard"] = measure("mxguard", port, proc.pid, args)
             finally:
