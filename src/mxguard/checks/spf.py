@@ -34,6 +34,7 @@ import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Generic, TypeVar
 
 from mxguard.auth.spf import (
     SpfResult,
@@ -67,6 +68,7 @@ HELO_SYMBOLS = {"pass": "SPF_HELO_PASS", "fail": "SPF_HELO_FAIL",
 
 log = logging.getLogger("mxguard")
 
+V = TypeVar("V")
 Key = tuple[str, str, str]
 
 
@@ -82,14 +84,14 @@ class SpfVerdict:
         return self.mailfrom.result
 
 
-class SpfMemory:
-    """Remembered verdicts, bounded by age (TTL) and count (LRU)."""
+class TtlMemory(Generic[V]):
+    """Values per key, bounded by age (an expiry time per entry) and count (LRU)."""
 
     def __init__(self, size: int = 20000) -> None:
         self.size = size
-        self._items: OrderedDict[Key, tuple[float, SpfVerdict]] = OrderedDict()
+        self._items: OrderedDict[Key, tuple[float, V]] = OrderedDict()
 
-    def get(self, key: Key, now: float) -> SpfVerdict | None:
+    def get(self, key: Key, now: float) -> V | None:
         item = self._items.get(key)
         if item is None:
             return None
@@ -99,14 +101,18 @@ class SpfMemory:
         self._items.move_to_end(key)
         return item[1]
 
-    def put(self, key: Key, verdict: SpfVerdict, expires: float) -> None:
-        self._items[key] = (expires, verdict)
+    def put(self, key: Key, value: V, expires: float) -> None:
+        self._items[key] = (expires, value)
         self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class SpfMemory(TtlMemory[SpfVerdict]):
+    """Remembered verdicts of the policy stage, for the milter stage of the same message."""
 
 
 def memory(rt: Runtime) -> SpfMemory:
@@ -199,37 +205,19 @@ async def receiver_name(tx: Transaction) -> str:
     return _FQDN[0]
 
 
-class HeloMemory:
+class HeloMemory(TtlMemory[SpfResult]):
     """The HELO identity's result per (client address, HELO, receiver): the same for
     every message of that client, whatever its sender, so a new sender costs one
     evaluation (MAIL FROM), not two. Bounded like :class:`SpfMemory`, same TTLs."""
 
-    def __init__(self, size: int = 20000) -> None:
-        self.size = size
-        self._items: OrderedDict[Key, tuple[float, SpfResult]] = OrderedDict()
-
-    def get(self, key: Key, now: float) -> SpfResult | None:
-        item = self._items.get(key)
-        if item is None:
-            return None
-        if item[0] <= now:
-            del self._items[key]
-            return None
-        self._items.move_to_end(key)
-        return item[1]
-
-    def put(self, key: Key, result: SpfResult, now: float, ttl: float) -> None:
-        if result.result == "temperror":
+    def put(self, key: Key, value: SpfResult, now: float,
+            ttl: float = 0.0) -> None:
+        """Kept until ``now + ttl`` (a temperror 60 s at most); nothing kept for ttl 0."""
+        if value.result == "temperror":
             ttl = min(ttl, TEMPERROR_TTL)
         if ttl <= 0 or len(key[1]) > 255:  # no host name is longer: not kept
             return
-        self._items[key] = (now + ttl, result)
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
+        super().put(key, value, now + ttl)
 
 
 def helo_memory(rt: Runtime) -> HeloMemory:
