@@ -197,7 +197,10 @@ def test_metrics_endpoint_on_web_listen(stack: Stack, sink: Sink) -> None:
                 s = parse(resp.read().decode())
         except OSError:
             s, ctype = {}, ""
-        if total(s, "mxguard_requests_total") >= 1 and total(s, "mxguard_workers") == 2:
+        # each worker writes its counters every 2 s: wait until the one that served the
+        # request has written its greylist count too, not only the first worker's file
+        if (total(s, "mxguard_requests_total") >= 1 and total(s, "mxguard_workers") == 2
+                and total(s, "mxguard_greylist_triplets_total", result="new") >= 1):
             break
         assert time.monotonic() < deadline, s
         time.sleep(0.3)
