@@ -8,11 +8,14 @@
   appends them to a bounded queue (``[history] queue_size``; past it the oldest record is dropped,
   counted in :attr:`HistoryRecorder.dropped` and logged at most once per
   ``[storage] fail_open_log_interval``).
-* A background task builds the records (in a thread) and writes the queue every
-  ``[history] flush_interval`` seconds in one batch (the store works in a thread
-  too), and prunes by ``max_age_days`` and
-  ``max_records`` in small steps. A store error is counted and logged
-  (rate-limited); the batch is lost, mail is never affected.
+* A background task builds the records and writes the queue every
+  ``[history] flush_interval`` seconds, :data:`FLUSH_CHUNK` records at a time,
+  on the event loop (the SQLite store writes there too: a thread contending for
+  the GIL cost the mail more than the work; Redis writes in a thread). The
+  write-ahead log is checkpointed in a thread, and the store is pruned by
+  ``max_age_days`` and ``max_records`` in small steps. A busy store keeps the
+  records for the next round; another store error is counted and logged
+  (rate-limited) and loses that chunk; mail is never affected.
 * ``[web] keep_messages > 0``: the raw message (headers and at most
   ``[milter] max_scan_size`` body bytes) is copied at observe time and kept,
   with at most :data:`RAW_QUEUE_BYTES` waiting to be written.
@@ -36,7 +39,7 @@ from typing import Any
 from mxguard.config import Config
 from mxguard.core.runner import log_failure
 from mxguard.core.transaction import Edit, HeaderEdit, Symbol, Transaction, Verdict
-from mxguard.store.history import HistoryRecord, HistoryStore, new_id
+from mxguard.store.history import HistoryRecord, HistoryStore, StoreBusy, new_id
 
 log = logging.getLogger("mxguard")
 
@@ -48,7 +51,11 @@ RAW_QUEUE_BYTES = 64 * 1024 * 1024  # raw messages waiting to be written, at mos
 PRUNE_INTERVAL = 60.0  # seconds between prune rounds
 PRUNE_BATCH = 1000
 PRUNE_STEPS = 20  # batches per round at most
+FLUSH_CHUNK = 200  # records built and written at a time on the loop
+CHECKPOINT_RECORDS = 2000  # a WAL checkpoint (in a thread) after this many records ...
+CHECKPOINT_INTERVAL = 10.0  # ... or seconds, whichever comes first
 WANTED_HEADERS = frozenset({"from", "subject", "message-id"})
+WANTED_LENGTHS = frozenset(len(n) for n in WANTED_HEADERS)
 
 
 def _clip(text: str, limit: int = MAX_FIELD) -> str:
@@ -129,6 +136,8 @@ class HistoryRecorder:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._last_prune = 0.0
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
 
     @property
     def queued(self) -> int:
@@ -184,27 +193,31 @@ class HistoryRecorder:
     def finish(self, p: Pending) -> HistoryRecord:
         """The record of one decision: header values decoded, everything bounded."""
         p.id = p.id or new_id(p.time)
+        reply = p.reply
         rec = HistoryRecord(
             id=p.id, time=p.time, host=self.host, door=p.door, queue_id=p.queue_id,
             client_address=p.client_address, client_name=p.client_name, helo=p.helo,
             sender=p.sender, recipients=p.recipients, size=p.size,
             score=round(p.score, 3), action=p.action, decided_by=p.decided_by,
-            reply=_clip(p.reply),
+            reply=reply if len(reply) <= MAX_FIELD else reply[:MAX_FIELD],
             symbols=[{"name": s.name, "score": round(s.score, 3),
-                      "detail": _clip(s.detail, MAX_SYMBOL_DETAIL)} for s in p.symbols],
+                      "detail": s.detail if len(s.detail) <= MAX_SYMBOL_DETAIL
+                      else s.detail[:MAX_SYMBOL_DETAIL]} for s in p.symbols],
             timings={k: round(v, 3) for k, v in p.timings.items()},
             observed=list(p.observed), kept=p.kept)
         if p.headers is not None:
             found: dict[str, str] = {}
             for name, value in p.headers:
-                key = name.lower()
-                if key in WANTED_HEADERS and key not in found:
-                    found[key] = value
-                    if len(found) == len(WANTED_HEADERS):
-                        break
-            rec.from_ = _clip(decode_header(found.get("from", "")))
-            rec.subject = _clip(decode_header(found.get("subject", "")))
-            rec.message_id = _clip(" ".join(found.get("message-id", "").split()))
+                if len(name) in WANTED_LENGTHS:  # most names are skipped without lower()
+                    key = name.lower()
+                    if key in WANTED_HEADERS and key not in found:
+                        found[key] = value
+                        if len(found) == len(WANTED_HEADERS):
+                            break
+            if found:
+                rec.from_ = _clip(decode_header(found.get("from", "")))
+                rec.subject = _clip(decode_header(found.get("subject", "")))
+                rec.message_id = _clip(" ".join(found.get("message-id", "").split()))
         spam = p.decided_by == "actions"
         added: list[list[str]] = []
         for edit in p.edits:
@@ -216,17 +229,29 @@ class HistoryRecorder:
         rec.spam = spam
         return rec
 
-    def _finish_all(self, batch: list[Pending]) -> list[HistoryRecord]:
-        return [self.finish(p) for p in batch]
-
     async def flush(self) -> int:
-        """Write what is queued (one batch); returns the records written."""
+        """Write what is queued, :data:`FLUSH_CHUNK` records at a time with the loop
+        free in between; returns the records written.
+
+        The records are built on the loop, not in a thread: Python work in a second
+        thread contends for the GIL with the mail and cost it more than the work
+        itself. A busy store (another process writing) keeps the records queued for
+        the next round; any other store error loses that chunk (counted, logged)."""
         written = 0
-        while self._queue:
-            pending = [self._queue.popleft() for _ in range(min(len(self._queue), 5000))]
+        queue = self._queue
+        while queue:
+            pending = [queue.popleft() for _ in range(min(len(queue), FLUSH_CHUNK))]
+            batch = [self.finish(p) for p in pending]
             try:
-                batch = await asyncio.to_thread(self._finish_all, pending)
                 await self.store.add_many(batch)
+            except StoreBusy as exc:
+                queue.extendleft(reversed(pending))
+                while len(queue) > self.max_queue:
+                    queue.pop()  # the newest go: the kept ones are waiting longest
+                    self.dropped += 1
+                log_failure("history-busy", self.log_interval,
+                            "history: records wait for the next round: %s", exc)
+                break
             except Exception as exc:  # a store outage: those records are lost, mail is not
                 self.errors += len(batch)
                 log_failure("history-store", self.log_interval,
@@ -234,6 +259,8 @@ class HistoryRecorder:
                 break
             written += len(batch)
             self.written += len(batch)
+            self._since_checkpoint += len(batch)
+            await asyncio.sleep(0)  # the mail goes first between chunks
         while self._raw:
             p, raw = self._raw.popleft()
             self._raw_bytes -= len(raw)
@@ -262,12 +289,27 @@ class HistoryRecorder:
         self.pruned += removed
         return removed
 
+    async def checkpoint(self) -> None:
+        """The store's write-ahead-log checkpoint, in a thread (errors counted, logged)."""
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        try:
+            await self.store.checkpoint()
+        except Exception as exc:
+            self.errors += 1
+            log_failure("history-store", self.log_interval,
+                        "history: checkpoint failed: %s", exc)
+
     async def run(self) -> None:
         interval = self.cfg.history.flush_interval
         while True:
             await asyncio.sleep(interval)
             await self.flush()
             now = time.monotonic()
+            if self._since_checkpoint >= CHECKPOINT_RECORDS or (
+                    self._since_checkpoint and now - self._last_checkpoint
+                    >= CHECKPOINT_INTERVAL):
+                await self.checkpoint()
             if now - self._last_prune >= PRUNE_INTERVAL:
                 self._last_prune = now
                 await self.prune()

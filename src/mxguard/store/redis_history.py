@@ -142,7 +142,8 @@ class RedisHistoryStore(HistoryStore):
         keys.update(p + "y:" + n for n in rec.symbol_names() if n)
         return keys
 
-    def _add_many(self, records: list[tuple[HistoryRecord, str]]) -> None:
+    def _add_many(self, records: list[tuple[HistoryRecord, str]], *,
+                  on_loop: bool = False) -> None:
         """One script call per :data:`CHUNK` records (Redis does the index work; a
         pipeline of ~40 commands a record cost ~0.5 ms of Python per record)."""
         ix = len(self._p) + 3  # the index keys go in without "<prefix>ix:"

@@ -62,7 +62,7 @@ def verdict(action: Action = Action.ACCEPT, by: str = "", spam: bool = False) ->
 
 
 class BrokenStore(SqliteHistoryStore):
-    def _add_many(self, records: Any) -> None:
+    def _add_many(self, records: Any, *, on_loop: bool = False) -> None:
         raise StoreError("history store sqlite x: disk full")
 
 
