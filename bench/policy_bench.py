@@ -230,10 +230,20 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
+def descendants(pid: int) -> list[int]:
+    out, todo = [], children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (and its reaped children, e.g. postgrey's)."""
+    """utime + stime of a process, its reaped children (e.g. postgrey's) and its live
+    descendants (a master's workers, mxguard's history writer process)."""
     total = 0.0
-    for p in (pid, *children(pid)):  # a master's workers are alive: not in cstime yet
+    for p in (pid, *descendants(pid)):  # live ones are not in cstime yet
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

@@ -498,6 +498,9 @@ class HistoryConfig:
     queue_size: int = opt(10000, "records waiting to be written; past it the oldest are "
                           "dropped (counted, logged)", lo=100, hi=10**7)
     flush_interval: float = opt(1.0, "seconds between batched writes", lo=0.05, hi=60)
+    writer: str = opt("process", "who writes the records: a child process on another core "
+                      "(process) or the daemon's own event loop (loop)",
+                      choices=("process", "loop"))
 
 
 @dataclass(frozen=True)

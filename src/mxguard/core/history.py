@@ -300,19 +300,24 @@ class HistoryRecorder:
             log_failure("history-store", self.log_interval,
                         "history: checkpoint failed: %s", exc)
 
+    async def maintain(self) -> None:
+        """The store's upkeep after a write: a checkpoint after :data:`CHECKPOINT_RECORDS`
+        records or :data:`CHECKPOINT_INTERVAL` seconds, pruning every
+        :data:`PRUNE_INTERVAL` seconds."""
+        now = time.monotonic()
+        if self._since_checkpoint >= CHECKPOINT_RECORDS or (
+                self._since_checkpoint and now - self._last_checkpoint >= CHECKPOINT_INTERVAL):
+            await self.checkpoint()
+        if now - self._last_prune >= PRUNE_INTERVAL:
+            self._last_prune = now
+            await self.prune()
+
     async def run(self) -> None:
         interval = self.cfg.history.flush_interval
         while True:
             await asyncio.sleep(interval)
             await self.flush()
-            now = time.monotonic()
-            if self._since_checkpoint >= CHECKPOINT_RECORDS or (
-                    self._since_checkpoint and now - self._last_checkpoint
-                    >= CHECKPOINT_INTERVAL):
-                await self.checkpoint()
-            if now - self._last_prune >= PRUNE_INTERVAL:
-                self._last_prune = now
-                await self.prune()
+            await self.maintain()
 
     def start(self) -> None:
         """Start the writer on the running loop."""
@@ -351,7 +356,13 @@ async def open_history(cfg: Config, services: dict[str, Any]) -> HistoryRecorder
     except StoreError as exc:
         log.error("history: not recorded until mxguard is restarted: %s", exc)
         return None
-    recorder = HistoryRecorder(cfg, store)
+    recorder: HistoryRecorder
+    if cfg.history.writer == "process":
+        from mxguard.core.history_writer import ProcessRecorder
+
+        recorder = ProcessRecorder(cfg, store)
+    else:
+        recorder = HistoryRecorder(cfg, store)
     services[SERVICE] = recorder
     services[STORE_SERVICE] = store
     add_observer(services, recorder)
