@@ -205,14 +205,14 @@ def status_mb(pid: int, key: str) -> float:
 
 def peak_rss_mb(pid: int) -> float:
     """Peak RSS of the process plus, for a master, the peaks of its workers."""
-    return status_mb(pid, "VmHWM") + sum(status_mb(c, "VmHWM") for c in children(pid))
+    return status_mb(pid, "VmHWM") + sum(status_mb(c, "VmHWM") for c in descendants(pid))
 
 
 def pss_mb(pid: int) -> float:
     """Proportional set size of the process and its workers: what they take together
     (a forked worker shares the master's pages; RSS counts them in each)."""
     total = 0.0
-    for p in (pid, *children(pid)):
+    for p in (pid, *descendants(pid)):
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -341,8 +341,10 @@ def measure(name: str, port: int, pid: int, args: argparse.Namespace) -> dict[st
               f"= {1e6 / cpu:,.0f} req/s per core; replies {replies}", flush=True)
     out["rss"] = peak_rss_mb(pid)
     out["pss"] = pss_mb(pid)
-    print(f"  {name:9s} peak RSS {out['rss']:.1f} MB summed over {1 + len(children(pid))} "
-          f"process(es); PSS now {out['pss']:.1f} MB (shared pages counted once)", flush=True)
+    each = ", ".join(f"{status_mb(p, 'VmHWM'):.1f}" for p in (pid, *descendants(pid)))
+    print(f"  {name:9s} peak RSS {out['rss']:.1f} MB summed over "
+          f"{1 + len(descendants(pid))} process(es) ({each}); PSS now {out['pss']:.1f} MB "
+          "(shared pages counted once)", flush=True)
     return out
 
 
