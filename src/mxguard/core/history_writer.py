@@ -331,7 +331,10 @@ async def child_main(cfg: Config, host: str, reader: asyncio.StreamReader,
     rec = HistoryRecorder(cfg, open_history_store(cfg), host)
 
     def report(*head: Any) -> None:
-        out.write(frame((*head, rec.written, rec.errors, rec.pruned, rec.dropped)))
+        if out.is_closing():  # the daemon is gone: nobody to tell
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            out.write(frame((*head, rec.written, rec.errors, rec.pruned, rec.dropped)))
 
     maintainer = asyncio.get_running_loop().create_task(maintain_forever(rec))
     try:

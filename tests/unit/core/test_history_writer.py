@@ -173,3 +173,30 @@ async def test_open_history_picks_the_writer(tmp_path: Path, writer: str, kind: 
     observe(rec, 2)
     assert await rec.flush() == 2
     await rec.close()
+
+
+def test_child_outlives_its_daemon_quietly(tmp_path: Path) -> None:
+    """The daemon dies (both pipe ends close): the child writes what it got and exits
+    0, without a traceback."""
+    import pickle
+    import subprocess
+    import sys
+
+    c = cfg(tmp_path)
+    child = subprocess.Popen([sys.executable, "-m", "mxguard.core.history_writer"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    settings = pickle.dumps((c, "h"))
+    child.stdin.write(history_writer.FRAME.pack(len(settings)) + settings)
+    child.stdin.write(frame(("r", [pack(pending(HEADERS))])))
+    child.stdin.flush()
+    child.stdout.close()  # nobody reads its reports any more
+    child.stdin.close()
+    assert child.wait(timeout=60) == 0
+    assert child.stderr is not None
+    err = child.stderr.read()
+    assert b"Traceback" not in err
+    import sqlite3
+    with sqlite3.connect(tmp_path / "g-history.db") as db:
+        assert db.execute("SELECT queue_id FROM history").fetchall() == [("Q1",)]
