@@ -642,11 +642,16 @@ def run_one(pf: PostfixInstance, mx: MxguardProcess | None, pool: list[tuple[str
     threads0 = thread_ticks(mx_pids())
     spy = None
     if profile is not None and mx is not None:
-        target = max(mx_pids())  # a worker, or the only process
+        def serving(pid: int) -> bool:  # not the history writer process
+            try:
+                return b"history_writer" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                return False
+        target = max(p for p in mx_pids() if serving(p))  # a worker, or the only process
         # --gil: only the thread holding the GIL (where Python time goes);
         # --native: C frames too (syscalls made with the GIL held show up)
         mode = [] if os.environ.get("MXG_E2E_ALL_THREADS") else ["--gil"]
-        spy = subprocess.Popen(["py-spy", "record", *mode, "--native", "-p", str(target),
+        spy = subprocess.Popen([PY_SPY, "record", *mode, "--native", "-p", str(target),
                                 "-f", "raw", "-o", str(profile), "-d", str(int(args.duration)),
                                 "-r", "200"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -688,6 +693,9 @@ def run_one(pf: PostfixInstance, mx: MxguardProcess | None, pool: list[tuple[str
         "delivered": delivered, "accepted": res.accepted, "codes": res.codes, "left": left,
         "errors": res.errors,
     }
+
+
+PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 
 
 def summarise_profile(path: Path, top: int = 12) -> str:
