@@ -162,6 +162,23 @@ async def close_services(services: dict[str, Any]) -> None:
                 await _maybe_await(close())
 
 
+GC_THRESHOLDS = (10000, 20, 50)
+
+
+def tune_gc() -> None:
+    """Once the daemon is set up: its objects (rules, config, modules) go to the
+    permanent generation, so no collection walks them again, and young collections
+    run every 10,000 container allocations instead of 700 (a policy request makes a
+    few hundred). Measured with bench/policy_bench.py --checks full: server CPU per
+    request ~20 % lower for new triplets, ~15 % for known ones; the thresholds alone
+    brought it, freezing alone did not."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 class Daemon:
     def __init__(self, cfg: config.Config, config_path: str | None = None) -> None:
         self.config_path = config_path
@@ -350,6 +367,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_when_started()))
         try:
             await self.start()
+            tune_gc()  # a serving process only (tests drive start() in their own process)
             started.set()
             await self.stopping.wait()
             log.info("shutting down: finishing in-flight requests")
