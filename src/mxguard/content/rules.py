@@ -25,11 +25,11 @@ line scores 1.0 (``-1.0`` with ``tflags nice``, 0.01 for ``T_`` test rules,
 a scored meta needs it. ``tflags multiple`` counts every match (score times
 hits, at most ``maxhits=N``).
 
-Speed: with ``MXGUARD_RULES_HYPERSCAN=1`` (experimental: Hyperscan was seen
-to lose matches of patterns compiled together) the regex rules of each target
+Speed: when the ``hyperscan`` package is installed (the ``fast`` extra;
+``MXGUARD_RULES_HYPERSCAN=0`` turns this off) the regex rules of each target
 (body, rawbody, full, uri, each header spec) are compiled into Hyperscan
 databases (:mod:`mxguard.content.rules_compiled`): one pass over the text names
-the rules that may match, and only those run with Python ``re``. By default
+the rules that may match, and only those run with Python ``re``. Without it
 (or for the rules Hyperscan cannot take) only regex rules whose required
 literals occur in the text are run (the prefilter,
 :mod:`mxguard.content.rules_prefilter`). Either way Python ``re`` decides
@@ -72,7 +72,7 @@ BUILTIN_RULES = Path(__file__).resolve().parent.parent / "data" / "rules" / "mxg
 BODY_PART_SCAN = 50_000  # characters of each text part seen by body rules
 RAWBODY_PART_SCAN = 500_000
 REGEX_KINDS = ("body", "rawbody", "full", "uri")
-HS_RULES_ENV = "MXGUARD_RULES_HYPERSCAN"  # "1": Hyperscan databases of the regexes
+HS_RULES_ENV = "MXGUARD_RULES_HYPERSCAN"  # "0": no Hyperscan databases of the regexes
 
 
 @dataclass(slots=True)
@@ -282,13 +282,12 @@ class RuleSet:
         self._ready = threading.Event()
         literal_hs = compiled and (hyperscan_available() if use_hyperscan is None
                                    else use_hyperscan)
-        # The regex databases are opt-in (HS_RULES_ENV=1, or use_hyperscan=True):
-        # Hyperscan 5 (python-hyperscan 0.9.1) was seen to lose matches of some
-        # patterns when compiled together (19 of 6,046 corpus messages with
-        # SpamAssassin's rules); until that is understood the default is the
-        # literal prefilter, whose hits are identical.
+        # The regex databases whenever Hyperscan is there (HS_RULES_ENV=0: the
+        # literal prefilter only). Their patterns carry no anchors and no class
+        # repeats (rules_hs): with those, Vectorscan 5.4.12 lost matches of
+        # patterns compiled together (19 of 6,046 corpus messages differed).
         use_hs = literal_hs and (use_hyperscan is True
-                                 or os.environ.get(HS_RULES_ENV) == "1")
+                                 or os.environ.get(HS_RULES_ENV) != "0")
         self._cache_file: Path | None = None
         self._cached: tuple[dict[str, Any], list[bytes]] | None = None
         if cache_dir is not None and parsed.files:

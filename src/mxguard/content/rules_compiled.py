@@ -29,10 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mxguard.content.rules_hs import padded
+
 log = logging.getLogger("mxguard")
 
 CHUNK = 24  # patterns per Hyperscan database (compile time grows faster than linearly)
-ENGINE_VERSION = "3"  # bump when translation, literals or Hyperscan patterns change
+ENGINE_VERSION = "4"  # bump when translation, literals or Hyperscan patterns change
 _MAGIC = b"MXRULES1\n"
 _HS_FLAGS_NAMES = ("HS_FLAG_PREFILTER", "HS_FLAG_SINGLEMATCH", "HS_FLAG_ALLOWEMPTY",
                    "HS_FLAG_MULTILINE")
@@ -68,6 +70,7 @@ class HsMatcher:
 
     def matches(self, text: bytes) -> list[int]:
         found: list[int] = []
+        text = padded(text)  # the patterns' anchors are newlines (rules_hs)
         for db, scratch in zip(self.dbs, self._scratches(), strict=True):
             db.scan(text, match_event_handler=_collect, context=found, scratch=scratch)
         return found
