@@ -19,15 +19,12 @@ or widened:
   scanned with a newline before and after it (:func:`padded`); so a Python
   anchor's position (start of text or after a newline; end of text or before
   a newline) is always next to a newline. Anchors anywhere else are dropped
-  (that only widens). Vectorscan 5.4.12 (python-hyperscan 0.9.1) loses
-  matches of anchored patterns compiled into one database: with
-  ``^[^>][^\\n]*<a href=`` and ``^[^>][^\\n]*<img src="data`` together (flag
-  MULTILINE), ``"*" * 23 + "\\n\\n<a href="`` is not reported for the first
-  (each alone is; with 22 stars both are), and ``>$`` was lost in the same
-  way on a header; patterns without anchors do not have that problem;
+  (that only widens);
 * lookarounds dropped (a removed condition only widens), atomic groups and
   possessive quantifiers as plain ones, a back-reference as a copy of its
   group's pattern, ``(?(1)a|b)`` as ``(?:a|b)``;
+* an unbounded repeat of a class of :data:`WIDE_CLASS` bytes or more
+  (``[^\\n]*``, ``.*``, ``\\S+``) as a run of any bytes;
 * bounded repeats with an upper bound above :data:`MAX_BOUND` unbounded and
   minimums above it lowered to it (Hyperscan compiles large bounded repeats
   slowly; a search for fewer repetitions finds every place with more).
@@ -40,6 +37,16 @@ becomes one character class per position, the later ones optional
 
 Anything else raises :class:`Unsupported`; that rule keeps the literal
 prefilter of :mod:`mxguard.content.rules_prefilter`.
+
+Why no anchors and no wide class repeats: Vectorscan 5.4.12 (the library in
+python-hyperscan 0.9.1) loses matches of some patterns compiled into one
+database. ``\\n[^>][^\\n]*<a href=`` together with
+``\\n[^>][^\\n]*<img src="data`` does not report the first on
+``"*" * 23 + "\\n\\n<a href="`` (each alone does; with 22 stars both do;
+the same with ``^`` and flag MULTILINE for the ``\\n``), and ``>$`` was lost
+the same way on a header. Written as above neither happens, and on 6,046
+corpus messages with SpamAssassin's rules no hit differs from Python's
+(``bench/rules_equivalence.py``; a test replays the cases).
 """
 
 from __future__ import annotations
@@ -103,6 +110,7 @@ def _run(run: list[int]) -> str:
 
 PAD = b"\n"
 ANY_RUN = r"[\x00-\xff]*"
+WIDE_CLASS = 128  # unbounded repeats of classes this wide become ANY_RUN
 
 
 def padded(text: bytes) -> bytes:
@@ -188,11 +196,16 @@ class _Writer:
                 return ""
             lo = min(lo, MAX_BOUND)
             if hi is c.MAXREPEAT or hi > MAX_BOUND:
-                # any bytes: Vectorscan loses matches of some patterns with class
-                # repeats such as [^\n]* compiled together (module docstring)
-                head = "" if lo == 0 else f"(?:{inner})" if lo == 1 else f"(?:{inner}){{{lo}}}"
-                return head + ANY_RUN
-            if lo == hi:
+                items = list(sub)
+                chars = _char_set(*items[0], icase, flags) if len(items) == 1 else None
+                if chars is not None and len(chars) >= WIDE_CLASS:
+                    # any bytes: Vectorscan loses matches of some patterns with
+                    # repeats such as [^\n]* compiled together (module docstring)
+                    head = ("" if lo == 0 else f"(?:{inner})" if lo == 1
+                            else f"(?:{inner}){{{lo}}}")
+                    return head + ANY_RUN
+                quant = "*" if lo == 0 else "+" if lo == 1 else f"{{{lo},}}"
+            elif lo == hi:
                 quant = "" if lo == 1 else f"{{{lo}}}"
             else:
                 quant = "?" if (lo, hi) == (0, 1) else f"{{{lo},{hi}}}"
