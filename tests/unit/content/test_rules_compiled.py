@@ -95,15 +95,17 @@ def test_hyperscan_finds_what_vectorscan_lost_and_the_control_stays_out(rule: st
     assert rule in named and "SX_A_NEVER" not in named
 
 
-def test_hyperscan_patterns_have_no_anchors_and_no_class_repeats() -> None:
+def test_hyperscan_patterns_have_no_anchors_and_no_wide_class_repeats() -> None:
     """What Vectorscan mishandled never reaches it: anchors become newlines of
-    the padded text, unbounded repeats a run of any bytes."""
+    the padded text, unbounded repeats of wide classes a run of any bytes;
+    control: a narrow class keeps its repeat."""
     cases = [
         ("/^[^>].*?<a href=/im", "\\x0a[\\x00-\\x3d\\x3f-\\xff][\\x00-\\xff]*\\x3c"),
         ("/(?:>$|>,)/", "\\x3e(?:\\x0a|\\x2c)"),
-        ("/^\\s*$/", "\\x0a[\\x00-\\xff]*\\x0a"),
+        ("/^\\s*$/", "\\x0a(?:[\\x09-\\x0d\\x20])*\\x0a"),
         ("/a\\n^b/m", "\\x61\\x0a\\x62"),  # an anchor inside the match is dropped
-        ("/x{3,}y/", "(?:\\x78){3}[\\x00-\\xff]*\\x79"),
+        ("/a\\S+b/", "\\x61(?:[\\x00-\\x08\\x0e-\\x1f\\x21-\\xff])[\\x00-\\xff]*\\x62"),
+        ("/x{3,}y/", "(?:\\x78){3,}\\x79"),  # control: narrow class
     ]
     for perl, expected in cases:
         pattern = hs_pattern(compile_regex(perl))
