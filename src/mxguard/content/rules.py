@@ -42,6 +42,7 @@ is capped at :data:`BODY_PART_SCAN` characters (SpamAssassin's
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import os
 import re
@@ -318,7 +319,7 @@ class RuleSet:
         # known now, so a scan evaluates only metas with a hit among their rules.
         at_zero = HitMap()
         _run_metas(self.metas, at_zero)
-        self._meta_plan = [(m, frozenset(m.deps), m.name in at_zero) for m in self.metas]
+        self._meta_plan = _MetaPlan(self.metas, set(at_zero))
         self.stats.engine = ("hyperscan+re" if use_hs else "literals+re" if compiled
                              else "re (reference)")
         self.header_rules = [r for r in self.rules.values() if r.kind == "header"]
@@ -591,7 +592,7 @@ class RuleSet:
         self._scan_evals(ctx, hits, deadline)
         past_deadline(deadline)
         if self.compiled:
-            _run_metas_planned(self._meta_plan, hits)
+            self._meta_plan.run(hits)
         else:
             _run_metas(self.metas, hits)
         return self._result(hits, score_set, time.monotonic() - started)
@@ -680,18 +681,47 @@ def _run_metas(metas: list[Rule], hits: HitMap) -> None:
             continue
 
 
-def _run_metas_planned(plan: list[tuple[Rule, frozenset[str], bool]], hits: HitMap) -> None:
-    keys = hits.keys()  # a live view: sees the metas set on the way
-    for meta, deps, at_zero in plan:
-        if keys.isdisjoint(deps):
-            if at_zero:
+class _MetaPlan:
+    """Metas to evaluate for one hit map: only those with a hit among their
+    rules (found through an index of who reads which rule), in dependency
+    order; a meta none of whose rules hit takes its value on an empty map
+    (true for a few, such as ``!__X``), known at load time."""
+
+    def __init__(self, metas: list[Rule], true_at_zero: set[str]) -> None:
+        self.metas = metas
+        self.deps = [frozenset(m.deps) for m in metas]
+        self.at_zero = [i for i, m in enumerate(metas) if m.name in true_at_zero]
+        self.true_at_zero = frozenset(self.at_zero)
+        self.readers: dict[str, list[int]] = {}
+        for i in range(len(metas)):
+            for dep in self.deps[i]:
+                self.readers.setdefault(dep, []).append(i)
+
+    def run(self, hits: HitMap) -> None:
+        readers, metas, deps = self.readers, self.metas, self.deps
+        queue = list(self.at_zero)
+        for name in hits:
+            queue += readers.get(name, ())
+        heapq.heapify(queue)
+        keys = hits.keys()  # a live view: sees the metas set on the way
+        done: set[int] = set()
+        while queue:
+            i = heapq.heappop(queue)
+            if i in done:
+                continue
+            done.add(i)
+            meta = metas[i]
+            if keys.isdisjoint(deps[i]):
+                fire = i in self.true_at_zero
+            else:
+                try:
+                    fire = meta.meta_fn is not None and bool(meta.meta_fn(hits))
+                except (TypeError, ArithmeticError):
+                    continue
+            if fire:
                 hits[meta.name] = 1
-            continue
-        try:
-            if meta.meta_fn is not None and meta.meta_fn(hits):
-                hits[meta.name] = 1
-        except (TypeError, ArithmeticError):
-            continue
+                for j in readers.get(meta.name, ()):
+                    heapq.heappush(queue, j)  # dependency order: always after i
 
 
 def _count(rule: Rule, text: bytes, hits: HitMap) -> None:

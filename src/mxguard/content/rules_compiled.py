@@ -33,8 +33,8 @@ from mxguard.content.rules_hs import padded
 
 log = logging.getLogger("mxguard")
 
-CHUNK = 24  # patterns per Hyperscan database (compile time grows faster than linearly)
-ENGINE_VERSION = "5"  # bump when translation, literals or Hyperscan patterns change
+CHUNK = 64  # patterns per Hyperscan database (compile time grows faster than linearly)
+ENGINE_VERSION = "6"  # bump when translation, literals or Hyperscan patterns change
 _MAGIC = b"MXRULES1\n"
 _HS_FLAGS_NAMES = ("HS_FLAG_PREFILTER", "HS_FLAG_SINGLEMATCH", "HS_FLAG_ALLOWEMPTY",
                    "HS_FLAG_MULTILINE")
