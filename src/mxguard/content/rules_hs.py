@@ -197,7 +197,8 @@ class _Writer:
             lo = min(lo, MAX_BOUND)
             if hi is c.MAXREPEAT or hi > MAX_BOUND:
                 items = list(sub)
-                chars = _char_set(*items[0], icase, flags) if len(items) == 1 else None
+                chars = (_char_set(items[0][0], items[0][1], icase, flags) if len(items) == 1
+                         else None)
                 if chars is not None and len(chars) >= WIDE_CLASS:
                     # any bytes: Vectorscan loses matches of some patterns with
                     # repeats such as [^\n]* compiled together (module docstring)

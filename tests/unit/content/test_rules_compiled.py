@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -395,3 +396,44 @@ def test_engine_choice(env: dict[str, str], engine: str,
     ref = build_ruleset([ANCHORED_RULES], compiled=False)
     for _, msg in messages():
         assert rs.scan(msg, now=0.0).counts == ref.scan(msg, now=0.0).counts
+
+
+# ------------------------------------------------------------------ cold start
+
+def _cold_config(tmp_path: Path) -> mxconfig.Config:
+    rules_dir = tmp_path / "sa"
+    rules_dir.mkdir()
+    (rules_dir / "20_sample.cf").write_text(SAMPLE_RULES.read_text())
+    return mxconfig.Config(server=mxconfig.ServerConfig(state_dir=str(tmp_path / "state")),
+                           content=mxconfig.ContentConfig(rules_dirs=[str(rules_dir)]))
+
+
+def test_cold_start_serves_builtin_rules_until_a_process_has_compiled_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mxguard.checks.rules import RULES_SERVICE, ruleset
+
+    cfg = _cold_config(tmp_path)
+    paths = rules_mod.rule_paths(cfg)
+    assert not rules_mod.is_cached(paths, rules_mod.rules_cache_dir(cfg))
+    with caplog.at_level(logging.INFO, logger="mxguard"):
+        interim = rules_mod.load_rules(cfg, background=True, interim=True)
+    assert "not compiled yet" in caplog.text and "serving with the built-in" in caplog.text
+    assert not any(n.startswith("SX_") for n in interim.rules)  # built-in rules only
+    assert any(n.startswith("MXG_") for n in interim.rules)
+    rt = type("Rt", (), {"services": {RULES_SERVICE: interim}, "config": cfg})()
+    for _ in range(1200):  # the compile runs in another process
+        if interim.replacement is not None:
+            break
+        time.sleep(0.1)
+    full = interim.replacement
+    assert full is not None and full.stats.cache in ("hit", "written")
+    assert any(n.startswith("SX_") for n in full.rules)
+    assert ruleset(rt) is full and rt.services[RULES_SERVICE] is full  # swapped in on use
+    assert rules_mod.is_cached(paths, rules_mod.rules_cache_dir(cfg))
+    ref = build_ruleset(paths, compiled=False)
+    for _, msg in messages()[:10]:
+        assert full.scan(msg, now=0.0).counts == ref.scan(msg, now=0.0).counts
+    # control: a warm start has no interim step
+    warm = rules_mod.load_rules(cfg, background=True, interim=True)
+    assert warm.replacement is None and any(n.startswith("SX_") for n in warm.rules)
+    assert warm.stats.cache == ("hit" if hyperscan_available() else "")
