@@ -437,3 +437,28 @@ def test_cold_start_serves_builtin_rules_until_a_process_has_compiled_the_rest(
     warm = rules_mod.load_rules(cfg, background=True, interim=True)
     assert warm.replacement is None and any(n.startswith("SX_") for n in warm.rules)
     assert warm.stats.cache == ("hit" if hyperscan_available() else "")
+
+
+def test_without_the_hyperscan_package_the_literal_prefilter_is_exact() -> None:
+    """A plain ``pip install .`` (no ``fast`` extra): the import fails, the
+    literal prefilter runs, hits unchanged."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['hyperscan'] = None\n"
+        "from pathlib import Path\n"
+        "from mxguard.content.mime import parse_message\n"
+        "from mxguard.content.rules import build_ruleset\n"
+        f"paths = [{str(ANCHORED_RULES)!r}, {str(SAMPLE_RULES)!r}]\n"
+        "rs, ref = build_ruleset(paths), build_ruleset(paths, compiled=False)\n"
+        f"msgs = [parse_message(p.read_bytes()) for p in sorted(Path({str(SAMPLE)!r}).iterdir())]\n"
+        "same = sum(rs.scan(m, now=0.0).counts == ref.scan(m, now=0.0).counts for m in msgs)\n"
+        "print(rs.stats.engine, rs.stats.hs_rules, same, len(msgs))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MXGUARD_NO_HYPERSCAN",
+                                                            "MXGUARD_RULES_HYPERSCAN")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    assert out[:2] == ["literals+re", "0"]
+    assert out[2] == out[3] and int(out[3]) >= 44
