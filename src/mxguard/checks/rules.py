@@ -25,6 +25,11 @@ RULES_SERVICE = "content_rules"  # rt.services key of the loaded RuleSet
 
 def ruleset(rt: Runtime) -> RuleSet:
     loaded = rt.services.get(RULES_SERVICE)
+    if isinstance(loaded, RuleSet) and loaded.replacement is not None:
+        # the interim rules of a cold start: the full set is compiled now
+        while loaded.replacement is not None:
+            loaded = loaded.replacement
+        rt.services[RULES_SERVICE] = loaded
     if not isinstance(loaded, RuleSet):
         loaded = load_rules(rt.config)
         rt.services[RULES_SERVICE] = loaded

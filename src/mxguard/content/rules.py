@@ -25,11 +25,11 @@ line scores 1.0 (``-1.0`` with ``tflags nice``, 0.01 for ``T_`` test rules,
 a scored meta needs it. ``tflags multiple`` counts every match (score times
 hits, at most ``maxhits=N``).
 
-Speed: with ``MXGUARD_RULES_HYPERSCAN=1`` (experimental: Hyperscan was seen
-to lose matches of patterns compiled together) the regex rules of each target
+Speed: when the ``hyperscan`` package is installed (the ``fast`` extra;
+``MXGUARD_RULES_HYPERSCAN=0`` turns this off) the regex rules of each target
 (body, rawbody, full, uri, each header spec) are compiled into Hyperscan
 databases (:mod:`mxguard.content.rules_compiled`): one pass over the text names
-the rules that may match, and only those run with Python ``re``. By default
+the rules that may match, and only those run with Python ``re``. Without it
 (or for the rules Hyperscan cannot take) only regex rules whose required
 literals occur in the text are run (the prefilter,
 :mod:`mxguard.content.rules_prefilter`). Either way Python ``re`` decides
@@ -42,9 +42,12 @@ is capped at :data:`BODY_PART_SCAN` characters (SpamAssassin's
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -72,7 +75,7 @@ BUILTIN_RULES = Path(__file__).resolve().parent.parent / "data" / "rules" / "mxg
 BODY_PART_SCAN = 50_000  # characters of each text part seen by body rules
 RAWBODY_PART_SCAN = 500_000
 REGEX_KINDS = ("body", "rawbody", "full", "uri")
-HS_RULES_ENV = "MXGUARD_RULES_HYPERSCAN"  # "1": Hyperscan databases of the regexes
+HS_RULES_ENV = "MXGUARD_RULES_HYPERSCAN"  # "0": no Hyperscan databases of the regexes
 
 
 @dataclass(slots=True)
@@ -264,6 +267,18 @@ class _Target:
         return self.rules
 
 
+def engine_choice(use_hyperscan: bool | None, compiled: bool = True) -> tuple[bool, bool]:
+    """(Hyperscan for the literal prefilter, Hyperscan regex databases)."""
+    literal_hs = compiled and (hyperscan_available() if use_hyperscan is None
+                               else use_hyperscan)
+    # The regex databases whenever Hyperscan is there (HS_RULES_ENV=0: the
+    # literal prefilter only). Their patterns carry no anchors and no wide
+    # class repeats (rules_hs): with those, Vectorscan 5.4.12 lost matches of
+    # patterns compiled together (19 of 6,046 corpus messages differed).
+    use_hs = literal_hs and (use_hyperscan is True or os.environ.get(HS_RULES_ENV) != "0")
+    return literal_hs, use_hs
+
+
 class RuleSet:
     """Compiled rules; build with :func:`build_ruleset` or :func:`load_rules`.
 
@@ -280,15 +295,8 @@ class RuleSet:
         started = time.monotonic()
         self.compiled = compiled
         self._ready = threading.Event()
-        literal_hs = compiled and (hyperscan_available() if use_hyperscan is None
-                                   else use_hyperscan)
-        # The regex databases are opt-in (HS_RULES_ENV=1, or use_hyperscan=True):
-        # Hyperscan 5 (python-hyperscan 0.9.1) was seen to lose matches of some
-        # patterns when compiled together (19 of 6,046 corpus messages with
-        # SpamAssassin's rules); until that is understood the default is the
-        # literal prefilter, whose hits are identical.
-        use_hs = literal_hs and (use_hyperscan is True
-                                 or os.environ.get(HS_RULES_ENV) == "1")
+        self.replacement: RuleSet | None = None  # set when a fuller rule set takes over
+        literal_hs, use_hs = engine_choice(use_hyperscan, compiled)
         self._cache_file: Path | None = None
         self._cached: tuple[dict[str, Any], list[bytes]] | None = None
         if cache_dir is not None and parsed.files:
@@ -319,7 +327,7 @@ class RuleSet:
         # known now, so a scan evaluates only metas with a hit among their rules.
         at_zero = HitMap()
         _run_metas(self.metas, at_zero)
-        self._meta_plan = [(m, frozenset(m.deps), m.name in at_zero) for m in self.metas]
+        self._meta_plan = _MetaPlan(self.metas, set(at_zero))
         self.stats.engine = ("hyperscan+re" if use_hs else "literals+re" if compiled
                              else "re (reference)")
         self.header_rules = [r for r in self.rules.values() if r.kind == "header"]
@@ -592,7 +600,7 @@ class RuleSet:
         self._scan_evals(ctx, hits, deadline)
         past_deadline(deadline)
         if self.compiled:
-            _run_metas_planned(self._meta_plan, hits)
+            self._meta_plan.run(hits)
         else:
             _run_metas(self.metas, hits)
         return self._result(hits, score_set, time.monotonic() - started)
@@ -681,18 +689,47 @@ def _run_metas(metas: list[Rule], hits: HitMap) -> None:
             continue
 
 
-def _run_metas_planned(plan: list[tuple[Rule, frozenset[str], bool]], hits: HitMap) -> None:
-    keys = hits.keys()  # a live view: sees the metas set on the way
-    for meta, deps, at_zero in plan:
-        if keys.isdisjoint(deps):
-            if at_zero:
+class _MetaPlan:
+    """Metas to evaluate for one hit map: only those with a hit among their
+    rules (found through an index of who reads which rule), in dependency
+    order; a meta none of whose rules hit takes its value on an empty map
+    (true for a few, such as ``!__X``), known at load time."""
+
+    def __init__(self, metas: list[Rule], true_at_zero: set[str]) -> None:
+        self.metas = metas
+        self.deps = [frozenset(m.deps) for m in metas]
+        self.at_zero = [i for i, m in enumerate(metas) if m.name in true_at_zero]
+        self.true_at_zero = frozenset(self.at_zero)
+        self.readers: dict[str, list[int]] = {}
+        for i in range(len(metas)):
+            for dep in self.deps[i]:
+                self.readers.setdefault(dep, []).append(i)
+
+    def run(self, hits: HitMap) -> None:
+        readers, metas, deps = self.readers, self.metas, self.deps
+        queue = list(self.at_zero)
+        for name in hits:
+            queue += readers.get(name, ())
+        heapq.heapify(queue)
+        keys = hits.keys()  # a live view: sees the metas set on the way
+        done: set[int] = set()
+        while queue:
+            i = heapq.heappop(queue)
+            if i in done:
+                continue
+            done.add(i)
+            meta = metas[i]
+            if keys.isdisjoint(deps[i]):
+                fire = i in self.true_at_zero
+            else:
+                try:
+                    fire = meta.meta_fn is not None and bool(meta.meta_fn(hits))
+                except (TypeError, ArithmeticError):
+                    continue
+            if fire:
                 hits[meta.name] = 1
-            continue
-        try:
-            if meta.meta_fn is not None and meta.meta_fn(hits):
-                hits[meta.name] = 1
-        except (TypeError, ArithmeticError):
-            continue
+                for j in readers.get(meta.name, ()):
+                    heapq.heappush(queue, j)  # dependency order: always after i
 
 
 def _count(rule: Rule, text: bytes, hits: HitMap) -> None:
@@ -806,15 +843,72 @@ def rules_cache_dir(cfg: Any) -> str:
     return os.path.join(cfg.state_dir, "rules-cache")
 
 
-def load_rules(cfg: Any, *, background: bool = False) -> RuleSet:
+def is_cached(paths: list[str], cache_dir: str | os.PathLike[str]) -> bool:
+    """Whether the compiled-rules cache for these rule files is there."""
+    key = rc.cache_key(parse_paths(list(paths)).files, f"hs={engine_choice(None)[1]}")
+    return key is not None and rc.looks_cached(rc.cache_path(cache_dir, key))
+
+
+def load_rules(cfg: Any, *, background: bool = False, interim: bool = False) -> RuleSet:
     """The RuleSet for a Config; logs one summary line and every load error.
     With rules besides the built-in ones, translated patterns and Hyperscan
     databases are cached under :func:`rules_cache_dir`; ``background``:
-    Hyperscan databases not in the cache are compiled in a thread."""
+    Hyperscan databases not in the cache are compiled in a thread.
+
+    ``interim`` (daemon start-up): when that cache is missing, the RuleSet
+    returned has the built-in and local rules only (ready at once), the full
+    set is compiled by a lower-priority process
+    (:mod:`mxguard.content.rules_build`) and, once read back from the cache
+    it wrote, becomes the returned RuleSet's ``replacement`` (which
+    :func:`mxguard.checks.rules.ruleset` then puts in service)."""
     dirs, how = rules_dirs(cfg)
     extra = bool(dirs or cfg.content.local_rules)
-    ruleset = build_ruleset(rule_paths(cfg), cache_dir=rules_cache_dir(cfg) if extra else None,
-                            background=background)
+    paths = rule_paths(cfg)
+    cache_dir = rules_cache_dir(cfg) if extra else None
+    if interim and dirs and cache_dir is not None and not is_cached(paths, cache_dir):
+        base = ([str(BUILTIN_RULES)] if cfg.content.builtin_rules else []) + [
+            str(p) for p in cfg.content.local_rules]
+        ruleset = build_ruleset(base, background=background)
+        log.warning("content: rules: %s not compiled yet (no cache in %s): serving with the "
+                    "built-in%s rules until a background process has compiled them",
+                    ", ".join(dirs), cache_dir, " and local" if cfg.content.local_rules else "")
+        threading.Thread(target=_compile_elsewhere, args=(ruleset, cfg, paths, cache_dir),
+                         name="mxguard-rules-build", daemon=True).start()
+        _log_loaded(ruleset, cfg, [], how)
+        return ruleset
+    ruleset = build_ruleset(paths, cache_dir=cache_dir, background=background)
+    _log_loaded(ruleset, cfg, dirs, how)
+    return ruleset
+
+
+def _compile_elsewhere(interim: RuleSet, cfg: Any, paths: list[str], cache_dir: str) -> None:
+    """Compile ``paths`` into the cache in another process, then load them
+    from it into ``interim.replacement`` (in this process, as a warm start)."""
+    started = time.monotonic()
+    cmd = [sys.executable, "-m", "mxguard.content.rules_build", "--cache-dir", cache_dir, *paths]
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=3600, check=False)
+        if done.returncode != 0:
+            log.warning("content: rules: background compile failed (status %s: %s); "
+                        "compiling in the daemon", done.returncode,
+                        done.stderr.decode("utf-8", "replace").strip()[-300:])
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("content: rules: background compile did not run (%s); compiling in the "
+                    "daemon", exc)
+    try:
+        full = build_ruleset(paths, cache_dir=cache_dir, background=True)
+    except Exception as exc:  # never an outage: the interim rules stay
+        log.error("content: rules: cannot load %s (%s: %s); the built-in rules stay in use",
+                  ", ".join(paths), type(exc).__name__, exc)
+        return
+    interim.replacement = full
+    dirs, how = rules_dirs(cfg)
+    _log_loaded(full, cfg, dirs, how)
+    log.info("content: rules: full rule set in use after %.1fs (compiled in a background "
+             "process)", time.monotonic() - started)
+
+
+def _log_loaded(ruleset: RuleSet, cfg: Any, dirs: list[str], how: str) -> None:
     st = ruleset.stats
     for err in st.errors[:50]:
         log.warning("content: rules: %s", err)
@@ -832,7 +926,6 @@ def load_rules(cfg: Any, *, background: bool = False) -> RuleSet:
              len(st.errors), st.engine,
              st.hs_rules if ruleset.wait_compiled(0) else "compiling", st.cache or "none",
              st.seconds)
-    return ruleset
 
 
 def score_set(cfg: Any, bayes_ready: bool) -> int:
@@ -841,5 +934,6 @@ def score_set(cfg: Any, bayes_ready: bool) -> int:
 
 
 __all__ = ["BUILTIN_RULES", "SA_SHARE_DIR", "SA_UPDATES_DIR", "LoadStats", "Rule", "RuleHit",
-           "RuleSet", "ScanResult", "build_ruleset", "header_values", "load_rules", "rule_paths",
+           "RuleSet", "ScanResult", "build_ruleset", "engine_choice", "header_values", "is_cached",
+           "load_rules", "rule_paths",
            "rules_cache_dir", "rules_dirs", "score_set", "spamassassin_rules_dir"]

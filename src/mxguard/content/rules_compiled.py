@@ -29,10 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mxguard.content.rules_hs import padded
+
 log = logging.getLogger("mxguard")
 
-CHUNK = 24  # patterns per Hyperscan database (compile time grows faster than linearly)
-ENGINE_VERSION = "3"  # bump when translation, literals or Hyperscan patterns change
+CHUNK = 64  # patterns per Hyperscan database (compile time grows faster than linearly)
+ENGINE_VERSION = "6"  # bump when translation, literals or Hyperscan patterns change
 _MAGIC = b"MXRULES1\n"
 _HS_FLAGS_NAMES = ("HS_FLAG_PREFILTER", "HS_FLAG_SINGLEMATCH", "HS_FLAG_ALLOWEMPTY",
                    "HS_FLAG_MULTILINE")
@@ -68,6 +70,7 @@ class HsMatcher:
 
     def matches(self, text: bytes) -> list[int]:
         found: list[int] = []
+        text = padded(text)  # the patterns' anchors are newlines (rules_hs)
         for db, scratch in zip(self.dbs, self._scratches(), strict=True):
             db.scan(text, match_event_handler=_collect, context=found, scratch=scratch)
         return found
@@ -190,6 +193,17 @@ def read_cache(path: Path) -> tuple[dict[str, Any], list[bytes]] | None:
         return None
 
 
+def looks_cached(path: Path) -> bool:
+    """A cache file is there (not a symlink) and starts as one; cheaper than
+    :func:`read_cache`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(len(_MAGIC)) == _MAGIC
+
+
 def dump_db(db: Any) -> bytes:
     return bytes(_hs().dumpb(db))
 
@@ -200,4 +214,4 @@ def load_db(blob: bytes) -> Any:
 
 
 __all__ = ["CHUNK", "ENGINE_VERSION", "HsMatcher", "cache_key", "cache_path", "compile_target",
-           "dump_db", "load_db", "read_cache", "write_cache"]
+           "dump_db", "load_db", "looks_cached", "read_cache", "write_cache"]

@@ -14,11 +14,17 @@ or widened:
 * literals and character classes as explicit byte sets (case folding and
   ``\\d \\s \\w`` resolved here as Python does for bytes);
 * ``.`` as ``[^\\n]`` or, under ``(?s)``, any byte;
-* ``^ $ \\A \\Z`` as multi-line ``^``/``$`` (true at every position the
-  Python anchor is, and more);
+* no Hyperscan anchors at all: ``^`` and ``\\A`` where a match starts become
+  a newline, ``$`` and ``\\Z`` where it ends a newline too, and the text is
+  scanned with a newline before and after it (:func:`padded`); so a Python
+  anchor's position (start of text or after a newline; end of text or before
+  a newline) is always next to a newline. Anchors anywhere else are dropped
+  (that only widens);
 * lookarounds dropped (a removed condition only widens), atomic groups and
   possessive quantifiers as plain ones, a back-reference as a copy of its
   group's pattern, ``(?(1)a|b)`` as ``(?:a|b)``;
+* an unbounded repeat of a class of :data:`WIDE_CLASS` bytes or more
+  (``[^\\n]*``, ``.*``, ``\\S+``) as a run of any bytes;
 * bounded repeats with an upper bound above :data:`MAX_BOUND` unbounded and
   minimums above it lowered to it (Hyperscan compiles large bounded repeats
   slowly; a search for fewer repetitions finds every place with more).
@@ -31,6 +37,16 @@ becomes one character class per position, the later ones optional
 
 Anything else raises :class:`Unsupported`; that rule keeps the literal
 prefilter of :mod:`mxguard.content.rules_prefilter`.
+
+Why no anchors and no wide class repeats: Vectorscan 5.4.12 (the library in
+python-hyperscan 0.9.1) loses matches of some patterns compiled into one
+database. ``\\n[^>][^\\n]*<a href=`` together with
+``\\n[^>][^\\n]*<img src="data`` does not report the first on
+``"*" * 23 + "\\n\\n<a href="`` (each alone does; with 22 stars both do;
+the same with ``^`` and flag MULTILINE for the ``\\n``), and ``>$`` was lost
+the same way on a header. Written as above neither happens, and on 6,046
+corpus messages with SpamAssassin's rules no hit differs from Python's
+(``bench/rules_equivalence.py``; a test replays the cases).
 """
 
 from __future__ import annotations
@@ -92,6 +108,17 @@ def _run(run: list[int]) -> str:
     return f"\\x{run[0]:02x}-\\x{run[-1]:02x}"
 
 
+PAD = b"\n"
+ANY_RUN = r"[\x00-\xff]*"
+WIDE_CLASS = 128  # unbounded repeats of classes this wide become ANY_RUN
+
+
+def padded(text: bytes) -> bytes:
+    """The text as the patterns expect it: a newline before and after (where
+    anchors at the start and end of a match became newlines)."""
+    return PAD + text + PAD
+
+
 class _Writer:
     def __init__(self, parsed: Any, flags: int, coarse: bool = False) -> None:
         self.groups: dict[int, tuple[list[tuple[Any, Any]], int]] = {}
@@ -120,12 +147,21 @@ class _Writer:
                 if av[2] is not None:
                     self._collect(list(av[2]), flags)
 
-    def seq(self, items: list[tuple[Any, Any]], flags: int, depth: int = 0) -> str:
+    def seq(self, items: list[tuple[Any, Any]], flags: int, depth: int = 0,
+            start: bool = False, end: bool = False) -> str:
+        """``start``/``end``: the sequence begins/ends the match (an anchor there
+        becomes a newline of the padded text)."""
         if depth > 50:
             raise Unsupported("pattern nested too deep")
-        return "".join(self.item(op, av, flags, depth) for op, av in items)
+        out: list[str] = []
+        for n, (op, av) in enumerate(items):
+            at_start = start and not "".join(out)
+            at_end = end and all(o in (c.ASSERT, c.ASSERT_NOT) for o, _ in items[n + 1:])
+            out.append(self.item(op, av, flags, depth, at_start, at_end))
+        return "".join(out)
 
-    def item(self, op: Any, av: Any, flags: int, depth: int) -> str:
+    def item(self, op: Any, av: Any, flags: int, depth: int, start: bool = False,
+             end: bool = False) -> str:
         icase = bool(flags & re.IGNORECASE)
         chars = _char_set(op, av, icase, flags)
         if chars is not None:
@@ -144,13 +180,15 @@ class _Writer:
                     first = first | _HIGH if first & _HIGH else first
                     tail = f"[\\x00-\\xff]{{0,{widest - 1}}}" if widest > 1 else ""
                     return f"(?:{_byte_class(first)}{tail})"
-            alts = dict.fromkeys(self.seq(list(a), flags, depth + 1) for a in av[1])
+            alts = dict.fromkeys(self.seq(list(a), flags, depth + 1, start, end)
+                                 for a in av[1])
             return "(?:" + "|".join(alts) + ")"
         if op is c.SUBPATTERN:
             _, add, drop, sub = av
-            return "(?:" + self.seq(list(sub), (flags | add) & ~drop, depth + 1) + ")"
+            return "(?:" + self.seq(list(sub), (flags | add) & ~drop, depth + 1, start,
+                                    end) + ")"
         if op is c.ATOMIC_GROUP:
-            return "(?:" + self.seq(list(av), flags, depth + 1) + ")"
+            return "(?:" + self.seq(list(av), flags, depth + 1, start, end) + ")"
         if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
             lo, hi, sub = av
             inner = self.seq(list(sub), flags, depth + 1)
@@ -158,6 +196,15 @@ class _Writer:
                 return ""
             lo = min(lo, MAX_BOUND)
             if hi is c.MAXREPEAT or hi > MAX_BOUND:
+                items = list(sub)
+                chars = (_char_set(items[0][0], items[0][1], icase, flags) if len(items) == 1
+                         else None)
+                if chars is not None and len(chars) >= WIDE_CLASS:
+                    # any bytes: Vectorscan loses matches of some patterns with
+                    # repeats such as [^\n]* compiled together (module docstring)
+                    head = ("" if lo == 0 else f"(?:{inner})" if lo == 1
+                            else f"(?:{inner}){{{lo}}}")
+                    return head + ANY_RUN
                 quant = "*" if lo == 0 else "+" if lo == 1 else f"{{{lo},}}"
             elif lo == hi:
                 quant = "" if lo == 1 else f"{{{lo}}}"
@@ -165,12 +212,10 @@ class _Writer:
                 quant = "?" if (lo, hi) == (0, 1) else f"{{{lo},{hi}}}"
             return f"(?:{inner}){quant}" if quant else f"(?:{inner})"
         if op is c.AT:
-            if self.coarse and av not in (c.AT_BOUNDARY, c.AT_NON_BOUNDARY):
-                return ""  # Hyperscan refuses some embedded anchors; dropped, they widen
             if av in (c.AT_BEGINNING, c.AT_BEGINNING_STRING, c.AT_BEGINNING_LINE):
-                return "^"
+                return "\\x0a" if start else ""  # elsewhere dropped: only widens
             if av in (c.AT_END, c.AT_END_STRING, c.AT_END_LINE):
-                return "$"
+                return "\\x0a" if end else ""
             if av is c.AT_BOUNDARY:
                 return r"\b"
             if av is c.AT_NON_BOUNDARY:
@@ -185,8 +230,8 @@ class _Writer:
             # the referenced text matched the group; case folds if either side folds
             return "(?:" + self.seq(sub, gflags | (flags & re.IGNORECASE), depth + 1) + ")"
         if op is c.GROUPREF_EXISTS:
-            yes = self.seq(list(av[1]), flags, depth + 1)
-            no = self.seq(list(av[2]), flags, depth + 1) if av[2] is not None else ""
+            yes = self.seq(list(av[1]), flags, depth + 1, start, end)
+            no = self.seq(list(av[2]), flags, depth + 1, start, end) if av[2] is not None else ""
             return f"(?:{yes}|{no})"
         raise Unsupported(f"regex construct {op}")
 
@@ -298,8 +343,8 @@ def _class_set(items: list[tuple[Any, Any]], icase: bool) -> set[int]:
 
 
 def hs_pattern(regex: re.Pattern[bytes], coarse: bool = False) -> str:
-    """A Hyperscan pattern (for multi-line mode) that matches wherever ``regex``
-    does; raises :class:`Unsupported`."""
+    """A Hyperscan pattern, without anchors, that matches the :func:`padded`
+    text wherever ``regex`` matches the text; raises :class:`Unsupported`."""
     if regex.flags & (re.LOCALE | re.UNICODE):
         raise Unsupported("locale/unicode flags")
     try:
@@ -309,7 +354,7 @@ def hs_pattern(regex: re.Pattern[bytes], coarse: bool = False) -> str:
     flags = parsed.state.flags
     writer = _Writer(parsed, flags, coarse)
     try:
-        out = writer.seq(list(parsed), flags)
+        out = writer.seq(list(parsed), flags, 0, True, True)
     except RecursionError:
         raise Unsupported("pattern nested too deep") from None
     if len(out) > MAX_PATTERN * (3 if coarse else 1):
@@ -317,4 +362,4 @@ def hs_pattern(regex: re.Pattern[bytes], coarse: bool = False) -> str:
     return out
 
 
-__all__ = ["MAX_BOUND", "Unsupported", "hs_pattern"]
+__all__ = ["MAX_BOUND", "PAD", "Unsupported", "hs_pattern", "padded"]

@@ -87,12 +87,12 @@ def load_keys(cfg: config.Config) -> Any:
         raise StartupError(f"{cfg.source}: [dkim] keys: {exc}") from None
 
 
-def load_content_rules(cfg: config.Config) -> Any:
+def load_content_rules(cfg: config.Config, interim: bool = False) -> Any:
     """The compiled rule set (built-in and SpamAssassin .cf files); seconds with SA's rules."""
     from mxguard.content.rules import load_rules
 
     try:  # Hyperscan databases not cached yet: compiled in a thread, served meanwhile
-        return load_rules(cfg, background=True)
+        return load_rules(cfg, background=True, interim=interim)
     except (OSError, ValueError) as exc:
         raise StartupError(f"{cfg.source}: [content] rules: {exc}") from None
 
@@ -115,7 +115,7 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
         except StoreError as exc:
             log.error("dmarc results: not recorded until mxguard is restarted: %s", exc)
     if cfg.milter.enabled:
-        services.update(open_content_services(cfg))
+        services.update(open_content_services(cfg, interim=True))
     from mxguard.core.history import open_history
 
     await open_history(cfg, services)  # [history] enabled: the recorder, writing in background
@@ -125,13 +125,13 @@ async def open_services(cfg: config.Config) -> dict[str, Any]:
     return services
 
 
-def open_content_services(cfg: config.Config) -> dict[str, Any]:
+def open_content_services(cfg: config.Config, interim: bool = False) -> dict[str, Any]:
     """The rule set and the Bayes classifier: what the milter door and ``mxguard
     scan`` share, so both score a message alike."""
     services: dict[str, Any] = {}
     if cfg.mode("content") is Mode.OFF:
         return services
-    services[RULES_SERVICE] = load_content_rules(cfg)
+    services[RULES_SERVICE] = load_content_rules(cfg, interim)
     if cfg.bayes.enabled:
         from mxguard.checks import bayes
         from mxguard.content.bayes import BayesClassifier
