@@ -265,6 +265,11 @@ CASES: list[tuple[str, bytes, bytes, Any]] = [
     ("MXG_COMPANY_FOOTER", make(body=FOOTER[0] + " " + FOOTER[1]), make(body=FOOTER[1]), None),
     ("MXG_COMPANY_FOOTER_FULL", make(body=" ".join(FOOTER[:4])),
      make(body=" ".join(FOOTER[:3])), None),
+    ("MXG_BULK_BOUNCE_SAME_ORG", make({"Return-Path": "<bounce-20240101-4711@news.example.com>"}),
+     make({"Return-Path": "<ann@example.com>"}), None),
+    ("MXG_LIST_UNSUB_SAME_ORG",
+     make({"List-Unsubscribe": "<mailto:leave-1@lists.example.com>"}),
+     make({"List-Unsubscribe": "<https://mailer.example.net/u?id=1>"}), None),
     # authentication results from the transaction
     ("MXG_UNAUTH_EXECUTABLE", make(extra=MP, body=multipart([attachment("x.exe", b"x")])),
      make(extra=MP, body=multipart([attachment("x.exe", b"x")])),

@@ -1,0 +1,199 @@
+"""Fit the default scores of the built-in rules and Bayes on MANIFEST's train half.
+
+    python bench/fit_scores.py DUMP.jsonl [DUMP.jsonl ...] [--ham-weight 8]
+                               [--bayes-cap 4.0] [--apply src/mxguard/data/rules/mxguard.cf]
+
+The input is what ``bench/accuracy_bench.py --fit N --dump FILE`` writes: one
+line per message of MANIFEST's **train** half, scanned with the current
+scores (the symbols that fired and their scores). The script refuses a line
+of the test half, so the test halves stay unseen. The usual inputs:
+
+    B="nice -n 19 .venv/bin/python bench/accuracy_bench.py --jobs 1"
+    $B --split time   --fit 0 --dump /tmp/fit-time.jsonl     # stale Bayes
+    $B --split random --fit 0 --dump /tmp/fit-random0.jsonl  # fresh Bayes,
+    $B --split random --fit 1 --dump /tmp/fit-random1.jsonl  # both halves
+    python bench/fit_scores.py /tmp/fit-*.jsonl
+
+The model is SpamAssassin's: a message is spam when the sum of its symbols'
+scores reaches ``--threshold`` (5.0). Scores are fitted by projected gradient
+descent on a logistic loss of ``(score - threshold) / --scale``, a ham's loss
+weighted ``--ham-weight`` times a spam's (false positives cost more), with an
+L2 pull of every score toward its current value (``--l2``: rules that rarely
+fire keep their hand-made score). Bounds: a rule keeps the sign it has now
+(positive rules 0..``--rule-cap``, negative ones ``-rule-cap``..0); the Bayes
+scores are monotone in the probability and at most ``--bayes-cap`` (below the
+threshold, so that Bayes alone never marks a message as spam: the evidence
+has to add up). GTUBE and symbols of other checks are left as they are.
+
+Prints the fitted scores next to the current ones and recall / FPR of each
+input with both; ``--apply FILE`` rewrites the ``score`` lines of the rules in
+that .cf file (the Bayes scores go to ``config.SYMBOL_SCORES`` by hand).
+Pure Python (a few seconds); deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BAYES_TIERS = ("BAYES_00", "BAYES_05", "BAYES_20", "BAYES_40", "BAYES_50", "BAYES_60",
+               "BAYES_80", "BAYES_95", "BAYES_99", "BAYES_999")
+FIXED = {"GTUBE"}
+
+
+@dataclass
+class Row:
+    source: str
+    spam: bool
+    feats: list[str]  # fitted symbols that fired
+    fixed: float  # score of the symbols not fitted
+
+
+def load(paths: list[Path], fitted: set[str] | None) -> tuple[list[Row], dict[str, float]]:
+    rows: list[Row] = []
+    current: dict[str, float] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["split"] != "train":
+                sys.exit(f"{path}: {rec['file']} is in MANIFEST's test half: fit on "
+                         "--fit dumps only")
+            feats: list[str] = []
+            fixed = 0.0
+            for name, score in rec["symbols"].items():
+                if name in FIXED or (fitted is not None and name not in fitted):
+                    fixed += score
+                    continue
+                feats.append(name)
+                current.setdefault(name, score)
+            rows.append(Row(path.stem, rec["spam"], feats, fixed))
+    return rows, current
+
+
+def bounds(name: str, cur: float, args: argparse.Namespace) -> tuple[float, float]:
+    if name.startswith("BAYES_"):
+        return (-args.bayes_cap, args.bayes_cap)
+    return (0.0, args.rule_cap) if cur >= 0 else (-args.rule_cap, 0.0)
+
+
+def monotone(w: dict[str, float]) -> None:
+    """Bayes scores non-decreasing with the probability (pool adjacent violators)."""
+    blocks: list[tuple[float, list[str]]] = []  # (mean, tiers)
+    for n in (n for n in BAYES_TIERS if n in w):
+        mean, names = w[n], [n]
+        while blocks and blocks[-1][0] > mean:
+            m0, n0 = blocks.pop()
+            mean = (m0 * len(n0) + mean * len(names)) / (len(n0) + len(names))
+            names = n0 + names
+        blocks.append((mean, names))
+    for mean, names in blocks:
+        for n in names:
+            w[n] = mean
+
+
+def fit(rows: list[Row], current: dict[str, float],
+        args: argparse.Namespace) -> dict[str, float]:
+    w = dict(current)
+    lim = {n: bounds(n, c, args) for n, c in current.items()}
+    for n in w:
+        w[n] = min(max(w[n], lim[n][0]), lim[n][1])
+    per_source: dict[str, int] = {}
+    for r in rows:
+        per_source[r.source] = per_source.get(r.source, 0) + 1
+    # every input (split) weighs the same in all, whatever its size
+    weight = [(args.ham_weight if not r.spam else 1.0) / per_source[r.source] for r in rows]
+    total = sum(weight)
+    lr = args.lr
+    for _ in range(args.iterations):
+        grad = {n: 2 * args.l2 * (w[n] - current[n]) for n in w}
+        for r, wt in zip(rows, weight, strict=True):
+            z = (sum(w[f] for f in r.feats) + r.fixed - args.threshold) / args.scale
+            y = 1.0 if r.spam else -1.0
+            # d/dz log(1 + exp(-y z)) = -y * sigmoid(-y z)
+            t = -y * z
+            sig = 1.0 / (1.0 + math.exp(-t)) if t > -40 else 0.0
+            g = -y * sig * wt / total / args.scale
+            for f in r.feats:
+                grad[f] += g
+        for n in w:
+            w[n] = min(max(w[n] - lr * grad[n], lim[n][0]), lim[n][1])
+        monotone(w)
+    return {n: round(v, 2) for n, v in w.items()}
+
+
+def evaluate(rows: list[Row], w: dict[str, float], threshold: float) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for source in sorted({r.source for r in rows}):
+        sel = [r for r in rows if r.source == source]
+        spam = [r for r in sel if r.spam]
+        ham = [r for r in sel if not r.spam]
+        tp = sum(sum(w[f] for f in r.feats) + r.fixed >= threshold for r in spam)
+        fp = sum(sum(w[f] for f in r.feats) + r.fixed >= threshold for r in ham)
+        out[source] = (f"recall {tp / max(len(spam), 1):.3f} ({tp}/{len(spam)})  "
+                       f"FPR {fp / max(len(ham), 1) * 100:.2f} % ({fp}/{len(ham)})")
+    return out
+
+
+def apply(path: Path, w: dict[str, float], note: str) -> int:
+    text = path.read_text()
+    done = 0
+    for name, value in w.items():
+        if name.startswith("BAYES_"):
+            continue
+        pat = re.compile(rf"^(score\s+{re.escape(name)}\s+)(\S+)(.*)$", re.M)
+        text, n = pat.subn(lambda m, v=value: f"{m.group(1)}{v:g}{m.group(3)}", text)
+        done += n
+    if note and note not in text:
+        text = text.rstrip("\n") + "\n" + note + "\n"
+    path.write_text(text)
+    return done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("dumps", nargs="+", type=Path)
+    ap.add_argument("--threshold", type=float, default=5.0)
+    ap.add_argument("--scale", type=float, default=1.0, help="points per logistic unit")
+    ap.add_argument("--ham-weight", type=float, default=8.0)
+    ap.add_argument("--l2", type=float, default=0.002)
+    ap.add_argument("--bayes-cap", type=float, default=4.0)
+    ap.add_argument("--rule-cap", type=float, default=3.0)
+    ap.add_argument("--iterations", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=20.0)
+    ap.add_argument("--only", default="", help="fit only symbols matching this regex "
+                    "(e.g. '^(MXG_|BAYES_)' with SpamAssassin's rules in the dump)")
+    ap.add_argument("--apply", type=Path, default=None, metavar="CF",
+                    help="rewrite the score lines of the fitted rules in this .cf file")
+    args = ap.parse_args()
+
+    fitted: set[str] | None = None
+    if args.only:
+        rx = re.compile(args.only)
+        names = {n for p in args.dumps for line in p.read_text().splitlines()
+                 for n in json.loads(line)["symbols"]}
+        fitted = {n for n in names if rx.search(n)}
+    rows, current = load(args.dumps, fitted)
+    w = fit(rows, current, args)
+    print(f"{len(rows)} messages of MANIFEST's train half from {len(args.dumps)} dumps; "
+          f"ham weight {args.ham_weight:g}, L2 {args.l2:g}, Bayes cap {args.bayes_cap:g}")
+    before, after = evaluate(rows, current, args.threshold), evaluate(rows, w, args.threshold)
+    for source in before:
+        print(f"  {source:<24} now:    {before[source]}")
+        print(f"  {'':<24} fitted: {after[source]}")
+    hits = {n: sum(n in r.feats for r in rows) for n in w}
+    print(f"\n  {'symbol':<28} {'now':>6} {'fitted':>7} {'hits':>6}")
+    for n in sorted(w, key=lambda n: (not n.startswith("BAYES_"), n)):
+        mark = " *" if abs(w[n] - current[n]) >= 0.05 else ""
+        print(f"  {n:<28} {current[n]:6.2f} {w[n]:7.2f} {hits[n]:6d}{mark}")
+    if args.apply is not None:
+        n = apply(args.apply, w, "")
+        print(f"\n{args.apply}: {n} score lines rewritten")
+
+
+if __name__ == "__main__":
+    main()
