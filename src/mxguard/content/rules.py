@@ -305,6 +305,10 @@ class RuleSet:
                                DomainSet(parsed.freemail_domains),
                                {k: DomainSet(v) for k, v in parsed.uri_host_lists.items()})
         self.rules: dict[str, Rule] = {}
+        # explicit score lines of symbols other checks produce (SpamAssassin's
+        # BAYES_* scores in 50_scores.cf): see checks/bayes.py
+        self.symbol_scores: dict[str, tuple[float, float, float, float]] = {
+            n: v for n, v in parsed.scores.items() if n.startswith("BAYES_")}
         self.zero: set[str] = set()  # defined rules that never fire here (net, unsupported)
         for rdef in parsed.rules.values():
             self.stats.defined[rdef.kind] += 1

@@ -66,6 +66,12 @@ def auth_tx(spf: str = "pass", dkim: str | None = "pass", dmarc: str = "pass",
     return tx
 
 
+def verp_tx(tx: FakeTx) -> FakeTx:
+    """``tx`` with a per-message bounce address of From's domain as MAIL FROM."""
+    tx.sender = "bounce-20240101-4711@news.example.com"
+    return tx
+
+
 def fired(raw: bytes, tx: Any = None) -> set[str]:
     return set(rules().scan(parse_message(raw), tx=tx, now=NOW).counts)
 
@@ -267,9 +273,21 @@ CASES: list[tuple[str, bytes, bytes, Any]] = [
      make(body=" ".join(FOOTER[:3])), None),
     ("MXG_BULK_BOUNCE_SAME_ORG", make({"Return-Path": "<bounce-20240101-4711@news.example.com>"}),
      make({"Return-Path": "<ann@example.com>"}), None),
+    ("MXG_BULK_BOUNCE_SAME_ORG", make({"Return-Path": "<bounce-20240101-4711@news.example.com>"}),
+     make({"Return-Path": "<bounce-20240101-4711@news.example.com>"}),
+     (verp_tx(auth_tx(spf="pass", dkim=None)), verp_tx(auth_tx(spf="softfail", dkim=None)))),
     ("MXG_LIST_UNSUB_SAME_ORG",
      make({"List-Unsubscribe": "<mailto:leave-1@lists.example.com>"}),
      make({"List-Unsubscribe": "<https://mailer.example.net/u?id=1>"}), None),
+    ("MXG_LINKS_SENDER_DOMAIN", make(body="Our sale: https://www.example.com/sale"),
+     make(body="Their sale: https://www.example.net/sale"), None),
+    ("MXG_LINKS_SENDER_DOMAIN", make(body="Our sale: https://www.example.com/sale"),
+     make(body="Our sale: https://www.example.com/sale"),
+     (auth_tx(spf="pass", dkim=None), auth_tx(spf="fail", dkim="fail"))),
+    ("MXG_LIST_UNSUB_SAME_ORG",
+     make({"List-Unsubscribe": "<mailto:leave-1@lists.example.com>"}),
+     make({"List-Unsubscribe": "<mailto:leave-1@lists.example.com>"}),
+     (auth_tx(spf="none", dkim="pass"), auth_tx(spf="none", dkim="fail"))),
     # authentication results from the transaction
     ("MXG_UNAUTH_EXECUTABLE", make(extra=MP, body=multipart([attachment("x.exe", b"x")])),
      make(extra=MP, body=multipart([attachment("x.exe", b"x")])),

@@ -9,7 +9,10 @@ whose envelope sender *is* the From address, or has no bounce handling at
 all. Measured on MANIFEST's train half only (bench/README.md, "accuracy").
 
 The envelope sender is the SMTP ``MAIL FROM`` in the milter, ``Return-Path``
-in ``mxguard scan`` (:attr:`ScanContext.envelope_from`).
+in ``mxguard scan`` (:func:`envelope_sender`). Both are the sender's to
+choose, so the rules of ``mxguard.cf`` that use these evals count only when
+SPF or DKIM vouches for the message, or when no authentication result is
+known (``mxguard scan``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from mxguard.content.evals.base import (
     address,
     domain_of,
     in_domain_list,
+    num,
     org_domain,
     register,
 )
@@ -39,6 +43,13 @@ def _company_from(ctx: ScanContext) -> tuple[str, str]:
     return sender, org_domain(domain)
 
 
+def envelope_sender(ctx: ScanContext) -> str:
+    """MAIL FROM (lower case), else the Return-Path header's address (``mxguard
+    scan`` has no SMTP envelope); '' for the null sender."""
+    return (ctx.envelope_from.strip("<> ").lower()
+            or address(ctx.msg.first("Return-Path")))
+
+
 @register("mxg_bulk_bounce_same_org")
 def bulk_bounce_same_org(ctx: ScanContext) -> bool:
     """A per-message bounce address (VERP) in the From address' own domain.
@@ -47,7 +58,7 @@ def bulk_bounce_same_org(ctx: ScanContext) -> bool:
     and its local part carries a run of 4+ digits or an ``=`` (an encoded
     recipient); From is not a freemail address."""
     sender, org = _company_from(ctx)
-    env = ctx.envelope_from.strip("<> ").lower()
+    env = envelope_sender(ctx)
     if not org or not env or env == sender:
         return False
     env_domain = domain_of(env)
@@ -70,4 +81,25 @@ def list_unsubscribe_from_domain(ctx: ScanContext) -> bool:
     return False
 
 
-__all__ = ["bulk_bounce_same_org", "list_unsubscribe_from_domain"]
+_WEB_HOST = re.compile(r"^https?://(?:[^/?#@]*@)?([^/?#:]+)", re.I)
+MAX_LINKS = 64  # links looked at
+
+
+@register("mxg_links_sender_domain")
+def links_sender_domain(ctx: ScanContext, share: str = "0.5") -> bool:
+    """At least ``share`` of the web links (and one) go to From's registrable
+    domain; From is not freemail. A company links to its own site; spam links
+    to wherever it sells, under whatever From it forged."""
+    _, org = _company_from(ctx)
+    if not org:
+        return False
+    hosts = [m.group(1).lower() for m in (_WEB_HOST.match(u.url) for u in ctx.msg.uris[:MAX_LINKS])
+             if m is not None]
+    if not hosts:
+        return False
+    own = sum(1 for h in hosts if org_domain(h) == org)
+    return own > 0 and own >= num(share, 0.5) * len(hosts)
+
+
+__all__ = ["bulk_bounce_same_org", "envelope_sender", "links_sender_domain",
+           "list_unsubscribe_from_domain"]

@@ -19,9 +19,9 @@ class Tx:
     sender: str
 
 
-def msg(headers: str, tx: Tx | None = None) -> ScanContext:
+def msg(headers: str, tx: Tx | None = None, body: str = "Hello\n") -> ScanContext:
     raw = (f"{headers}\nTo: bob@example.org\nSubject: News\n"
-           "Date: Mon, 01 Jan 2024 00:00:00 +0000\nMessage-Id: <1@example.com>\n\nHello\n")
+           f"Date: Mon, 01 Jan 2024 00:00:00 +0000\nMessage-Id: <1@example.com>\n\n{body}\n")
     return ScanContext(parse_message(raw.encode()), tx=tx, lists=LISTS)
 
 
@@ -57,6 +57,18 @@ CASES: list[tuple[str, ScanContext, ScanContext]] = [
     ("mxg_list_unsubscribe_from_domain",
      msg(f"{FROM}\nList-Unsubscribe: <http://example.com/unsubscribe?u=1>"),
      msg(f"{FROM}\nList-Id: <news.example.com>")),
+    # half the links or more to From's registrable domain
+    ("mxg_links_sender_domain",
+     msg(FROM, body="See https://www.example.com/sale and http://shop.example.com/x "
+         "or http://cdn.example.net/i"),
+     msg(FROM, body="See https://www.example.net/sale and http://shop.example.net/x "
+         "or http://www.example.com/i")),
+    ("mxg_links_sender_domain",
+     msg(FROM, body="See https://www.example.com/sale"),
+     msg("From: deals@gmail.com", body="See https://mail.gmail.com/sale")),
+    ("mxg_links_sender_domain",
+     msg(FROM, body="Write to https://user@www.example.com/"),
+     msg(FROM, body="Write to sales@example.com, no links")),
 ]
 
 
