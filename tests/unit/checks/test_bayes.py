@@ -15,13 +15,13 @@ import pytest
 from mxguard import config
 from mxguard.checks import bayes as bayes_check
 from mxguard.checks import run_message
-from mxguard.config import BayesConfig, Config
 from mxguard.checks.rules import RULES_SERVICE
+from mxguard.config import BayesConfig, Config
 from mxguard.content.bayes import Autolearn, BayesClassifier, BayesResult
 from mxguard.content.rules import build_ruleset
-from mxguard.dns import Resolver
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Symbol
+from mxguard.dns import Resolver
 from mxguard.server.milter_session import MilterSession
 from mxguard.store.bayes_store import LearnItem, MemoryBayesStore
 
