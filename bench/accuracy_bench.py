@@ -66,7 +66,7 @@ from mxguard.checks import bayes as bayes_check
 from mxguard.checks.rules import RULES_SERVICE
 from mxguard.cli.learn import Item, learn_items
 from mxguard.cli.scan import scan_async
-from mxguard.content.bayes import DEFAULT_PARAMS, BayesClassifier, BayesParams
+from mxguard.content.bayes import DEFAULT_PARAMS, BayesClassifier, BayesParams, BayesResult
 from mxguard.content.rules import RuleSet
 from mxguard.server.daemon import load_content_rules
 from mxguard.store.backends import open_bayes_store
@@ -323,6 +323,9 @@ def main() -> None:
         key, _, value = item.partition("=")
         params = dataclasses.replace(params, **{key: type(getattr(params, key))(value)})
 
+    if args.dump is not None:  # the dump keeps Bayes' probability in full
+        BayesResult.detail = property(  # type: ignore[assignment, method-assign]
+            lambda r: f"prob={r.prob!r} tokens={r.used}/{r.tokens}")
     started = time.perf_counter()
     root = extract(args.corpus, args.cache)
     learned, tested = split(load(args.corpus, root), args.split, args.dev,
