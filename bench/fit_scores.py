@@ -209,7 +209,8 @@ def apply(path: Path, w: dict[str, float], note: str) -> int:
         if name.startswith("BAYES_"):
             continue
         pat = re.compile(rf"^(score\s+{re.escape(name)}\s+)(\S+)(.*)$", re.M)
-        text, n = pat.subn(lambda m, v=value: f"{m.group(1)}{v:g}{m.group(3)}", text)
+        shown = f"{value:.1f}" if round(value, 1) == value else f"{value:.2f}"
+        text, n = pat.subn(lambda m, v=shown: f"{m.group(1)}{v}{m.group(3)}", text)
         done += n
     if note and note not in text:
         text = text.rstrip("\n") + "\n" + note + "\n"

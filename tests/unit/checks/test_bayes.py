@@ -193,7 +193,8 @@ SA_SCORES = ("score BAYES_50 0 0 2.0 0.8\nscore BAYES_99 0 0 3.8 3.5\n"
 @pytest.mark.parametrize(("cf", "overrides", "want"), [
     # SpamAssassin's score lines loaded: its set 2 (Bayes, no network rules);
     # its BAYES_999 adds to BAYES_99 (both fire in SpamAssassin)
-    (SA_SCORES, {}, {"BAYES_50": 2.0, "BAYES_99": 3.8, "BAYES_999": 4.0, "BAYES_80": 3.5}),
+    (SA_SCORES, {}, {"BAYES_50": 2.0, "BAYES_99": 3.8, "BAYES_999": 4.0,
+                    "BAYES_80": config.SYMBOL_SCORES["BAYES_80"]}),
     # [scores] wins over the rule files
     (SA_SCORES, {"BAYES_99": 3.0}, {"BAYES_99": 3.0, "BAYES_999": 4.0}),
     # control: rules without BAYES_* score lines keep the built-in defaults
