@@ -120,19 +120,22 @@ def load(corpus: Path, root: Path) -> list[Msg]:
                 (root / r["file"]).read_bytes()) for r in rows]
 
 
-def split(msgs: list[Msg], how: str, dev: bool,
-          learn: bool = True, fit: int | None = None) -> tuple[list[Msg], list[Msg]]:
+def split(msgs: list[Msg], how: str, dev: bool, learn: bool = True,
+          fit: int | None = None, folds: int = 2) -> tuple[list[Msg], list[Msg]]:
     """(learned, tested) of the chosen split; with ``dev`` both from its train part;
     with ``fit`` (0 or 1) the split inside MANIFEST's train half that
     ``bench/fit_scores.py`` fits scores on (time: learn the train half of the
-    2002 groups, test the train half of the later ones; random: learn every
-    other train-half message, test the rest, ``fit`` choosing which half)."""
+    2002 groups, test the train half of the later ones; random: ``folds``-fold
+    cross-validation inside the train half, ``fit`` naming the fold tested:
+    every ``folds``-th message from the ``fit``-th on, the others learned)."""
     if fit is not None:
         pool = [m for m in msgs if m.split == "train"]
         if how == "time":
             return ([m for m in pool if m.group in TIME_TRAIN],
                     [m for m in pool if m.group in TIME_TEST])
-        return (pool[fit::2], pool[1 - fit::2]) if learn else ([], pool)
+        tested = pool[fit::folds]
+        return ([m for i, m in enumerate(pool) if i % folds != fit], tested) if learn \
+            else ([], pool)
     if how == "time":
         train = [m for m in msgs if m.group in TIME_TRAIN]
         test = [m for m in msgs if m.group in TIME_TEST]
@@ -301,7 +304,8 @@ def main() -> None:
     ap.add_argument("--no-bayes", action="store_true", help="rules alone (nothing learned)")
     ap.add_argument("--dev", action="store_true",
                     help="train of both splits only: learn half of it, test the other half")
-    ap.add_argument("--fit", type=int, choices=(0, 1), default=None,
+    ap.add_argument("--folds", type=int, default=2, help="folds of --split random --fit")
+    ap.add_argument("--fit", type=int, default=None,
                     help="score-fitting split inside MANIFEST's train half (see split()); "
                     "with --dump, the input of bench/fit_scores.py")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
@@ -329,10 +333,10 @@ def main() -> None:
     started = time.perf_counter()
     root = extract(args.corpus, args.cache)
     learned, tested = split(load(args.corpus, root), args.split, args.dev,
-                            learn=not args.no_bayes, fit=args.fit)
+                            learn=not args.no_bayes, fit=args.fit, folds=args.folds)
     name = "dev (MANIFEST train half of spam, easy_ham, hard_ham)" if args.dev else args.split
     if args.fit is not None:
-        name = f"{args.split}, fit {args.fit} (MANIFEST train half only)"
+        name = f"{args.split}, fit {args.fit} of {args.folds} (MANIFEST train half only)"
     print(f"split {name}: learn "
           f"{len(learned)} ({sum(m.spam for m in learned)} spam), test {len(tested)} "
           f"({sum(m.spam for m in tested)} spam)")
