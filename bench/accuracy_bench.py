@@ -3,6 +3,9 @@
     python bench/accuracy_bench.py [--split random|time] [--rules-dir DIR ...]
                                    [--no-builtin] [--no-bayes] [--dev] [--jobs N]
                                    [--repeat 3] [--top 25] [--corpus DIR] [--cache DIR]
+                                   [--fit K [--folds N]] [--dump FILE]
+                                   [--bayes-params s=..,x=..,min_strength=..,max_tokens=..]
+                                   [--score SYMBOL=N ...]
 
 Every message goes through the same pipeline ``mxguard scan`` and the milter
 door run at end of message (:func:`mxguard.cli.scan.scan_async`: the rules
@@ -28,6 +31,22 @@ Development without looking at a test half:
   trust its ``hard_ham`` figure on the test half the bench prints);
 * ``--no-bayes``: rules alone (Bayes off), e.g. ``--dev --no-bayes`` to see
   what the rules catch on the train groups.
+
+Score fitting without looking at a test half (``bench/fit_scores.py``):
+
+* ``--fit K``: only MANIFEST's train half. ``--split time --fit 0``: learn
+  its 2002 groups, test its later ones (stale Bayes); ``--split random --fit
+  K --folds N``: N-fold cross-validation inside it, fold K tested;
+* ``--dump FILE``: one JSON line per tested message (group, split, the
+  symbols with their scores, Bayes' probability in full), the input of
+  ``bench/fit_scores.py``;
+* ``--bayes-params`` and ``--score`` try other Bayes constants or
+  ``[scores]`` for one run.
+
+The time split's report also prints a **held-out** line: recall and FPR of
+its tested messages that are in MANIFEST's test half (the clean figure:
+the rest of its test set is in the train half, which rules and scores were
+developed on).
 
 Learning goes through ``mxguard learn``'s code path (``learn_items``) into a
 fresh SQLite store in a temporary directory. The scan runs in ``--jobs``

@@ -1,7 +1,8 @@
 """Fit the default scores of the built-in rules and Bayes on MANIFEST's train half.
 
-    python bench/fit_scores.py DUMP.jsonl [DUMP.jsonl ...] [--ham-weight 8]
-                               [--bayes-cap 4.0] [--apply src/mxguard/data/rules/mxguard.cf]
+    python bench/fit_scores.py DUMP.jsonl [DUMP.jsonl ...] [--method search|logistic]
+                               [--bayes-cap 4.0] [--margin 0.3] [--fp-cost 20]
+                               [--holdout K] [--show N] [--apply FILE.cf]
 
 The input is what ``bench/accuracy_bench.py --fit N --dump FILE`` writes: one
 line per message of MANIFEST's **train** half, scanned with the current
@@ -9,25 +10,39 @@ scores (the symbols that fired and their scores). The script refuses a line
 of the test half, so the test halves stay unseen. The usual inputs:
 
     B="nice -n 19 .venv/bin/python bench/accuracy_bench.py --jobs 1"
-    $B --split time   --fit 0 --dump /tmp/fit-time.jsonl     # stale Bayes
-    $B --split random --fit 0 --dump /tmp/fit-random0.jsonl  # fresh Bayes,
-    $B --split random --fit 1 --dump /tmp/fit-random1.jsonl  # both halves
-    python bench/fit_scores.py /tmp/fit-*.jsonl
+    $B --split time --fit 0 --dump /tmp/fitT.jsonl                 # stale Bayes
+    for k in 0 1 2 3 4; do                                          # fresh Bayes,
+      $B --split random --folds 5 --fit $k --dump /tmp/fitR$k.jsonl # 5 folds
+    done
+    cat /tmp/fitR?.jsonl > /tmp/fitR.jsonl
+    python bench/fit_scores.py /tmp/fitT.jsonl /tmp/fitR.jsonl --holdout 3
 
 The model is SpamAssassin's: a message is spam when the sum of its symbols'
-scores reaches ``--threshold`` (5.0). Scores are fitted by projected gradient
-descent on a logistic loss of ``(score - threshold) / --scale``, a ham's loss
-weighted ``--ham-weight`` times a spam's (false positives cost more), with an
-L2 pull of every score toward its current value (``--l2``: rules that rarely
-fire keep their hand-made score). Bounds: a rule keeps the sign it has now
-(positive rules 0..``--rule-cap``, negative ones ``-rule-cap``..0); the Bayes
-scores are monotone in the probability and at most ``--bayes-cap`` (below the
-threshold, so that Bayes alone never marks a message as spam: the evidence
-has to add up). GTUBE and symbols of other checks are left as they are.
+scores reaches ``--threshold`` (5.0). Two methods:
+
+* ``--method search`` (default): coordinate search on what we want -- caught
+  spam minus ``--fp-cost`` times the false positives, with ``--margin``
+  points to spare either way -- in steps of 0.1 point, minus ``--l1`` per
+  point moved from the current scores;
+* ``--method logistic``: projected gradient descent on a logistic loss, ham
+  weighted ``--ham-weight`` times, an L2 pull toward the current scores.
+
+Bounds: a rule keeps the sign it has now (0..``--rule-cap`` or the negative
+of that); the Bayes scores stay monotone in the probability and at most
+``--bayes-cap`` (below the threshold: Bayes alone never tags a message).
+GTUBE and symbols of other checks are left as they are.
+
+``--holdout K`` fits without every K-th message (by a hash of its file name)
+and reports those apart: the honest figure of what a fit does on mail it did
+not see. Measured so (bench/README.md, "accuracy"), fitted scores did no
+better than the hand-set ones on left-out mail, so the shipped defaults are
+not fitted; the script stays to re-check that as rules and data change.
 
 Prints the fitted scores next to the current ones and recall / FPR of each
-input with both; ``--apply FILE`` rewrites the ``score`` lines of the rules in
-that .cf file (the Bayes scores go to ``config.SYMBOL_SCORES`` by hand).
+input with both (and the best recall the scores' ranking allows at <= 0.2 %
+FPR); ``--show N`` lists the N highest-scoring ham; ``--apply FILE``
+rewrites the ``score`` lines of the rules in that .cf file (the Bayes scores
+go to ``config.SYMBOL_SCORES`` by hand).
 Pure Python (a few seconds); deterministic.
 """
 
@@ -44,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BAYES_TIERS = ("BAYES_00", "BAYES_05", "BAYES_20", "BAYES_40", "BAYES_50", "BAYES_60",
-               "BAYES_80", "BAYES_95", "BAYES_99", "BAYES_999", "BAYES_9999")
+               "BAYES_80", "BAYES_95", "BAYES_99", "BAYES_999")
 FIXED = {"GTUBE"}
 
 

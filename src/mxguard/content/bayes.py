@@ -88,7 +88,7 @@ RANGES: tuple[tuple[float, str], ...] = (
 # the built-in rules Bayes carries most of the weight, so BAYES_99 alone tags a
 # message. Capping Bayes at 4.0 (so that rules must add evidence) was measured
 # with bench/fit_scores.py on the train half and not adopted: it cost 3-7
-# points of recall and no false positives on mail left out of the fit
+# points of recall and saved no false positive on mail left out of the fit
 # (bench/README.md, "accuracy"). With SpamAssassin's rules loaded, its own
 # BAYES_* scores apply instead (checks/bayes.py bayes_scores).
 # The values live with every other default score in config.SYMBOL_SCORES.
