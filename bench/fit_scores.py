@@ -55,6 +55,7 @@ import math
 import re
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +220,12 @@ def evaluate(rows: list[Row], w: dict[str, float], threshold: float) -> dict[str
     return out
 
 
+def _replacer(shown: str) -> Callable[[re.Match[str]], str]:
+    def sub(m: re.Match[str]) -> str:
+        return f"{m.group(1)}{shown}{m.group(3)}"
+    return sub
+
+
 def apply(path: Path, w: dict[str, float], note: str) -> int:
     text = path.read_text()
     done = 0
@@ -227,7 +234,7 @@ def apply(path: Path, w: dict[str, float], note: str) -> int:
             continue
         pat = re.compile(rf"^(score\s+{re.escape(name)}\s+)(\S+)(.*)$", re.M)
         shown = f"{value:.1f}" if round(value, 1) == value else f"{value:.2f}"
-        text, n = pat.subn(lambda m, v=shown: f"{m.group(1)}{v}{m.group(3)}", text)
+        text, n = pat.subn(_replacer(shown), text)
         done += n
     if note and note not in text:
         text = text.rstrip("\n") + "\n" + note + "\n"
@@ -272,7 +279,7 @@ def main() -> None:
     held: list[Row] = []
     if args.holdout:  # every --holdout-th message (by file name) kept out of the fit
         def out(r: Row) -> bool:
-            return zlib.crc32(r.file.encode()) % args.holdout == 0
+            return zlib.crc32(r.file.encode()) % int(args.holdout) == 0
         held = [dataclasses.replace(r, source=r.source + " (held out)") for r in rows if out(r)]
         rows = [r for r in rows if not out(r)]
     w = search(rows, current, args) if args.method == "search" else fit(rows, current, args)
@@ -297,8 +304,8 @@ def main() -> None:
             print(f"  {total:5.2f} {r.source} {r.file} " + " ".join(
                 f"{f}={w[f]:g}" for f in sorted(r.feats, key=lambda f: -abs(w[f]))))
     if args.apply is not None:
-        n = apply(args.apply, w, "")
-        print(f"\n{args.apply}: {n} score lines rewritten")
+        rewritten = apply(args.apply, w, "")
+        print(f"\n{args.apply}: {rewritten} score lines rewritten")
 
 
 if __name__ == "__main__":
