@@ -18,6 +18,10 @@ passed DMARC (aligned SPF or DKIM) with not one rule scoring against it;
 ready. Each process says so in the log once an hour while it lasts, and once
 when Bayes becomes ready.
 
+Scores: ``[scores]``, else the loaded rule files' score lines for BAYES_*
+(SpamAssassin's, when its rules are loaded: :func:`bayes_scores`), else the
+built-in defaults (``config.SYMBOL_SCORES``).
+
 Config: ``[bayes]``; mode: ``[content] mode``. Symbols: BAYES_00 ... BAYES_999.
 """
 
@@ -28,11 +32,13 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mxguard.checks.rules import RULES_SERVICE
 from mxguard.content.bayes import Autolearn, autolearn_decision, message_key_of
 from mxguard.content.message import parsed
+from mxguard.content.rules import score_set
 from mxguard.content.tokenizer import tokenize_message
 from mxguard.core.runner import log_failure
 from mxguard.core.runtime import Runtime
@@ -124,6 +130,27 @@ class ColdStartLog:
 COLD_START_LOG = ColdStartLog()  # one per process
 
 
+def bayes_scores(rt: Runtime) -> Mapping[str, float]:
+    """The BAYES_* scores: ``[scores]`` first, then the loaded rule files' own
+    score lines for them, then the built-in defaults.
+
+    With SpamAssassin's rules loaded, its ``50_scores.cf`` scores Bayes for
+    its score set 2 (Bayes, no network rules: mxguard runs none), balanced
+    with its rules -- e.g. BAYES_99 3.8 -- where mxguard's defaults are
+    fitted for the built-in rules alone. SpamAssassin's BAYES_999 range lies
+    inside BAYES_99's and both fire; mxguard names one range per message, so
+    its BAYES_999 scores the two together (3.8 + 0.2)."""
+    ruleset = rt.services.get(RULES_SERVICE)
+    lines = getattr(ruleset, "symbol_scores", None) or {}
+    if not lines:
+        return rt.config.scores
+    sset = score_set(rt.config, True)
+    scores = {name: value[sset] for name, value in lines.items() if name in SYMBOLS}
+    if "BAYES_999" in scores and "BAYES_99" in scores:
+        scores["BAYES_999"] = round(scores["BAYES_999"] + scores["BAYES_99"], 3)
+    return {**scores, **rt.config.scores}
+
+
 async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
     clf = rt.services.get(SERVICE)
     if clf is None:
@@ -131,7 +158,7 @@ async def check(tx: Transaction, rt: Runtime) -> CheckResult | None:
     message = await parsed(tx, rt)
     hs = hashes(tokenize_message(message))  # hashed once: classify, then autolearn
     result = await clf.classify_hashes(hs)
-    return CheckResult(NAME, result.symbols(rt.config.scores),
+    return CheckResult(NAME, result.symbols(bayes_scores(rt)),
                        reason=f"prob={result.prob:.3f}" if result.ready else "not-ready",
                        data=(message_key_of(message), hs, result))
 
@@ -174,4 +201,4 @@ async def autolearn(tx: Transaction, rt: Runtime) -> CheckResult | None:
 
 
 __all__ = ["AUTOLEARN", "COLD_START_LOG", "NAME", "SERVICE", "SYMBOLS", "ColdStartLog",
-           "autolearn", "check", "cold_start_autolearn", "cold_start_policy"]
+           "autolearn", "bayes_scores", "check", "cold_start_autolearn", "cold_start_policy"]

@@ -72,6 +72,8 @@ from mxguard.core.runtime import past_deadline
 log = logging.getLogger("mxguard")
 
 BUILTIN_RULES = Path(__file__).resolve().parent.parent / "data" / "rules" / "mxguard.cf"
+# scores 0 for the built-in rules SpamAssassin's own ruleset already scores
+BUILTIN_SA_OVERLAP = BUILTIN_RULES.with_name("mxguard-sa-overlap.cf")
 BODY_PART_SCAN = 50_000  # characters of each text part seen by body rules
 RAWBODY_PART_SCAN = 500_000
 REGEX_KINDS = ("body", "rawbody", "full", "uri")
@@ -313,6 +315,10 @@ class RuleSet:
                                DomainSet(parsed.freemail_domains),
                                {k: DomainSet(v) for k, v in parsed.uri_host_lists.items()})
         self.rules: dict[str, Rule] = {}
+        # explicit score lines of symbols other checks produce (SpamAssassin's
+        # BAYES_* scores in 50_scores.cf): see checks/bayes.py
+        self.symbol_scores: dict[str, tuple[float, float, float, float]] = {
+            n: v for n, v in parsed.scores.items() if n.startswith("BAYES_")}
         self.zero: set[str] = set()  # defined rules that never fire here (net, unsupported)
         for rdef in parsed.rules.values():
             self.stats.defined[rdef.kind] += 1
@@ -831,11 +837,25 @@ def rules_dirs(cfg: Any) -> tuple[list[str], str]:
     return list(value), "configured"
 
 
+def is_spamassassin_dir(path: str | os.PathLike[str]) -> bool:
+    """A directory of SpamAssassin's own ruleset (it holds its 50_scores.cf)."""
+    try:
+        return (Path(path) / "50_scores.cf").is_file()
+    except OSError:
+        return False
+
+
 def rule_paths(cfg: Any) -> list[str]:
-    """The rule sources ``[content]`` names, in load order."""
+    """The rule sources ``[content]`` names, in load order: the built-in rules,
+    ``rules_dirs``, :data:`BUILTIN_SA_OVERLAP` when both the built-in rules and
+    SpamAssassin's are loaded (the built-in rules it already scores score 0),
+    ``local_rules``."""
     content = cfg.content
+    dirs = rules_dirs(cfg)[0]
     paths = [str(BUILTIN_RULES)] if content.builtin_rules else []
-    return paths + rules_dirs(cfg)[0] + list(content.local_rules)
+    overlap = [str(BUILTIN_SA_OVERLAP)] if paths and any(map(is_spamassassin_dir, dirs)) \
+        else []
+    return paths + dirs + overlap + list(content.local_rules)
 
 
 def rules_cache_dir(cfg: Any) -> str:
@@ -933,7 +953,7 @@ def score_set(cfg: Any, bayes_ready: bool) -> int:
     return 2 if bayes_ready and cfg.bayes.enabled else 0
 
 
-__all__ = ["BUILTIN_RULES", "SA_SHARE_DIR", "SA_UPDATES_DIR", "LoadStats", "Rule", "RuleHit",
-           "RuleSet", "ScanResult", "build_ruleset", "engine_choice", "header_values", "is_cached",
-           "load_rules", "rule_paths",
+__all__ = ["BUILTIN_RULES", "BUILTIN_SA_OVERLAP", "SA_SHARE_DIR", "SA_UPDATES_DIR", "LoadStats",
+           "Rule", "RuleHit", "RuleSet", "ScanResult", "build_ruleset", "engine_choice",
+           "header_values", "is_cached", "is_spamassassin_dir", "load_rules", "rule_paths",
            "rules_cache_dir", "rules_dirs", "score_set", "spamassassin_rules_dir"]

@@ -15,10 +15,13 @@ import pytest
 from mxguard import config
 from mxguard.checks import bayes as bayes_check
 from mxguard.checks import run_message
+from mxguard.checks.rules import RULES_SERVICE
 from mxguard.config import BayesConfig, Config
-from mxguard.content.bayes import Autolearn, BayesClassifier
+from mxguard.content.bayes import Autolearn, BayesClassifier, BayesResult
+from mxguard.content.rules import build_ruleset
 from mxguard.core.runtime import Runtime
 from mxguard.core.transaction import Symbol
+from mxguard.dns import Resolver
 from mxguard.server.milter_session import MilterSession
 from mxguard.store.bayes_store import LearnItem, MemoryBayesStore
 
@@ -181,3 +184,30 @@ def test_cold_start_config(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(config.ConfigError) as err:
         config.load(str(path))
     assert needle in str(err.value) and str(path) in str(err.value)
+
+
+SA_SCORES = ("score BAYES_50 0 0 2.0 0.8\nscore BAYES_99 0 0 3.8 3.5\n"
+             "score BAYES_999 0 0 0.2 0.2\n")
+
+
+@pytest.mark.parametrize(("cf", "overrides", "want"), [
+    # SpamAssassin's score lines loaded: its set 2 (Bayes, no network rules);
+    # its BAYES_999 adds to BAYES_99 (both fire in SpamAssassin)
+    (SA_SCORES, {}, {"BAYES_50": 2.0, "BAYES_99": 3.8, "BAYES_999": 4.0,
+                    "BAYES_80": config.SYMBOL_SCORES["BAYES_80"]}),
+    # [scores] wins over the rule files
+    (SA_SCORES, {"BAYES_99": 3.0}, {"BAYES_99": 3.0, "BAYES_999": 4.0}),
+    # control: rules without BAYES_* score lines keep the built-in defaults
+    ("score SOME_RULE 1.0\n", {}, {"BAYES_99": config.SYMBOL_SCORES["BAYES_99"],
+                                   "BAYES_999": config.SYMBOL_SCORES["BAYES_999"]}),
+])
+def test_bayes_scores_follow_the_loaded_rule_files(
+        tmp_path: Path, cf: str, overrides: dict[str, float], want: dict[str, float]) -> None:
+    (tmp_path / "50_scores.cf").write_text(cf)
+    cfg = dataclasses.replace(Config(), scores=overrides)
+    rt = Runtime(config=cfg, resolver=Resolver(cfg.dns),
+                 services={RULES_SERVICE: build_ruleset([tmp_path])})
+    scores = bayes_check.bayes_scores(rt)
+    for name, value in want.items():
+        result = BayesResult(True, 0.5, name, 10, 10, 300, 300)
+        assert result.symbols(scores)[0].score == pytest.approx(value), name

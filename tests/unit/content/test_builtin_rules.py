@@ -66,6 +66,12 @@ def auth_tx(spf: str = "pass", dkim: str | None = "pass", dmarc: str = "pass",
     return tx
 
 
+def verp_tx(tx: FakeTx) -> FakeTx:
+    """``tx`` with a per-message bounce address of From's domain as MAIL FROM."""
+    tx.sender = "bounce-20240101-4711@news.example.com"
+    return tx
+
+
 def fired(raw: bytes, tx: Any = None) -> set[str]:
     return set(rules().scan(parse_message(raw), tx=tx, now=NOW).counts)
 
@@ -259,12 +265,33 @@ CASES: list[tuple[str, bytes, bytes, Any]] = [
     ("MXG_OFFERS_SEVERAL",
      make(body="Dear Friend,\n\nRefinance now. Order now, it is risk-free."),
      make(body="Dear Friend,\n\nRefinance now."), None),
+    ("MXG_SUBJ_ADV_TAG", make({"Subject": "ADV: cheap toner"}),
+     make({"Subject": "Advice on the toner"}), None),
+    ("MXG_SUBJ_ADV_TAG", make({"Subject": "Free cards for you Adv:"}),
+     make({"Subject": "Free cards for you, adv. course"}), None),
+    ("MXG_SUBJ_SPACE_RUN", make({"Subject": "Get out of debt fast              29521"}),
+     make({"Subject": "Get out of debt fast 29521"}), None),
+    ("MXG_FREEMAIL_HTML", make({"From": "deals@gmail.com"}, extra="Content-Type: text/html\n",
+                               body="<p>Deals</p>"),
+     make({"From": "deals@gmail.com"}, body="Deals"), None),
     ("MXG_TRICKS_SEVERAL", make({"Subject": enc_word("Your offer x7k2q9")}),
      make({"Subject": enc_word("Your offer")}), None),
     # signs of a legitimate sender (negative scores)
     ("MXG_COMPANY_FOOTER", make(body=FOOTER[0] + " " + FOOTER[1]), make(body=FOOTER[1]), None),
     ("MXG_COMPANY_FOOTER_FULL", make(body=" ".join(FOOTER[:4])),
      make(body=" ".join(FOOTER[:3])), None),
+    ("MXG_BULK_BOUNCE_SAME_ORG", make({"Return-Path": "<bounce-20240101-4711@news.example.com>"}),
+     make({"Return-Path": "<ann@example.com>"}), None),
+    ("MXG_BULK_BOUNCE_SAME_ORG", make({"Return-Path": "<bounce-20240101-4711@news.example.com>"}),
+     make({"Return-Path": "<bounce-20240101-4711@news.example.com>"}),
+     (verp_tx(auth_tx(spf="pass", dkim=None)), verp_tx(auth_tx(spf="softfail", dkim=None)))),
+    ("MXG_LIST_UNSUB_SAME_ORG",
+     make({"List-Unsubscribe": "<mailto:leave-1@lists.example.com>"}),
+     make({"List-Unsubscribe": "<https://mailer.example.net/u?id=1>"}), None),
+    ("MXG_LIST_UNSUB_SAME_ORG",
+     make({"List-Unsubscribe": "<mailto:leave-1@lists.example.com>"}),
+     make({"List-Unsubscribe": "<mailto:leave-1@lists.example.com>"}),
+     (auth_tx(spf="none", dkim="pass"), auth_tx(spf="none", dkim="fail"))),
     # authentication results from the transaction
     ("MXG_UNAUTH_EXECUTABLE", make(extra=MP, body=multipart([attachment("x.exe", b"x")])),
      make(extra=MP, body=multipart([attachment("x.exe", b"x")])),

@@ -33,7 +33,9 @@ SpamAssassin evals implemented (same names, so their rule files work):
 
 mxguard's own (``mxg_*``) evals back the built-in ruleset ``mxguard.cf``;
 those on the shape of a message (encodings, obfuscation, URL tricks, far
-character sets) are in :mod:`.structure`.
+character sets) are in :mod:`.structure`; those on signs of a legitimate
+bulk sender (a per-message bounce address in From's own domain,
+List-Unsubscribe in From's domain: the negative rules) in :mod:`.sender`.
 
 The registry, :class:`ScanContext` and the shared helpers live in
 :mod:`.base`; the evals, one module per family, in :mod:`.headers` (headers,
@@ -46,7 +48,7 @@ registered.
 from __future__ import annotations
 
 # Importing the families registers their evals in EVALS.
-from mxguard.content.evals import auth, body, headers, structure, uris  # noqa: F401
+from mxguard.content.evals import auth, body, headers, sender, structure, uris  # noqa: F401
 from mxguard.content.evals.base import (
     EVALS,
     NET_EVALS,
