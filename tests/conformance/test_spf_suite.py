@@ -31,6 +31,7 @@ from tests.conformance.spf_zones import EXPECTED_COUNTS, SUITES, Case, Scenario,
 
 RESOLVER_TIMEOUT = 0.4
 SPF_TIMEOUT = 20.0
+SUITE_CONCURRENCY = 8
 
 
 SCENARIOS: dict[str, list[Scenario]] = {suite: load_suite(suite) for suite in SUITES}
@@ -86,7 +87,15 @@ async def test_case(case: Case, servers: dict[tuple[str, int], DNSServer]) -> No
 
 async def _run_suite(suite: str, servers: dict[tuple[str, int], DNSServer]) -> list[str]:
     cases = [c for sc in SCENARIOS[suite] for c in sc.cases]
-    results = await asyncio.gather(*(evaluate(c, servers[(suite, c.scenario)]) for c in cases))
+    # a few at a time: hundreds of lookups at once against the in-process DNS servers
+    # ran past the short resolver timeout on a busy machine (temperror, not a bug)
+    gate = asyncio.Semaphore(SUITE_CONCURRENCY)
+
+    async def one(c: Case) -> SpfResult:
+        async with gate:
+            return await evaluate(c, servers[(suite, c.scenario)])
+
+    results = await asyncio.gather(*(one(c) for c in cases))
     return [f"{c.id}: {why}" for c, r in zip(cases, results, strict=True)
             if (why := mismatch(c, r))]
 
