@@ -298,6 +298,9 @@ class RuleSet:
         self.compiled = compiled
         self._ready = threading.Event()
         self.replacement: RuleSet | None = None  # set when a fuller rule set takes over
+        self._builder: subprocess.Popen[bytes] | None = None  # rules_build compiling for us
+        self._closed = False
+        self._lock = threading.Lock()
         literal_hs, use_hs = engine_choice(use_hyperscan, compiled)
         self._cache_file: Path | None = None
         self._cached: tuple[dict[str, Any], list[bytes]] | None = None
@@ -467,6 +470,24 @@ class RuleSet:
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait for the Hyperscan databases (True when ready or not used)."""
         return self._ready.wait(timeout)
+
+    def close(self) -> None:
+        """Stop a background compile this rule set started (the daemon stopping):
+        SIGTERM, then SIGKILL after :data:`BUILD_STOP_GRACE` seconds. The rules stay
+        usable; nothing replaces them any more."""
+        with self._lock:
+            self._closed = True
+            proc = self._builder
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(BUILD_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.info("content: rules: background compile stopped (mxguard stopping); the next "
+                 "start compiles again")
 
     # -- compiling ------------------------------------------------------------
 
@@ -901,20 +922,41 @@ def load_rules(cfg: Any, *, background: bool = False, interim: bool = False) -> 
     return ruleset
 
 
+BUILD_TIMEOUT = 3600.0  # seconds the background compile may take before it is stopped
+BUILD_STOP_GRACE = 2.0  # after SIGTERM at close, before SIGKILL
+
+
 def _compile_elsewhere(interim: RuleSet, cfg: Any, paths: list[str], cache_dir: str) -> None:
     """Compile ``paths`` into the cache in another process, then load them
-    from it into ``interim.replacement`` (in this process, as a warm start)."""
+    from it into ``interim.replacement`` (in this process, as a warm start).
+    :meth:`RuleSet.close` (the daemon stopping) stops that process: a stopped
+    daemon leaves none behind (the cache is written under a temporary name and
+    renamed, so a compile stopped half-way leaves no cache file)."""
     started = time.monotonic()
     cmd = [sys.executable, "-m", "mxguard.content.rules_build", "--cache-dir", cache_dir, *paths]
     try:
-        done = subprocess.run(cmd, capture_output=True, timeout=3600, check=False)
-        if done.returncode != 0:
+        with interim._lock:
+            if interim._closed:
+                return
+            proc = interim._builder = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)
+        try:
+            _, err = proc.communicate(timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if interim._closed:
+            return  # stopped by close(): the daemon is going away
+        if proc.returncode != 0:
             log.warning("content: rules: background compile failed (status %s: %s); "
-                        "compiling in the daemon", done.returncode,
-                        done.stderr.decode("utf-8", "replace").strip()[-300:])
+                        "compiling in the daemon", proc.returncode,
+                        err.decode("utf-8", "replace").strip()[-300:])
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("content: rules: background compile did not run (%s); compiling in the "
                     "daemon", exc)
+    if interim._closed:
+        return
     try:
         full = build_ruleset(paths, cache_dir=cache_dir, background=True)
     except Exception as exc:  # never an outage: the interim rules stay

@@ -439,6 +439,35 @@ def test_cold_start_serves_builtin_rules_until_a_process_has_compiled_the_rest(
     assert warm.stats.cache == ("hit" if hyperscan_available() else "")
 
 
+def test_closing_the_interim_rules_stops_the_background_compile(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon stopping during a cold start leaves no compiling process behind,
+    no half-written cache, and does not fall back to compiling in the daemon."""
+    cfg = _cold_config(tmp_path)
+    paths = rules_mod.rule_paths(cfg)
+    with caplog.at_level(logging.INFO, logger="mxguard"):
+        interim = rules_mod.load_rules(cfg, background=True, interim=True)
+        for _ in range(600):
+            if interim._builder is not None:
+                break
+            time.sleep(0.01)
+        proc = interim._builder
+        assert proc is not None and proc.poll() is None  # still starting up
+        interim.close()
+        assert proc.poll() is not None  # gone, not orphaned
+        time.sleep(0.3)  # the thread notices and returns
+    assert interim.replacement is None
+    assert not rules_mod.is_cached(paths, rules_mod.rules_cache_dir(cfg))
+    assert "background compile stopped" in caplog.text
+    assert "compiling in the daemon" not in caplog.text
+    interim.close()  # twice is harmless
+    # control: a rule set with nothing compiling closes quietly
+    plain = build_ruleset([SAMPLE_RULES])
+    caplog.clear()
+    plain.close()
+    assert "stopped" not in caplog.text
+
+
 def test_without_the_hyperscan_package_the_literal_prefilter_is_exact() -> None:
     """A plain ``pip install .`` (no ``fast`` extra): the import fails, the
     literal prefilter runs, hits unchanged."""
