@@ -152,8 +152,8 @@ def redis_client(url: str, timeout: float) -> Any:
                                                "socket_connect_timeout": timeout}
             if "sentinel_password" in s.options:
                 sentinel_kwargs["password"] = s.options["sentinel_password"]
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
-                s.sentinels, sentinel_kwargs=sentinel_kwargs)
+            make_sentinel: Any = Sentinel  # typed in some redis-py releases, not in others
+            sentinel = make_sentinel(s.sentinels, sentinel_kwargs=sentinel_kwargs)
             return sentinel.master_for(s.master, db=s.db, username=s.username,
                                        password=s.password, **common)
         pool = aioredis.ConnectionPool.from_url(url, **common)
@@ -180,8 +180,8 @@ def sync_redis_client(url: str, timeout: float) -> Any:
                                                "socket_connect_timeout": timeout}
             if "sentinel_password" in s.options:
                 sentinel_kwargs["password"] = s.options["sentinel_password"]
-            sentinel: Any = Sentinel(  # type: ignore[no-untyped-call]
-                s.sentinels, sentinel_kwargs=sentinel_kwargs)
+            make_sync_sentinel: Any = Sentinel  # as above
+            sentinel: Any = make_sync_sentinel(s.sentinels, sentinel_kwargs=sentinel_kwargs)
             return sentinel.master_for(s.master, db=s.db, username=s.username,
                                        password=s.password, **common)
         return syncredis.Redis.from_url(url, **common)
