@@ -12,7 +12,8 @@ address (transport_maps routes the address to the service):
 
 Postfix's pipe(8) never runs a command as root, so the command runs as
 ``nobody``: with this interpreter when nobody may run it, else with the
-system python3 of the same version and this environment's site-packages.
+system python3 of the same version and this environment's site-packages
+(mirrored under /tmp when they sit in a directory only root may enter).
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,27 +29,12 @@ from pathlib import Path
 import pytest
 from tests.unit.auth.dmarc_reports import gz, report_mail, report_xml
 
-import mxguard
 from mxguard.store.received_reports import SqliteReceivedReports
+from mxguard.testing.others import mxguard_argv_for
 from mxguard.testing.postfix import PostfixInstance
 from mxguard.testing.smtp import send
 
 PIPE_USER = "nobody"
-SRC = str(Path(mxguard.__file__).resolve().parents[1])
-SITE = sysconfig.get_paths()["purelib"]
-
-
-def _python_for_nobody() -> list[str] | None:
-    """argv prefix that runs ``python -m mxguard`` as nobody, or None."""
-    env = ["/usr/bin/env", f"PYTHONPATH={SRC}:{SITE}"]
-    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-    for python in (sys.executable, system):
-        argv = [*env, python, "-m", "mxguard", "--version"]
-        probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                *argv], capture_output=True, cwd="/", timeout=60)
-        if probe.returncode == 0:
-            return [*env, python, "-m", "mxguard"]
-    return None
 
 
 def _wait_for(pf: PostfixInstance, pattern: str, deadline: float = 60.0) -> str:
@@ -79,7 +62,7 @@ def work() -> Iterator[Path]:
 
 def test_report_mail_through_the_pipe_transport(
         postfix_factory: Callable[..., PostfixInstance], work: Path) -> None:
-    prefix = _python_for_nobody()
+    prefix = mxguard_argv_for(65534)
     if prefix is None:
         pytest.skip("no Python interpreter that the pipe user 'nobody' may run mxguard with")
     state = work / "state"

@@ -21,11 +21,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mxguard.testing.others import mxguard_argv_for
 from mxguard.testing.ports import free_port
 
 PASSWORD = "mxguard-test-password"  # of the one test user; loopback only
@@ -241,38 +241,14 @@ mail_debug = yes
         return conn
 
 
-def _others_can_reach(path: Path) -> bool:
-    """Every directory above ``path`` searchable and ``path`` readable by others."""
-    try:
-        real = path.resolve()
-        if not real.stat().st_mode & 0o004:
-            return False
-        return all(p.stat().st_mode & 0o001 for p in real.parents)
-    except OSError:
-        return False
-
-
 def mxguard_command_for_others() -> str | None:
     """A shell command line that starts this checkout's mxguard for a user other
     than root (the mail user running the pipe programs), or None.
 
-    This interpreter when others can reach it; else the system Python of the
-    same version with this interpreter's package directories on PYTHONPATH
-    (pyenv and the like install under /root, mode 0700)."""
-    import mxguard
-
-    package_dir = Path(mxguard.__file__).resolve().parent.parent
-    paths = [package_dir] + [Path(p) for p in sys.path
-                             if p.endswith(("site-packages", "dist-packages"))]
-    if not all(_others_can_reach(p) for p in paths):
-        return None
-    if _others_can_reach(Path(sys.executable)):
-        return f"{shlex.quote(sys.executable)} -m mxguard"
-    system = Path(f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
-    if not _others_can_reach(system):
-        return None
-    pythonpath = ":".join(str(p) for p in paths)
-    return f"env PYTHONPATH={shlex.quote(pythonpath)} {system} -m mxguard"
+    See ``mxguard.testing.others``: a checkout or environment under a directory
+    only root may enter is mirrored to a place the mail user can reach."""
+    argv = mxguard_argv_for()
+    return None if argv is None else shlex.join(argv)
 
 
 def imap_ok(result: tuple[str, Sequence[object]], what: str) -> list[object]:
