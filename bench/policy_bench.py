@@ -222,6 +222,19 @@ def pss_mb(pid: int) -> float:
     return total
 
 
+def rollup_mb(pid: int) -> dict[str, float]:
+    """/proc/PID/smaps_rollup of the process and its workers, summed, in MB."""
+    total: dict[str, float] = {}
+    for p in (pid, *descendants(pid)):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]:
+                key, _, rest = line.partition(":")
+                total[key] = total.get(key, 0.0) + int(rest.split()[0]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -345,6 +358,12 @@ def measure(name: str, port: int, pid: int, args: argparse.Namespace) -> dict[st
     print(f"  {name:9s} peak RSS {out['rss']:.1f} MB summed over "
           f"{1 + len(descendants(pid))} process(es) ({each}); PSS now {out['pss']:.1f} MB "
           "(shared pages counted once)", flush=True)
+    roll = rollup_mb(pid)
+    print(f"  {name:9s} now: RSS {roll.get('Rss', 0):.1f} MB = anonymous "
+          f"{roll.get('Anonymous', 0):.1f} (heap, caches) + file-backed "
+          f"{roll.get('Rss', 0) - roll.get('Anonymous', 0):.1f} (program, libraries); "
+          f"PSS anonymous {roll.get('Pss_Anon', 0):.1f}, file {roll.get('Pss_File', 0):.1f}",
+          flush=True)
     return out
 
 
