@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from mxguard.auth.spf_record import (  # the record grammar; re-exported: the SPF API
     DEFAULT_EXPLANATION,
@@ -77,7 +77,7 @@ class SpfResult:
     client_ip: str = ""
     sender: str = ""  # the sender checked (postmaster@HELO for a null sender)
     helo: str = ""
-    trace: list[str] = field(default_factory=list)  # lookups done, in order
+    trace: Sequence[str] = ()  # lookups done, in order (check_host(trace=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,17 +99,20 @@ class _Evaluation:
     receiver: str
     terms: int = 0
     voids: int = 0
-    trace: list[str] = field(default_factory=list)
+    trace: list[str] | None = None  # the result's trace; None: keep none
     _ptr: list[str] | None = None
 
     async def query(self, name: str, rdtype: str) -> Answer:
         try:
             answer = await self.resolver.query(name, rdtype)
         except DnsTempError as exc:
-            self.trace.append(f"{rdtype} {name}: {exc.kind}")
+            if self.trace is not None:
+                self.trace.append(f"{rdtype} {name}: {exc.kind}")
             raise
-        shown = ",".join(str(r) for r in answer.records[:4]) if answer.records else answer.rcode
-        self.trace.append(f"{rdtype} {name}: {shown}")
+        if self.trace is not None:
+            shown = ",".join(str(r) for r in answer.records[:4]) if answer.records \
+                else answer.rcode
+            self.trace.append(f"{rdtype} {name}: {shown}")
         return answer
 
     def count_term(self, text: str) -> None:
@@ -331,8 +334,11 @@ async def _evaluate(ev: _Evaluation, domain: str, res: SpfResult) -> None:
 
 async def check_host(resolver: Resolver, ip: str | IPAddress, domain: str, sender: str,
                      helo: str = "", *, receiver: str = "unknown", timeout: float = 20.0,
-                     identity: str = "mailfrom") -> SpfResult:
+                     identity: str = "mailfrom", trace: bool = True) -> SpfResult:
     """RFC 7208 check_host(<ip>, <domain>, <sender>) with ``helo`` for ``%{h}``.
+
+    ``trace``: record every lookup in ``result.trace`` (for people: the CLI); the
+    daemon, which keeps thousands of results in memory, passes False.
 
     ``ip`` must be a valid address (ValueError otherwise). Never raises for
     DNS or record problems: those are ``temperror`` / ``permerror`` results.
@@ -348,7 +354,10 @@ async def check_host(resolver: Resolver, ip: str | IPAddress, domain: str, sende
         res.problem = f"{domain!r} is not a valid domain name"
         return res
     res.domain = checked
-    ev = _Evaluation(resolver, addr, full_sender, helo, receiver, trace=res.trace)
+    lookups: list[str] | None = [] if trace else None
+    if lookups is not None:
+        res.trace = lookups
+    ev = _Evaluation(resolver, addr, full_sender, helo, receiver, trace=lookups)
     try:
         async with asyncio.timeout(timeout):
             await _evaluate(ev, checked, res)
@@ -359,18 +368,20 @@ async def check_host(resolver: Resolver, ip: str | IPAddress, domain: str, sende
 
 
 async def check_mailfrom(resolver: Resolver, ip: str | IPAddress, sender: str, helo: str, *,
-                         receiver: str = "unknown", timeout: float = 20.0) -> SpfResult:
+                         receiver: str = "unknown", timeout: float = 20.0,
+                         trace: bool = True) -> SpfResult:
     """The MAIL FROM identity (§2.4): a null sender is checked as postmaster@HELO."""
     _, domain = split_sender(sender, helo)
     return await check_host(resolver, ip, domain, sender, helo, receiver=receiver,
-                            timeout=timeout, identity="mailfrom")
+                            timeout=timeout, identity="mailfrom", trace=trace)
 
 
 async def check_helo(resolver: Resolver, ip: str | IPAddress, helo: str, *,
-                     receiver: str = "unknown", timeout: float = 20.0) -> SpfResult:
+                     receiver: str = "unknown", timeout: float = 20.0,
+                     trace: bool = True) -> SpfResult:
     """The HELO identity (§2.3): check_host(ip, HELO, postmaster@HELO)."""
     return await check_host(resolver, ip, helo, "", helo, receiver=receiver,
-                            timeout=timeout, identity="helo")
+                            timeout=timeout, identity="helo", trace=trace)
 
 
 # ------------------------------------------------------------------ Received-SPF

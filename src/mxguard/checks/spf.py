@@ -233,7 +233,7 @@ async def _check_helo(tx: Transaction, rt: Runtime, receiver: str) -> SpfResult:
         return found
     cfg = rt.config.spf
     result = await check_helo(rt.resolver, tx.client_address, tx.helo, receiver=receiver,
-                              timeout=cfg.timeout)
+                              timeout=cfg.timeout, trace=False)
     mem.put(key, result, now, float(cfg.result_cache_ttl))
     return result
 
@@ -247,7 +247,8 @@ async def _evaluate(tx: Transaction, rt: Runtime, receiver: str) -> SpfVerdict:
     # The two identities are independent: evaluate them side by side, so a slow or
     # dead DNS costs one timeout, not two.
     mailfrom_eval = check_mailfrom(resolver, tx.client_address, tx.sender, tx.helo,
-                                   receiver=receiver, timeout=cfg.timeout)
+                                   receiver=receiver, timeout=cfg.timeout,
+                                   trace=False)  # remembered by the thousand: no traces
     if not helo_wanted:
         return SpfVerdict(None, await mailfrom_eval)
     known = helo_memory(rt).get((tx.client_address, tx.helo, receiver), rt.clock())

@@ -28,7 +28,9 @@ from mxguard.server.policy_headers import HeaderMemory
 
 # Stages at which the policy door runs checks; other states answer DUNNO.
 CHECKED_STAGES = (Stage.HELO, Stage.MAIL, Stage.RCPT)
-MAX_SESSIONS = 20000  # SMTP sessions whose HELO checks ran in smtpd_helo_restrictions
+# SMTP sessions whose HELO checks ran in smtpd_helo_restrictions: sessions in flight,
+# at most Postfix's smtpd process limit (100 by default); see policy_headers.MAX_MESSAGES
+MAX_SESSIONS = 4096
 
 Session = tuple[str, str, str]
 

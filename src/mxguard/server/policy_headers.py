@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 
 from mxguard.core.transaction import HeaderEdit
 
+# Messages in flight whose headers are remembered (least recently asked go first).
+# An entry lives for one message transaction, and Postfix runs at most
+# default_process_limit (100) smtpd sessions at a time, so 4096 leaves a margin of
+# 40; 20,000 entries (~650 bytes each) held 13 MB in a flood of new senders
+# (bench/policy_bench.py --checks full) and bought nothing.
+MAX_MESSAGES = 4096
+
 
 @dataclass
 class _Pending:
@@ -24,7 +31,7 @@ class _Pending:
 
 
 class HeaderMemory:
-    def __init__(self, size: int = 20000) -> None:
+    def __init__(self, size: int = MAX_MESSAGES) -> None:
         self.size = size
         self._by_instance: OrderedDict[str, _Pending] = OrderedDict()
 

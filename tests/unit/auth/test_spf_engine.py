@@ -248,6 +248,24 @@ async def test_evaluation(dns: DNSServer, domain: str, ip: str, result: str) -> 
     assert res.result == result, (res.problem, res.trace)
 
 
+@pytest.mark.parametrize(("domain", "result"), [
+    ("v4.example", "pass"),
+    ("eleven.example", "permerror"),
+    ("void3.example", "permerror"),
+])
+async def test_a_result_without_trace_is_the_same_result(
+        dns: DNSServer, domain: str, result: str) -> None:
+    """The daemon asks for no trace (it keeps thousands of results): same outcome,
+    no lookups kept; the control, with the trace, lists them."""
+    args = (resolver(dns), IP, domain, f"user@{domain}", "helo.test")
+    traced, bare = await check_host(*args), await check_host(*args, trace=False)
+    assert (bare.result, bare.mechanism, bare.problem) == \
+        (traced.result, traced.mechanism, traced.problem)
+    assert traced.result == result
+    assert bare.trace == ()
+    assert traced.trace and all(isinstance(line, str) for line in traced.trace)
+
+
 async def test_only_txt_is_queried(dns: DNSServer) -> None:
     before = len(dns.queries)
     await _result(dns, "spf-rr-only.example")
