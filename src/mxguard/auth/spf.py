@@ -347,7 +347,12 @@ async def check_host(resolver: Resolver, ip: str | IPAddress, domain: str, sende
     addr = client_ip(ip)
     local, sender_domain = split_sender(sender, helo)
     full_sender = f"{local}@{identity_domain(sender_domain) or sender_domain}"  # A-labels
-    res = SpfResult("none", domain, identity=identity, client_ip=str(addr),
+    if full_sender == sender:
+        full_sender = sender  # one string, not two: the daemon keeps results by the thousand
+    shown_ip = str(addr)
+    if isinstance(ip, str) and shown_ip == ip:
+        shown_ip = ip
+    res = SpfResult("none", domain, identity=identity, client_ip=shown_ip,
                     sender=full_sender, helo=helo)
     checked = identity_domain(domain)
     if checked is None:
