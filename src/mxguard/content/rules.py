@@ -298,6 +298,9 @@ class RuleSet:
         self.compiled = compiled
         self._ready = threading.Event()
         self.replacement: RuleSet | None = None  # set when a fuller rule set takes over
+        # set once the fuller set of a warm start is read from the cache (or could not
+        # be): until then the rules check waits for it (see mxguard.checks.rules)
+        self.loading: threading.Event | None = None
         self._builder: subprocess.Popen[bytes] | None = None  # rules_build compiling for us
         self._closed = False
         self._lock = threading.Lock()
@@ -896,19 +899,32 @@ def load_rules(cfg: Any, *, background: bool = False, interim: bool = False) -> 
     databases are cached under :func:`rules_cache_dir`; ``background``:
     Hyperscan databases not in the cache are compiled in a thread.
 
-    ``interim`` (daemon start-up): when that cache is missing, the RuleSet
-    returned has the built-in and local rules only (ready at once), the full
-    set is compiled by a lower-priority process
-    (:mod:`mxguard.content.rules_build`) and, once read back from the cache
-    it wrote, becomes the returned RuleSet's ``replacement`` (which
-    :func:`mxguard.checks.rules.ruleset` then puts in service)."""
+    ``interim`` (daemon start-up): the RuleSet returned has the built-in and
+    local rules only (ready at once, so the milter listens at once) and the
+    full set becomes its ``replacement`` (which
+    :func:`mxguard.checks.rules.ruleset` then puts in service):
+
+    * cache missing (cold start): compiled by a lower-priority process
+      (:mod:`mxguard.content.rules_build`) and read back from the cache it
+      wrote; messages meanwhile are scanned with the built-in rules;
+    * cache present (warm start): read from it in a thread (about a second with
+      SpamAssassin's rules); ``loading`` is set when done, and messages that
+      reach the rules check before then wait for the full set."""
     dirs, how = rules_dirs(cfg)
     extra = bool(dirs or cfg.content.local_rules)
     paths = rule_paths(cfg)
     cache_dir = rules_cache_dir(cfg) if extra else None
-    if interim and dirs and cache_dir is not None and not is_cached(paths, cache_dir):
-        base = ([str(BUILTIN_RULES)] if cfg.content.builtin_rules else []) + [
-            str(p) for p in cfg.content.local_rules]
+    base = ([str(BUILTIN_RULES)] if cfg.content.builtin_rules else []) + [
+        str(p) for p in cfg.content.local_rules]
+    if interim and dirs and cache_dir is not None and is_cached(paths, cache_dir):
+        ruleset = build_ruleset(base, background=background)
+        ruleset.loading = threading.Event()
+        log.info("content: rules: reading %s from the compiled-rules cache in %s; messages "
+                 "wait for them", ", ".join(dirs), cache_dir)
+        threading.Thread(target=_load_cached, args=(ruleset, cfg, paths, cache_dir),
+                         name="mxguard-rules-load", daemon=True).start()
+        return ruleset
+    if interim and dirs and cache_dir is not None:
         ruleset = build_ruleset(base, background=background)
         log.warning("content: rules: %s not compiled yet (no cache in %s): serving with the "
                     "built-in%s rules until a background process has compiled them",
@@ -968,6 +984,27 @@ def _compile_elsewhere(interim: RuleSet, cfg: Any, paths: list[str], cache_dir: 
     _log_loaded(full, cfg, dirs, how)
     log.info("content: rules: full rule set in use after %.1fs (compiled in a background "
              "process)", time.monotonic() - started)
+
+
+def _load_cached(interim: RuleSet, cfg: Any, paths: list[str], cache_dir: str) -> None:
+    """A warm start: the full set from the cache into ``interim.replacement``;
+    ``interim.loading`` is set in every case (a failure leaves the built-in rules
+    in use, logged)."""
+    started = time.monotonic()
+    try:
+        full = build_ruleset(paths, cache_dir=cache_dir, background=True)
+    except Exception as exc:  # never an outage: the interim rules stay
+        log.error("content: rules: cannot load %s (%s: %s); the built-in rules stay in use",
+                  ", ".join(paths), type(exc).__name__, exc)
+    else:
+        interim.replacement = full
+        dirs, how = rules_dirs(cfg)
+        _log_loaded(full, cfg, dirs, how)
+        log.info("content: rules: full rule set in use after %.1fs (read from the cache)",
+                 time.monotonic() - started)
+    finally:
+        assert interim.loading is not None
+        interim.loading.set()
 
 
 def _log_loaded(ruleset: RuleSet, cfg: Any, dirs: list[str], how: str) -> None:

@@ -433,10 +433,45 @@ def test_cold_start_serves_builtin_rules_until_a_process_has_compiled_the_rest(
     ref = build_ruleset(paths, compiled=False)
     for _, msg in messages()[:10]:
         assert full.scan(msg, now=0.0).counts == ref.scan(msg, now=0.0).counts
-    # control: a warm start has no interim step
+    if not hyperscan_available():
+        return  # no databases, no cache: every start is a cold one
+    # a warm start: the built-in set at once, the full one read from the cache in a
+    # thread; the rules check waits for it (test below)
+    with caplog.at_level(logging.INFO, logger="mxguard"):
+        warm = rules_mod.load_rules(cfg, background=True, interim=True)
+        assert warm.loading is not None and warm.loading.wait(120)
+    assert "from the compiled-rules cache" in caplog.text
+    assert not any(n.startswith("SX_") for n in warm.rules)
+    assert warm.replacement is not None and warm.replacement.stats.cache == "hit"
+    assert any(n.startswith("SX_") for n in warm.replacement.rules)
+    # control: without interim (a reload, mxguard scan) the full set comes at once
+    direct = rules_mod.load_rules(cfg, background=True)
+    assert direct.loading is None and direct.replacement is None
+    assert any(n.startswith("SX_") for n in direct.rules)
+
+
+async def test_a_warm_start_scans_with_the_full_rules_once_they_are_read(
+        tmp_path: Path) -> None:
+    """Messages that reach the rules check while a warm start reads the cache wait
+    for the full set (the same hits as after it); a set not loading is used as is."""
+    from mxguard.checks.rules import RULES_SERVICE, loaded_ruleset
+
+    if not hyperscan_available():
+        pytest.skip("no Hyperscan: no compiled-rules cache, so no warm start")
+    cfg = _cold_config(tmp_path)
+    rules_mod.build_ruleset(rules_mod.rule_paths(cfg),
+                            cache_dir=rules_mod.rules_cache_dir(cfg)).wait_compiled(120)
+    assert rules_mod.is_cached(rules_mod.rule_paths(cfg), rules_mod.rules_cache_dir(cfg))
     warm = rules_mod.load_rules(cfg, background=True, interim=True)
-    assert warm.replacement is None and any(n.startswith("SX_") for n in warm.rules)
-    assert warm.stats.cache == ("hit" if hyperscan_available() else "")
+    assert warm.loading is not None
+    rt = type("Rt", (), {"services": {RULES_SERVICE: warm}, "config": cfg})()
+    used = await loaded_ruleset(rt)  # type: ignore[arg-type]
+    assert used is warm.replacement and rt.services[RULES_SERVICE] is used
+    assert any(n.startswith("SX_") for n in used.rules)
+    # control: a rule set that is not loading anything is used at once
+    plain = build_ruleset([SAMPLE_RULES])
+    rt.services[RULES_SERVICE] = plain
+    assert await loaded_ruleset(rt) is plain  # type: ignore[arg-type]
 
 
 def test_closing_the_interim_rules_stops_the_background_compile(
